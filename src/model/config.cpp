@@ -1,0 +1,233 @@
+#include "model/config.h"
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+
+namespace dsv3 {
+
+namespace {
+
+using nlohmann::json;
+
+// Reads j[key] into out when present; null means "absent" (HF writes q_lora_rank: null for V2-Lite).
+template <class T>
+void read_key(const json& j, const char* key, T& out, const std::string& src) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return;
+  try {
+    if constexpr (std::is_same_v<T, bool>) {
+      DSV3_CHECK(it->is_boolean(), src << ": config key '" << key << "' must be a boolean, got " << it->dump());
+    } else if constexpr (std::is_integral_v<T>) {
+      DSV3_CHECK(it->is_number_integer() || (it->is_number_float() && it->get<double>() == (double)(int64_t)it->get<double>()),
+                 src << ": config key '" << key << "' must be an integer, got " << it->dump());
+    } else if constexpr (std::is_floating_point_v<T>) {
+      DSV3_CHECK(it->is_number(), src << ": config key '" << key << "' must be a number, got " << it->dump());
+    } else {
+      DSV3_CHECK(it->is_string(), src << ": config key '" << key << "' must be a string, got " << it->dump());
+    }
+    if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>)
+      out = (T)it->get<double>();
+    else
+      out = it->get<T>();
+  } catch (const json::exception& e) {
+    DSV3_FAIL(src << ": config key '" << key << "': " << e.what());
+  }
+}
+
+}  // namespace
+
+ModelConfig model_config_from_json(const json& j, const std::string& src) {
+  DSV3_CHECK(j.is_object(), src << ": config must be a JSON object");
+  ModelConfig c;
+  c.source = src;
+  read_key(j, "vocab_size", c.vocab_size, src);
+  read_key(j, "hidden_size", c.hidden_size, src);
+  read_key(j, "intermediate_size", c.intermediate_size, src);
+  read_key(j, "moe_intermediate_size", c.moe_intermediate_size, src);
+  read_key(j, "num_hidden_layers", c.num_hidden_layers, src);
+  read_key(j, "first_k_dense_replace", c.first_k_dense_replace, src);
+  read_key(j, "moe_layer_freq", c.moe_layer_freq, src);
+  read_key(j, "num_attention_heads", c.num_attention_heads, src);
+  c.num_key_value_heads = c.num_attention_heads;
+  read_key(j, "num_key_value_heads", c.num_key_value_heads, src);
+  read_key(j, "q_lora_rank", c.q_lora_rank, src);
+  read_key(j, "kv_lora_rank", c.kv_lora_rank, src);
+  read_key(j, "qk_nope_head_dim", c.qk_nope_head_dim, src);
+  read_key(j, "qk_rope_head_dim", c.qk_rope_head_dim, src);
+  read_key(j, "v_head_dim", c.v_head_dim, src);
+  read_key(j, "n_routed_experts", c.n_routed_experts, src);
+  read_key(j, "n_shared_experts", c.n_shared_experts, src);
+  read_key(j, "num_experts_per_tok", c.num_experts_per_tok, src);
+  read_key(j, "n_group", c.n_group, src);
+  read_key(j, "topk_group", c.topk_group, src);
+  read_key(j, "routed_scaling_factor", c.routed_scaling_factor, src);
+  read_key(j, "norm_topk_prob", c.norm_topk_prob, src);
+  read_key(j, "scoring_func", c.scoring_func, src);
+  read_key(j, "topk_method", c.topk_method, src);
+  read_key(j, "rms_norm_eps", c.rms_norm_eps, src);
+  read_key(j, "rope_theta", c.rope_theta, src);
+  read_key(j, "max_position_embeddings", c.max_position_embeddings, src);
+  read_key(j, "num_nextn_predict_layers", c.num_nextn_predict_layers, src);
+  read_key(j, "tie_word_embeddings", c.tie_word_embeddings, src);
+  read_key(j, "rope_interleave", c.rope_interleave, src);
+  read_key(j, "bos_token_id", c.bos_token_id, src);
+  read_key(j, "eos_token_id", c.eos_token_id, src);
+  read_key(j, "aux_loss_alpha", c.aux_loss_alpha, src);
+  read_key(j, "initializer_range", c.initializer_range, src);
+  if (auto it = j.find("rope_scaling"); it != j.end() && !it->is_null()) {
+    DSV3_CHECK(it->is_object(), src << ": config key 'rope_scaling' must be an object");
+    const std::string rs = src + " rope_scaling";
+    read_key(*it, "type", c.rope_scaling.type, rs);
+    read_key(*it, "rope_type", c.rope_scaling.type, rs);  // newer HF spelling
+    read_key(*it, "factor", c.rope_scaling.factor, rs);
+    read_key(*it, "original_max_position_embeddings", c.rope_scaling.original_max_position_embeddings, rs);
+    read_key(*it, "beta_fast", c.rope_scaling.beta_fast, rs);
+    read_key(*it, "beta_slow", c.rope_scaling.beta_slow, rs);
+    read_key(*it, "mscale", c.rope_scaling.mscale, rs);
+    read_key(*it, "mscale_all_dim", c.rope_scaling.mscale_all_dim, rs);
+  }
+  if (auto it = j.find("quantization_config"); it != j.end() && it->is_object()) {
+    if (auto b = it->find("weight_block_size"); b != it->end()) {
+      DSV3_CHECK(b->is_array() && b->size() == 2 && (*b)[0].is_number_integer() && (*b)[1].is_number_integer() &&
+                     (*b)[0].get<int>() > 0 && (*b)[1].get<int>() > 0,
+                 src << ": quantization_config.weight_block_size must be two positive integers, got " << b->dump());
+      c.fp8_block = {(*b)[0].get<int>(), (*b)[1].get<int>()};
+    }
+  }
+  return c;
+}
+
+ModelConfig model_config_from_file(const std::string& path) {
+  std::ifstream f(path);
+  DSV3_CHECK(f, "cannot open model config '" << path << "'");
+  json j;
+  try {
+    j = json::parse(f);
+  } catch (const json::exception& e) {
+    DSV3_FAIL(path << ": not valid JSON: " << e.what());
+  }
+  return model_config_from_json(j, path);
+}
+
+json model_config_to_json(const ModelConfig& c) {
+  json j = {
+      {"architectures", {"DeepseekV3ForCausalLM"}},
+      {"model_type", "deepseek_v3"},
+      {"vocab_size", c.vocab_size},
+      {"hidden_size", c.hidden_size},
+      {"intermediate_size", c.intermediate_size},
+      {"moe_intermediate_size", c.moe_intermediate_size},
+      {"num_hidden_layers", c.num_hidden_layers},
+      {"first_k_dense_replace", c.first_k_dense_replace},
+      {"moe_layer_freq", c.moe_layer_freq},
+      {"num_attention_heads", c.num_attention_heads},
+      {"num_key_value_heads", c.num_key_value_heads},
+      {"q_lora_rank", c.q_lora_rank > 0 ? json(c.q_lora_rank) : json(nullptr)},
+      {"kv_lora_rank", c.kv_lora_rank},
+      {"qk_nope_head_dim", c.qk_nope_head_dim},
+      {"qk_rope_head_dim", c.qk_rope_head_dim},
+      {"v_head_dim", c.v_head_dim},
+      {"n_routed_experts", c.n_routed_experts > 0 ? json(c.n_routed_experts) : json(nullptr)},
+      {"n_shared_experts", c.n_shared_experts},
+      {"num_experts_per_tok", c.num_experts_per_tok},
+      {"n_group", c.n_group},
+      {"topk_group", c.topk_group},
+      {"routed_scaling_factor", c.routed_scaling_factor},
+      {"norm_topk_prob", c.norm_topk_prob},
+      {"scoring_func", c.scoring_func},
+      {"topk_method", c.topk_method},
+      {"rms_norm_eps", c.rms_norm_eps},
+      {"rope_theta", c.rope_theta},
+      {"max_position_embeddings", c.max_position_embeddings},
+      {"num_nextn_predict_layers", c.num_nextn_predict_layers},
+      {"tie_word_embeddings", c.tie_word_embeddings},
+      {"rope_interleave", c.rope_interleave},
+      {"bos_token_id", c.bos_token_id},
+      {"eos_token_id", c.eos_token_id},
+      {"aux_loss_alpha", c.aux_loss_alpha},
+      {"initializer_range", c.initializer_range},
+      {"hidden_act", "silu"},
+      {"attention_bias", false},
+      {"seq_aux", true},
+  };
+  if (!c.rope_scaling.type.empty())
+    j["rope_scaling"] = {{"type", c.rope_scaling.type},
+                         {"factor", c.rope_scaling.factor},
+                         {"original_max_position_embeddings", c.rope_scaling.original_max_position_embeddings},
+                         {"beta_fast", c.rope_scaling.beta_fast},
+                         {"beta_slow", c.rope_scaling.beta_slow},
+                         {"mscale", c.rope_scaling.mscale},
+                         {"mscale_all_dim", c.rope_scaling.mscale_all_dim}};
+  return j;
+}
+
+void ModelConfig::validate() const {
+  const std::string& s = source;
+  auto positive = [&](int64_t v, const char* key) {
+    DSV3_CHECK(v > 0, s << ": model key '" << key << "' must be > 0, got " << v);
+  };
+  positive(vocab_size, "vocab_size");
+  positive(hidden_size, "hidden_size");
+  positive(num_hidden_layers, "num_hidden_layers");
+  positive(num_attention_heads, "num_attention_heads");
+  positive(kv_lora_rank, "kv_lora_rank");
+  positive(qk_nope_head_dim, "qk_nope_head_dim");
+  positive(qk_rope_head_dim, "qk_rope_head_dim");
+  positive(v_head_dim, "v_head_dim");
+  positive(moe_layer_freq, "moe_layer_freq");
+  positive(max_position_embeddings, "max_position_embeddings");
+  DSV3_CHECK(q_lora_rank >= 0, s << ": model key 'q_lora_rank' must be >= 0 (0 = no q compression), got " << q_lora_rank);
+  DSV3_CHECK(qk_rope_head_dim % 2 == 0,
+             s << ": model key 'qk_rope_head_dim' must be even (RoPE rotates pairs), got " << qk_rope_head_dim);
+  DSV3_CHECK(num_key_value_heads == num_attention_heads,
+             s << ": model key 'num_key_value_heads' (" << num_key_value_heads << ") must equal num_attention_heads ("
+               << num_attention_heads << "): MLA has one key/value head per query head");
+  DSV3_CHECK(first_k_dense_replace >= 0 && first_k_dense_replace <= num_hidden_layers,
+             s << ": model key 'first_k_dense_replace' (" << first_k_dense_replace << ") must be in [0, num_hidden_layers="
+               << num_hidden_layers << "]");
+  DSV3_CHECK(num_nextn_predict_layers == 0 || num_nextn_predict_layers == 1,
+             s << ": model key 'num_nextn_predict_layers' = " << num_nextn_predict_layers
+               << " is not supported (DeepSeek-V3 uses 1; 0 disables MTP)");
+  DSV3_CHECK(rms_norm_eps > 0, s << ": model key 'rms_norm_eps' must be > 0");
+  DSV3_CHECK(rope_theta > 0, s << ": model key 'rope_theta' must be > 0");
+  DSV3_CHECK(bos_token_id >= 0 && bos_token_id < vocab_size && eos_token_id >= 0 && eos_token_id < vocab_size,
+             s << ": model keys 'bos_token_id'/'eos_token_id' must be < vocab_size=" << vocab_size);
+  bool any_dense = false;
+  for (int64_t i = 0; i < total_layers(); ++i) any_dense |= !is_moe_layer(i);
+  if (any_dense) positive(intermediate_size, "intermediate_size");
+  if (n_routed_experts > 0) {
+    positive(moe_intermediate_size, "moe_intermediate_size");
+    positive(num_experts_per_tok, "num_experts_per_tok");
+    positive(n_group, "n_group");
+    positive(topk_group, "topk_group");
+    DSV3_CHECK(n_shared_experts >= 0, s << ": model key 'n_shared_experts' must be >= 0");
+    DSV3_CHECK(n_routed_experts % n_group == 0, s << ": model key 'n_routed_experts' (" << n_routed_experts
+                                                  << ") must be divisible by n_group (" << n_group << ")");
+    DSV3_CHECK(topk_group <= n_group,
+               s << ": model key 'topk_group' (" << topk_group << ") must be <= n_group (" << n_group << ")");
+    DSV3_CHECK(num_experts_per_tok <= topk_group * (n_routed_experts / n_group),
+               s << ": model key 'num_experts_per_tok' (" << num_experts_per_tok << ") exceeds the experts in the "
+                 << topk_group << " kept groups (" << topk_group * (n_routed_experts / n_group) << ")");
+    DSV3_CHECK(scoring_func == "sigmoid",
+               s << ": model key 'scoring_func' = '" << scoring_func << "' is not supported (DeepSeek-V3: sigmoid)");
+    DSV3_CHECK(topk_method == "noaux_tc", s << ": model key 'topk_method' = '" << topk_method
+                                            << "' is not supported (DeepSeek-V3: noaux_tc)");
+    DSV3_CHECK(routed_scaling_factor > 0, s << ": model key 'routed_scaling_factor' must be > 0");
+  }
+  if (!rope_scaling.type.empty()) {
+    DSV3_CHECK(rope_scaling.type == "yarn",
+               s << ": model key 'rope_scaling.type' = '" << rope_scaling.type << "' is not supported (yarn)");
+    DSV3_CHECK(rope_scaling.factor >= 1, s << ": model key 'rope_scaling.factor' must be >= 1");
+    DSV3_CHECK(rope_scaling.original_max_position_embeddings > 0,
+               s << ": model key 'rope_scaling.original_max_position_embeddings' must be > 0");
+    DSV3_CHECK(rope_scaling.beta_fast > rope_scaling.beta_slow,
+               s << ": model keys 'rope_scaling.beta_fast' must exceed 'rope_scaling.beta_slow'");
+  }
+  DSV3_CHECK(!tie_word_embeddings, s << ": model key 'tie_word_embeddings' = true is not supported (DeepSeek-V3: false)");
+  DSV3_CHECK(rope_interleave, s << ": model key 'rope_interleave' = false is not supported: dsv3 applies the "
+                                   "interleaved RoPE of the released weights as stored");
+}
+
+}  // namespace dsv3

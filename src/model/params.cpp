@@ -1,0 +1,165 @@
+#include "model/params.h"
+
+#include "core/error.h"
+
+namespace dsv3 {
+
+int64_t ParamSpec::numel() const {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+std::string ParamSpec::hf_name_of(int64_t e) const {
+  if (!expert_stack) return hf_name;
+  std::string s = hf_name;
+  s.replace(s.find("{e}"), 3, std::to_string(e));
+  return s;
+}
+
+std::vector<int64_t> ParamSpec::hf_shape() const {
+  if (!expert_stack) return shape;
+  return std::vector<int64_t>(shape.begin() + 1, shape.end());
+}
+
+namespace {
+
+// Column-parallel Linear: weight (out, in) split along out (dim 0); row-parallel: along in (dim 1).
+constexpr int kColumn = 0, kRow = 1, kReplicated = -1;
+
+struct TableBuilder {
+  std::vector<ParamSpec> t;
+  ParamSpec& add(std::string name, std::vector<int64_t> shape, int shard, int layer, bool fp8 = false) {
+    ParamSpec p;
+    p.hf_name = name;
+    p.name = std::move(name);
+    p.decay = shape.size() >= 2;
+    p.shape = std::move(shape);
+    p.shard_dim = shard;
+    p.layer = layer;
+    p.fp8 = fp8;
+    t.push_back(p);
+    return t.back();
+  }
+};
+
+// One decoder layer: MLA attention + dense MLP or MoE. `pre` is "model.layers.{i}."
+void add_layer(TableBuilder& b, const ModelConfig& c, int64_t i) {
+  const std::string pre = "model.layers." + std::to_string(i) + ".";
+  const int L = (int)i;
+  const int64_t D = c.hidden_size, H = c.num_attention_heads;
+  b.add(pre + "input_layernorm.weight", {D}, kReplicated, L);
+  const std::string at = pre + "self_attn.";
+  if (c.q_lora_rank > 0) {
+    b.add(at + "q_a_proj.weight", {c.q_lora_rank, D}, kReplicated, L, true);  // replicated, as in Megatron
+    b.add(at + "q_a_layernorm.weight", {c.q_lora_rank}, kReplicated, L);
+    b.add(at + "q_b_proj.weight", {H * c.qk_head_dim(), c.q_lora_rank}, kColumn, L, true);
+  } else {
+    b.add(at + "q_proj.weight", {H * c.qk_head_dim(), D}, kColumn, L, true);
+  }
+  b.add(at + "kv_a_proj_with_mqa.weight", {c.kv_lora_rank + c.qk_rope_head_dim, D}, kReplicated, L, true);
+  b.add(at + "kv_a_layernorm.weight", {c.kv_lora_rank}, kReplicated, L);
+  b.add(at + "kv_b_proj.weight", {H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank}, kColumn, L, true);
+  b.add(at + "o_proj.weight", {D, H * c.v_head_dim}, kRow, L, true);
+  b.add(pre + "post_attention_layernorm.weight", {D}, kReplicated, L);
+  const std::string mlp = pre + "mlp.";
+  if (!c.is_moe_layer(i)) {
+    b.add(mlp + "gate_proj.weight", {c.intermediate_size, D}, kColumn, L, true);
+    b.add(mlp + "up_proj.weight", {c.intermediate_size, D}, kColumn, L, true);
+    b.add(mlp + "down_proj.weight", {D, c.intermediate_size}, kRow, L, true);
+    return;
+  }
+  const int64_t E = c.n_routed_experts, I = c.moe_intermediate_size;
+  b.add(mlp + "gate.weight", {E, D}, kReplicated, L);  // FP32 router, never quantized
+  ParamSpec& bias = b.add(mlp + "gate.e_score_correction_bias", {E}, kReplicated, L);
+  bias.trainable = false;
+  // Routed experts stacked (E, out, in): one tensor per projection, sharded over expert-parallel ranks along dim 0.
+  for (const char* proj : {"gate_proj", "up_proj", "down_proj"}) {
+    const bool down = std::string(proj) == "down_proj";
+    ParamSpec& p = b.add(mlp + "experts." + proj + ".weight", down ? std::vector<int64_t>{E, D, I} : std::vector<int64_t>{E, I, D},
+                         down ? 2 : 1, L, true);
+    p.hf_name = mlp + "experts.{e}." + proj + ".weight";
+    p.expert_stack = true;
+  }
+  if (c.n_shared_experts > 0) {
+    const int64_t Is = I * c.n_shared_experts;
+    b.add(mlp + "shared_experts.gate_proj.weight", {Is, D}, kColumn, L, true);
+    b.add(mlp + "shared_experts.up_proj.weight", {Is, D}, kColumn, L, true);
+    b.add(mlp + "shared_experts.down_proj.weight", {D, Is}, kRow, L, true);
+  }
+}
+
+}  // namespace
+
+std::vector<ParamSpec> build_param_table(const ModelConfig& c) {
+  TableBuilder b;
+  const int64_t D = c.hidden_size, V = c.vocab_size;
+  ParamSpec& emb = b.add("model.embed_tokens.weight", {V, D}, kColumn, -1);  // vocab-parallel
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) add_layer(b, c, i);
+  b.add("model.norm.weight", {D}, kReplicated, -1);
+  b.add("lm_head.weight", {V, D}, kColumn, -1);
+  // MTP module k is HF layer num_hidden_layers + k: enorm, hnorm, eh_proj, a full decoder layer, shared_head.norm;
+  // its embed_tokens and shared_head.head are the main model's (tied): stored in HF, one parameter here.
+  for (int64_t k = 0; k < c.num_nextn_predict_layers; ++k) {
+    const int64_t i = c.num_hidden_layers + k;
+    const std::string pre = "model.layers." + std::to_string(i) + ".";
+    b.add(pre + "enorm.weight", {D}, kReplicated, (int)i);
+    b.add(pre + "hnorm.weight", {D}, kReplicated, (int)i);
+    b.add(pre + "eh_proj.weight", {D, 2 * D}, kReplicated, (int)i);
+    add_layer(b, c, i);
+    b.add(pre + "shared_head.norm.weight", {D}, kReplicated, (int)i);
+  }
+  // aliases are added after the table is complete (push_back may have moved `emb`)
+  (void)emb;
+  for (int64_t k = 0; k < c.num_nextn_predict_layers; ++k) {
+    const std::string pre = "model.layers." + std::to_string(c.num_hidden_layers + k) + ".";
+    for (auto& p : b.t) {
+      if (p.name == "model.embed_tokens.weight") p.hf_aliases.push_back(pre + "embed_tokens.weight");
+      if (p.name == "lm_head.weight") p.hf_aliases.push_back(pre + "shared_head.head.weight");
+    }
+  }
+  return b.t;
+}
+
+ParamCounts count_params(const ModelConfig& c) {
+  ParamCounts n;
+  const auto table = build_param_table(c);
+  int64_t routed_unused = 0;
+  for (const auto& p : table) {
+    const bool mtp = p.layer >= c.num_hidden_layers;
+    const int64_t k = p.numel();
+    if (!p.trainable) n.biases += k;
+    (mtp ? n.mtp : n.main) += k;
+    n.hf_total += k * (1 + (int64_t)p.hf_aliases.size());
+    if (!mtp && p.expert_stack) routed_unused += k / p.shape[0] * (p.shape[0] - c.num_experts_per_tok);
+  }
+  n.activated = n.main - routed_unused;
+  return n;
+}
+
+Params::Params(std::vector<ParamSpec> table) : table_(std::move(table)) {
+  int64_t off = 0;
+  for (size_t i = 0; i < table_.size(); ++i) {
+    DSV3_CHECK(index_.emplace(table_[i].name, i).second, "duplicate parameter name " << table_[i].name);
+    offset_.push_back(off);
+    off += table_[i].numel();
+  }
+  data_.assign(off, 0.0f);
+}
+
+const ParamSpec& Params::spec(const std::string& name) const {
+  auto it = index_.find(name);
+  DSV3_CHECK(it != index_.end(), "no parameter named '" << name << "'");
+  return table_[it->second];
+}
+
+int64_t Params::offset(const std::string& name) const {
+  auto it = index_.find(name);
+  DSV3_CHECK(it != index_.end(), "no parameter named '" << name << "'");
+  return offset_[it->second];
+}
+
+float* Params::get(const std::string& name) { return data_.data() + offset(name); }
+const float* Params::get(const std::string& name) const { return data_.data() + offset(name); }
+
+}  // namespace dsv3

@@ -1,0 +1,67 @@
+// defines: dsv3::ParamSpec, build_param_table, ParamCounts, count_params, Params (FP32 storage by name)
+// The one source of truth for tensors: every parameter's name, global shape, Hugging Face name(s), tensor-parallel
+// shard dimension and optimizer traits. Allocation, HF import/export, HDF5 checkpoints and the tests all iterate
+// over this table; nothing indexes parameters by position.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "model/config.h"
+
+namespace dsv3 {
+
+struct ParamSpec {
+  std::string name;              // ours, e.g. "model.layers.3.mlp.experts.gate_proj.weight" (experts stacked)
+  std::vector<int64_t> shape;    // global shape, e.g. (256, 2048, 7168) for stacked routed experts
+  std::string hf_name;           // HF name; for stacked experts it contains "{e}" (one HF tensor per expert)
+  std::vector<std::string> hf_aliases;  // tied copies in the HF layout (the MTP module's embed_tokens / head)
+  int shard_dim = -1;            // tensor-parallel shard dimension of the global tensor (-1: replicated)
+  int layer = -1;                // decoder layer (MTP layers continue after the main ones), -1 otherwise
+  bool expert_stack = false;     // dim 0 indexes routed experts (sharded over expert parallel ranks)
+  bool decay = false;            // AdamW weight decay (every >= 2-D weight; not norms)
+  bool trainable = true;         // false for e_score_correction_bias (updated by the balancing rule)
+  bool fp8 = false;              // quantized (F8_E4M3 + scale_inv) in the released FP8 checkpoint
+
+  int64_t numel() const;
+  int64_t n_experts() const { return expert_stack ? shape[0] : 1; }
+  // HF name of expert e (or of the whole tensor when not stacked).
+  std::string hf_name_of(int64_t e) const;
+  // shape of one HF tensor (per expert for stacked experts)
+  std::vector<int64_t> hf_shape() const;
+};
+
+std::vector<ParamSpec> build_param_table(const ModelConfig& c);
+
+struct ParamCounts {
+  int64_t main = 0;        // main model incl. embedding and head (the "671B")
+  int64_t mtp = 0;         // MTP modules, excluding the tied embedding/head
+  int64_t hf_total = 0;    // as in the HF files: main + MTP + the MTP's stored copies of embed/head (the "685B")
+  int64_t activated = 0;   // per token: all but the routed experts not chosen (main model, the "37B")
+  int64_t biases = 0;      // e_score_correction_bias elements (non-trainable)
+};
+ParamCounts count_params(const ModelConfig& c);
+
+// FP32 storage of every parameter, addressed by name (contiguous, in table order).
+class Params {
+ public:
+  Params() = default;
+  explicit Params(std::vector<ParamSpec> table);
+  const std::vector<ParamSpec>& table() const { return table_; }
+  bool has(const std::string& name) const { return index_.count(name) != 0; }
+  const ParamSpec& spec(const std::string& name) const;
+  float* get(const std::string& name);
+  const float* get(const std::string& name) const;
+  float* data() { return data_.data(); }
+  int64_t size() const { return (int64_t)data_.size(); }
+  int64_t offset(const std::string& name) const;
+
+ private:
+  std::vector<ParamSpec> table_;
+  std::unordered_map<std::string, size_t> index_;
+  std::vector<int64_t> offset_;
+  std::vector<float> data_;
+};
+
+}  // namespace dsv3

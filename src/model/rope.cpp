@@ -1,0 +1,61 @@
+#include "model/rope.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace dsv3 {
+
+namespace {
+double yarn_mscale(double factor, double mscale) { return factor <= 1 ? 1.0 : 0.1 * mscale * std::log(factor) + 1.0; }
+}  // namespace
+
+std::vector<double> yarn_inv_freq(const ModelConfig& c) {
+  const int64_t d = c.qk_rope_head_dim, half = d / 2;
+  std::vector<double> f(half);
+  for (int64_t i = 0; i < half; ++i) f[i] = std::pow(c.rope_theta, -(2.0 * i) / d);
+  const RopeScaling& y = c.rope_scaling;
+  if (y.type != "yarn") return f;
+  // correction dim: the rotation index whose wavelength fits `r` times into the original context
+  auto cd = [&](double r) {
+    return d * std::log(y.original_max_position_embeddings / (r * 2 * M_PI)) / (2 * std::log(c.rope_theta));
+  };
+  const double low = std::max(std::floor(cd(y.beta_fast)), 0.0);
+  double high = std::min(std::ceil(cd(y.beta_slow)), (double)(d - 1));
+  if (low == high) high += 0.001;  // avoid a zero-width ramp (as the reference does)
+  for (int64_t i = 0; i < half; ++i) {
+    const double ramp = std::clamp((i - low) / (high - low), 0.0, 1.0);
+    f[i] = f[i] / y.factor * ramp + f[i] * (1 - ramp);
+  }
+  return f;
+}
+
+double attention_softmax_scale(const ModelConfig& c) {
+  double s = 1.0 / std::sqrt((double)c.qk_head_dim());
+  if (c.rope_scaling.type == "yarn") {
+    const double m = yarn_mscale(c.rope_scaling.factor, c.rope_scaling.mscale_all_dim);
+    s *= m * m;
+  }
+  return s;
+}
+
+RopeTable make_rope_table(const ModelConfig& c, int64_t max_pos) {
+  RopeTable t;
+  t.max_pos = max_pos;
+  t.half = c.qk_rope_head_dim / 2;
+  const auto f = yarn_inv_freq(c);
+  double m = 1.0;  // YaRN "attention factor" on cos/sin: mscale(factor, mscale) / mscale(factor, mscale_all_dim)
+  if (c.rope_scaling.type == "yarn")
+    m = yarn_mscale(c.rope_scaling.factor, c.rope_scaling.mscale) /
+        yarn_mscale(c.rope_scaling.factor, c.rope_scaling.mscale_all_dim);
+  t.cos.resize(max_pos * t.half);
+  t.sin.resize(max_pos * t.half);
+  for (int64_t p = 0; p < max_pos; ++p)
+    for (int64_t i = 0; i < t.half; ++i) {
+      const double a = p * f[i];
+      t.cos[p * t.half + i] = (float)(std::cos(a) * m);
+      t.sin[p * t.half + i] = (float)(std::sin(a) * m);
+    }
+  return t;
+}
+
+}  // namespace dsv3

@@ -1,0 +1,68 @@
+// defines: dsv3::Backend (the op interface every device implements), make_backend
+// The CPU implementation (ops/cpu/) is the oracle; the CUDA backend (cuda/) implements the same ops and is tested
+// against it op by op. Pointers are device pointers of the backend; all matrices are row-major.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace dsv3 {
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+
+  // C(M,N) = alpha * A(M,K) . B(N,K)^T + beta * C   — a Linear layer: y = x W^T with W stored (out, in)
+  virtual void gemm_nt(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
+                       int64_t ldb, float beta, float* C, int64_t ldc) = 0;
+  // C(M,N) = alpha * A(M,K) . B(K,N) + beta * C
+  virtual void gemm_nn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
+                       int64_t ldb, float beta, float* C, int64_t ldc) = 0;
+  // C(M,N) = alpha * A(K,M)^T . B(K,N) + beta * C   — weight gradients: dW = dy^T x
+  virtual void gemm_tn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
+                       int64_t ldb, float beta, float* C, int64_t ldc) = 0;
+
+  // y(rows, dim) = x * rsqrt(mean(x^2) + eps) * w; x rows have stride ldx. rstd(rows) saved for backward if non-null.
+  virtual void rmsnorm_forward(const float* x, int64_t ldx, const float* w, float eps, int64_t rows, int64_t dim,
+                               float* y, float* rstd) = 0;
+
+  // In-place interleaved RoPE on `n_heads` slices of `rope_dim` values per row: slice h of row r starts at
+  // x + r*ldx + h*head_stride. Pair (x[2i], x[2i+1]) rotates by the angle of position pos[r] and frequency i;
+  // cos/sin tables are (max_pos, rope_dim/2).
+  virtual void rope_forward(float* x, int64_t rows, int64_t ldx, int64_t n_heads, int64_t head_stride,
+                            int64_t rope_dim, const int64_t* pos, const float* cos, const float* sin) = 0;
+
+  // MLA causal attention over B sequences of S tokens and H heads (training / prefill form, K/V expanded):
+  //   q   (B*S, H*(dn+dr))  per head: q_nope(dn) | q_pe(dr), RoPE applied
+  //   kv  (B*S, H*(dn+dv))  per head: k_nope(dn) | v(dv)
+  //   kpe (B*S, ldkpe)      k_pe(dr), RoPE applied, shared by all heads
+  //   o   (B*S, H*dv);  probs (B, H, S, S) softmax probabilities kept for backward when non-null
+  virtual void mla_attention_forward(const float* q, const float* kv, const float* kpe, int64_t ldkpe, int64_t B,
+                                     int64_t S, int64_t H, int64_t dn, int64_t dr, int64_t dv, float scale, float* o,
+                                     float* probs) = 0;
+
+  // out(n) = silu(gate) * up; gate/up rows of `cols` with strides, out contiguous (rows, cols)
+  virtual void swiglu_forward(const float* gate, const float* up, int64_t rows, int64_t cols, int64_t ld_in,
+                              float* out) = 0;
+
+  // out(n, dim) = table[ids[i]]
+  virtual void embedding_forward(const int64_t* ids, int64_t n, const float* table, int64_t dim, float* out) = 0;
+
+  // Router of one MoE layer for T tokens (sigmoid scoring, noaux_tc): scores = sigmoid(logits (T,E)); selection
+  // uses scores + bias, group-limited (n_group groups, sum of the top-2 biased scores per group, keep topk_group),
+  // then top-k. idx (T,k) ascending expert id; weight (T,k) = unbiased scores normalised (if norm) * scale.
+  virtual void router_forward(const float* logits, const float* bias, int64_t T, int64_t E, int64_t n_group,
+                              int64_t topk_group, int64_t k, bool norm, float scale, float* scores, int32_t* idx,
+                              float* weight) = 0;
+
+  // Mean-free cross entropy: per row loss_r = logsumexp(logits_r) - logits_r[target_r] (rows with target < 0 give
+  // 0 and do not count). Returns the sum of the row losses (double) and writes the counted rows to *count.
+  virtual double cross_entropy_forward(const float* logits, int64_t rows, int64_t V, const int64_t* targets,
+                                       int64_t* count) = 0;
+};
+
+// "cpu" or "cuda"; throws dsv3::Error when the device is not available (e.g. no GPU, or built without CUDA).
+std::unique_ptr<Backend> make_backend(const std::string& device, int threads = 0);
+
+}  // namespace dsv3

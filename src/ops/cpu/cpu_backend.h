@@ -1,0 +1,34 @@
+// defines: dsv3::CpuBackend — the reference implementation of every op (OpenBLAS GEMMs, OpenMP loops)
+#pragma once
+#include "ops/backend.h"
+
+namespace dsv3 {
+
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(int threads = 0);
+  std::string name() const override { return "cpu"; }
+  void gemm_nt(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B, int64_t ldb,
+               float beta, float* C, int64_t ldc) override;
+  void gemm_nn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B, int64_t ldb,
+               float beta, float* C, int64_t ldc) override;
+  void gemm_tn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B, int64_t ldb,
+               float beta, float* C, int64_t ldc) override;
+  void rmsnorm_forward(const float* x, int64_t ldx, const float* w, float eps, int64_t rows, int64_t dim, float* y,
+                       float* rstd) override;
+  void rope_forward(float* x, int64_t rows, int64_t ldx, int64_t n_heads, int64_t head_stride, int64_t rope_dim,
+                    const int64_t* pos, const float* cos, const float* sin) override;
+  void mla_attention_forward(const float* q, const float* kv, const float* kpe, int64_t ldkpe, int64_t B, int64_t S,
+                             int64_t H, int64_t dn, int64_t dr, int64_t dv, float scale, float* o,
+                             float* probs) override;
+  void swiglu_forward(const float* gate, const float* up, int64_t rows, int64_t cols, int64_t ld_in,
+                      float* out) override;
+  void embedding_forward(const int64_t* ids, int64_t n, const float* table, int64_t dim, float* out) override;
+  void router_forward(const float* logits, const float* bias, int64_t T, int64_t E, int64_t n_group,
+                      int64_t topk_group, int64_t k, bool norm, float scale, float* scores, int32_t* idx,
+                      float* weight) override;
+  double cross_entropy_forward(const float* logits, int64_t rows, int64_t V, const int64_t* targets,
+                               int64_t* count) override;
+};
+
+}  // namespace dsv3

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The programs' error paths: a deck typo, a bad value, an inconsistent model config, a truncated safetensors file,
+# a missing file. Each must exit non-zero with ONE line on stderr naming what is wrong.
+set -u
+BIN=$1 TESTS=$2
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+fail=0
+expect_error() {  # expect_error "what" "needle" cmd...
+  local what=$1 needle=$2; shift 2
+  "$@" >"$tmp/out" 2>"$tmp/err"; local rc=$?
+  local lines; lines=$(grep -c . "$tmp/err")
+  if [ $rc -eq 0 ] || ! grep -qF -- "$needle" "$tmp/err" || [ "$lines" -ne 1 ]; then
+    echo "FAIL: $what (rc=$rc, $lines stderr lines, wanted '$needle'):"; cat "$tmp/err"; fail=1
+  else
+    echo "ok: $what: $(cat "$tmp/err")"
+  fi
+}
+cp "$TESTS/golden/tiny/config.json" "$tmp/config.json"
+cat > "$tmp/good.deck" <<DECK
+[model]
+hf_config = config.json
+[train]
+iters = 1
+seq_length = 16
+global_batch = 1
+DECK
+printf '[model]\nhf_config = config.json\n[train]\niter = 1\nseq_length = 16\nglobal_batch = 1\n' > "$tmp/typo.deck"
+expect_error "deck typo" "train.iter" "$BIN/dsv3" "$tmp/typo.deck"
+expect_error "deck typo suggests" "train.iters" "$BIN/dsv3" "$tmp/typo.deck"
+expect_error "deck typo names file:line" "typo.deck:4" "$BIN/dsv3" "$tmp/typo.deck"
+expect_error "bad value" "train.iters" "$BIN/dsv3" "$tmp/good.deck" train.iters=ten
+expect_error "missing deck" "nope.deck" "$BIN/dsv3" "$tmp/nope.deck"
+expect_error "inconsistent config" "n_group" "$BIN/dsv3" "$tmp/good.deck" model.n_group=3
+expect_error "missing required key" "train.seq_length" "$BIN/dsv3" "$tmp/typo.deck" train.iters=1 2>/dev/null || true
+mkdir -p "$tmp/trunc"
+cp "$TESTS/golden/tiny/config.json" "$tmp/trunc/"
+head -c 100000 "$TESTS/golden/tiny/model.safetensors" > "$tmp/trunc/model.safetensors"
+expect_error "truncated safetensors" "model.safetensors" "$BIN/dsv3-generate" --hf "$tmp/trunc" --prompt-ids 1,2
+expect_error "bad prompt ids" "prompt-ids" "$BIN/dsv3-generate" --hf "$TESTS/golden/tiny" --prompt-ids 1,x
+expect_error "golden dir missing" "config.json" "$BIN/dsv3-golden" "$tmp/none"
+"$BIN/dsv3" --help | grep -q "train.iters" || { echo "FAIL: dsv3 --help lacks train.iters"; fail=1; }
+"$BIN/dsv3-generate" --help | grep -q -- "--max-new-tokens" || { echo "FAIL: dsv3-generate --help"; fail=1; }
+exit $fail
