@@ -31,7 +31,9 @@ expect_error "deck typo names file:line" "typo.deck:4" "$BIN/dsv3" "$tmp/typo.de
 expect_error "bad value" "train.iters" "$BIN/dsv3" "$tmp/good.deck" train.iters=ten
 expect_error "missing deck" "nope.deck" "$BIN/dsv3" "$tmp/nope.deck"
 expect_error "inconsistent config" "n_group" "$BIN/dsv3" "$tmp/good.deck" model.n_group=3
-expect_error "missing required key" "train.seq_length" "$BIN/dsv3" "$tmp/typo.deck" train.iters=1 2>/dev/null || true
+printf '[model]\nhf_config = config.json\n[train]\niters = 1\nglobal_batch = 1\n' > "$tmp/noseq.deck"
+expect_error "missing required key" "train.seq_length" "$BIN/dsv3" "$tmp/noseq.deck"
+expect_error "unknown override" "parallel.tpp" "$BIN/dsv3" "$tmp/good.deck" parallel.tpp=2
 mkdir -p "$tmp/trunc"
 cp "$TESTS/golden/tiny/config.json" "$tmp/trunc/"
 head -c 100000 "$TESTS/golden/tiny/model.safetensors" > "$tmp/trunc/model.safetensors"

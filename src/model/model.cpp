@@ -13,6 +13,14 @@ namespace dsv3 {
 Model::Model(const ModelConfig& cfg, Backend& be)
     : cfg_(cfg), be_(be), params_(build_param_table(cfg)), rope_(make_rope_table(cfg, cfg.max_position_embeddings)) {}
 
+namespace {
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+}  // namespace
+
 void Model::load_hf(const HfCheckpoint& ck) {
   std::set<std::string> known;
   for (const ParamSpec& p : params_.table()) {
@@ -21,15 +29,8 @@ void Model::load_hf(const HfCheckpoint& ck) {
       const std::string hf = p.hf_name_of(e);
       DSV3_CHECK(ck.has(hf), "HF checkpoint has no tensor '" << hf << "' (the model config expects it)");
       const auto shape = ck.shape(hf);
-      DSV3_CHECK(shape == p.hf_shape(), "HF tensor '" << hf << "' has shape " << [&] {
-        std::string s;
-        for (auto d : shape) s += (s.empty() ? "" : "x") + std::to_string(d);
-        return s;
-      }() << ", the model config implies " << [&] {
-        std::string s;
-        for (auto d : p.hf_shape()) s += (s.empty() ? "" : "x") + std::to_string(d);
-        return s;
-      }());
+      DSV3_CHECK(shape == p.hf_shape(), "HF tensor '" << hf << "' has shape " << shape_str(shape)
+                                                      << ", the model config implies " << shape_str(p.hf_shape()));
       ck.load_f32_into(hf, params_.get(p.name) + e * per, per);
       known.insert(hf);
       known.insert(hf + "_scale_inv");

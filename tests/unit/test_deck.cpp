@@ -356,7 +356,7 @@ TEST_F(DeckTest, TinyDeck) {
   EXPECT_EQ(d.get<int>("checkpoint.interval"), 100);
   EXPECT_TRUE(fs::is_regular_file(d.path("model.hf_config"))) << d.path("model.hf_config");
   EXPECT_EQ(fs::path(d.path("model.hf_config")).filename(), "tiny.json");
-  EXPECT_EQ(fs::path(d.path("checkpoint.dir")).lexically_relative(fs::path(path).parent_path()), "runs/tiny/ckpt");
+  EXPECT_EQ(fs::path(d.path("checkpoint.dir")).lexically_relative(fs::path(path).parent_path()), "../runs/tiny/ckpt");
 }
 
 // ---- errors ----------------------------------------------------------------------------------------

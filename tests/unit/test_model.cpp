@@ -1,0 +1,262 @@
+// Model-level unit tests: config validation, the parameter table, YaRN, the router, MLA cache vs full attention,
+// sampling. Golden-file comparisons of the whole model live in dsv3-golden (ctest golden_tiny).
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "core/error.h"
+#include "io/safetensors.h"
+#include "model/config.h"
+#include "model/model.h"
+#include "model/params.h"
+#include "model/rope.h"
+#include "model/sampling.h"
+#include "ops/cpu/cpu_backend.h"
+
+using namespace dsv3;
+using ::testing::HasSubstr;
+
+namespace {
+const std::string kTiny = std::string(DSV3_TEST_DIR) + "/golden/tiny";
+ModelConfig tiny() { return model_config_from_file(kTiny + "/config.json"); }
+nlohmann::json tiny_json() {
+  std::ifstream f(kTiny + "/config.json");
+  return nlohmann::json::parse(f);
+}
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "<no error>";
+}
+}  // namespace
+
+TEST(ModelConfig, ReadsTinyAndReal) {
+  const ModelConfig c = tiny();
+  EXPECT_EQ(c.hidden_size, 64);
+  EXPECT_EQ(c.qk_head_dim(), 24);
+  EXPECT_EQ(c.fp8_block[0], 16);
+  EXPECT_TRUE(c.is_moe_layer(1));
+  EXPECT_FALSE(c.is_moe_layer(0));
+  EXPECT_TRUE(c.is_moe_layer(4));  // the MTP block
+  c.validate();
+  const ModelConfig r = model_config_from_file(std::string(DSV3_SOURCE_DIR) + "/input/models/deepseek-v3.json");
+  r.validate();
+  EXPECT_EQ(r.fp8_block[0], 128);
+  EXPECT_EQ(r.rope_scaling.original_max_position_embeddings, 4096);
+}
+
+TEST(ModelConfig, InconsistentSizesNameTheKey) {
+  auto bad = [](const char* key, nlohmann::json v) {
+    auto j = tiny_json();
+    j[key] = v;
+    return error_of([&] { model_config_from_json(j, "cfg.json").validate(); });
+  };
+  EXPECT_THAT(bad("n_group", 3), HasSubstr("n_group"));
+  EXPECT_THAT(bad("topk_group", 5), HasSubstr("topk_group"));
+  EXPECT_THAT(bad("num_experts_per_tok", 5), HasSubstr("num_experts_per_tok"));
+  EXPECT_THAT(bad("qk_rope_head_dim", 7), HasSubstr("qk_rope_head_dim"));
+  EXPECT_THAT(bad("num_key_value_heads", 2), HasSubstr("num_key_value_heads"));
+  EXPECT_THAT(bad("hidden_size", 0), HasSubstr("hidden_size"));
+  EXPECT_THAT(bad("hidden_size", "64"), HasSubstr("must be an integer"));
+  EXPECT_THAT(bad("first_k_dense_replace", 9), HasSubstr("first_k_dense_replace"));
+  EXPECT_THAT(bad("scoring_func", "softmax"), HasSubstr("scoring_func"));
+  EXPECT_THAT(bad("num_nextn_predict_layers", 2), HasSubstr("num_nextn_predict_layers"));
+  EXPECT_THAT(bad("norm_topk_prob", 1), HasSubstr("boolean"));
+  EXPECT_THAT(error_of([] { model_config_from_file("/nonexistent/config.json"); }), HasSubstr("/nonexistent/config.json"));
+}
+
+// The table must describe exactly the tensors of an HF checkpoint: every tensor of the golden model.safetensors
+// is named by the table (canonical name or tied alias) with the same shape, and the counts add up.
+TEST(ParamTable, MatchesTheHfCheckpointExactly) {
+  const ModelConfig c = tiny();
+  SafetensorsFile f(kTiny + "/model.safetensors");
+  std::map<std::string, std::vector<int64_t>> want;
+  for (const auto& n : f.names()) want[n] = f.get(n).shape;
+  std::map<std::string, std::vector<int64_t>> got;
+  for (const ParamSpec& p : build_param_table(c)) {
+    for (int64_t e = 0; e < p.n_experts(); ++e) got[p.hf_name_of(e)] = p.hf_shape();
+    for (const auto& a : p.hf_aliases) got[a] = p.hf_shape();
+  }
+  EXPECT_EQ(got, want);
+  int64_t total = 0;
+  for (const auto& [n, s] : want) {
+    int64_t k = 1;
+    for (auto d : s) k *= d;
+    total += k;
+  }
+  const ParamCounts pc = count_params(c);
+  EXPECT_EQ(pc.hf_total, total);
+  EXPECT_EQ(pc.main + pc.mtp + 2 * c.vocab_size * c.hidden_size, total);  // + the MTP's embed/head copies
+}
+
+TEST(ParamTable, RealModelCountsMatchThePublishedSizes) {
+  const ModelConfig c = model_config_from_file(std::string(DSV3_SOURCE_DIR) + "/input/models/deepseek-v3.json");
+  std::ifstream f(std::string(DSV3_TEST_DIR) + "/data/deepseek-v3-counts.json");
+  const auto j = nlohmann::json::parse(f);
+  const ParamCounts pc = count_params(c);  // from the table alone: nothing is allocated
+  EXPECT_EQ(pc.main, j["main"].get<int64_t>());
+  EXPECT_EQ(pc.mtp, j["mtp_unique"].get<int64_t>());
+  EXPECT_EQ(pc.hf_total, j["hf_total_without_scale_inv"].get<int64_t>());
+  EXPECT_EQ(pc.activated, j["activated"].get<int64_t>());
+}
+
+TEST(ParamTable, TraitsForOptimizerAndSharding) {
+  const auto table = build_param_table(tiny());
+  for (const auto& p : table) {
+    EXPECT_EQ(p.decay, p.shape.size() >= 2) << p.name;
+    if (p.name.find("e_score_correction_bias") != std::string::npos) EXPECT_FALSE(p.trainable);
+    if (p.name.find("o_proj") != std::string::npos) EXPECT_EQ(p.shard_dim, 1) << p.name;      // row-parallel
+    if (p.name.find("q_b_proj") != std::string::npos) EXPECT_EQ(p.shard_dim, 0) << p.name;    // column-parallel
+    if (p.expert_stack) EXPECT_EQ(p.shape[0], 8) << p.name;
+  }
+}
+
+TEST(Yarn, TinyFrequenciesAndScaleAsTheGoldenReadme) {
+  const ModelConfig c = tiny();
+  const auto f = yarn_inv_freq(c);
+  ASSERT_EQ(f.size(), 4u);
+  const double want[] = {1.0, 0.025, 0.0025, 0.00025};  // golden README "Derived numbers"
+  for (int i = 0; i < 4; ++i) EXPECT_NEAR(f[i], want[i], 1e-15 * want[i] + 1e-18);
+  EXPECT_NEAR(attention_softmax_scale(c), 0.264642258, 1e-9);
+}
+
+TEST(Yarn, RampBetweenCorrectionDims) {
+  ModelConfig c = model_config_from_file(std::string(DSV3_SOURCE_DIR) + "/input/models/deepseek-v3.json");
+  const auto f = yarn_inv_freq(c);
+  // high-frequency dims (i below the beta_fast correction dim) are untouched, low-frequency ones divided by 40,
+  // and the ramp between is monotone
+  EXPECT_DOUBLE_EQ(f[0], 1.0);
+  EXPECT_NEAR(f[31], std::pow(10000.0, -62.0 / 64) / 40, 1e-20);
+  for (size_t i = 1; i < f.size(); ++i) EXPECT_LT(f[i], f[i - 1]);
+  c.rope_scaling.type = "";
+  const auto plain = yarn_inv_freq(c);
+  EXPECT_NEAR(plain[31], std::pow(10000.0, -62.0 / 64), 1e-20);
+  EXPECT_NEAR(attention_softmax_scale(c), 1 / std::sqrt(192.0), 1e-12);
+}
+
+TEST(Rope, InterleavedPairsRotateByPositionTimesFrequency) {
+  const ModelConfig c = tiny();
+  const RopeTable t = make_rope_table(c, 64);
+  const auto f = yarn_inv_freq(c);
+  CpuBackend be(1);
+  std::vector<float> x(8);
+  for (int i = 0; i < 8; ++i) x[i] = 0.5f + i;
+  const auto x0 = x;
+  const int64_t pos = 37;
+  be.rope_forward(x.data(), 1, 8, 1, 0, 8, &pos, t.cos.data(), t.sin.data());
+  for (int i = 0; i < 4; ++i) {
+    const double a = pos * f[i];
+    EXPECT_NEAR(x[2 * i], x0[2 * i] * std::cos(a) - x0[2 * i + 1] * std::sin(a), 1e-5);
+    EXPECT_NEAR(x[2 * i + 1], x0[2 * i] * std::sin(a) + x0[2 * i + 1] * std::cos(a), 1e-5);
+  }
+  const int64_t zero = 0;
+  auto y = x0;
+  be.rope_forward(y.data(), 1, 8, 1, 0, 8, &zero, t.cos.data(), t.sin.data());
+  EXPECT_EQ(y, x0);  // position 0 is the identity
+}
+
+// Router: 8 experts in 4 groups of 2, keep 2 groups, top-2 (the tiny shape), on hand-made scores.
+TEST(Router, GroupLimitedTopKWithBiasForSelectionOnly) {
+  CpuBackend be(1);
+  auto logit = [](double s) { return (float)std::log(s / (1 - s)); };  // sigmoid^-1
+  // scores per expert; groups {0,1} {2,3} {4,5} {6,7}
+  const double s[8] = {0.90, 0.10, 0.60, 0.55, 0.70, 0.65, 0.20, 0.15};
+  std::vector<float> logits(8), bias(8, 0.0f), scores(8), w(2);
+  std::vector<int32_t> idx(2);
+  for (int e = 0; e < 8; ++e) logits[e] = logit(s[e]);
+  // group scores (top-2 sums): 1.00, 1.15, 1.35, 0.35 -> keep groups 2 and 1 -> experts 4 (0.70), 5 (0.65)
+  // expert 0 has the best single score but its group is dropped
+  be.router_forward(logits.data(), bias.data(), 1, 8, 4, 2, 2, true, 2.5f, scores.data(), idx.data(), w.data());
+  EXPECT_EQ(idx, (std::vector<int32_t>{4, 5}));
+  EXPECT_NEAR(w[0], 0.70 / 1.35 * 2.5, 1e-5);
+  EXPECT_NEAR(w[1], 0.65 / 1.35 * 2.5, 1e-5);
+  for (int e = 0; e < 8; ++e) EXPECT_NEAR(scores[e], s[e], 1e-6);
+  // a bias lifts group 0 and expert 1 into the selection; the weights stay the unbiased scores
+  bias[1] = 0.8f;  // group 0 -> 0.9 + 0.9 = 1.8
+  be.router_forward(logits.data(), bias.data(), 1, 8, 4, 2, 2, true, 2.5f, scores.data(), idx.data(), w.data());
+  EXPECT_EQ(idx, (std::vector<int32_t>{0, 1}));
+  EXPECT_NEAR(w[0], 0.90 / 1.00 * 2.5, 1e-5);
+  EXPECT_NEAR(w[1], 0.10 / 1.00 * 2.5, 1e-5);
+  // without normalisation the weights are the raw scores times the scale
+  be.router_forward(logits.data(), bias.data(), 1, 8, 4, 2, 2, false, 2.5f, scores.data(), idx.data(), w.data());
+  EXPECT_NEAR(w[0], 0.90 * 2.5, 1e-5);
+}
+
+TEST(Moe, BalanceLossOfUniformRoutingIsOne) {
+  // every expert gets the same share and the same mean score: f_i = 1, P_i = 1/E -> L = 1
+  Routing r;
+  r.T = 8;
+  r.E = 4;
+  r.K = 2;
+  r.scores.assign(8 * 4, 0.5f);
+  for (int t = 0; t < 8; ++t) {
+    r.idx.push_back((2 * t) % 4);
+    r.idx.push_back((2 * t + 1) % 4);
+  }
+  EXPECT_NEAR(seq_balance_loss(r, 2), 1.0, 1e-12);
+}
+
+// The MLA latent-cache path (absorbed weights, incremental) and the full path (expanded K/V) are independent
+// implementations: on random weights their logits must agree at every position.
+TEST(Mla, LatentCacheEqualsFullAttention) {
+  ModelConfig c = tiny();
+  CpuBackend be(2);
+  Model m(c, be);
+  m.init_random(7);
+  std::vector<int64_t> toks = {5, 17, 300, 2, 99, 410, 8, 8, 63, 1};
+  const int64_t S = (int64_t)toks.size(), V = c.vocab_size;
+  const auto full = m.logits(toks.data(), 1, S);
+  KvCache cache = m.make_cache(S);
+  auto first = m.forward_cached(toks.data(), 4, cache);  // a 4-token prefill, then one token at a time
+  double err = 0;
+  for (int64_t v = 0; v < V; ++v) err = std::max(err, (double)std::fabs(first[v] - full[3 * V + v]));
+  for (int64_t t = 4; t < S; ++t) {
+    const auto lg = m.forward_cached(&toks[t], 1, cache);
+    for (int64_t v = 0; v < V; ++v) err = std::max(err, (double)std::fabs(lg[v] - full[t * V + v]));
+  }
+  EXPECT_LT(err, 1e-4);
+  double mx = 0;
+  for (float v : full) mx = std::max(mx, (double)std::fabs(v));
+  EXPECT_GT(mx, 1e-3);  // not trivially zero
+}
+
+TEST(Model, RandomInitIsDeterministicWithTheRequestedSpread) {
+  ModelConfig c = tiny();
+  CpuBackend be(1);
+  Model a(c, be), b(c, be);
+  a.init_random(42);
+  b.init_random(42);
+  ASSERT_EQ(0, std::memcmp(a.params().data(), b.params().data(), a.params().size() * 4));
+  const float* w = a.params().get("model.layers.1.mlp.experts.up_proj.weight");
+  const int64_t n = a.params().spec("model.layers.1.mlp.experts.up_proj.weight").numel();
+  double s = 0, s2 = 0;
+  for (int64_t i = 0; i < n; ++i) s += w[i], s2 += (double)w[i] * w[i];
+  EXPECT_NEAR(s / n, 0.0, 0.002);
+  EXPECT_NEAR(std::sqrt(s2 / n), c.initializer_range, 0.002);
+  EXPECT_EQ(a.params().get("model.norm.weight")[0], 1.0f);
+  b.init_random(43);
+  EXPECT_NE(0, std::memcmp(a.params().data(), b.params().data(), a.params().size() * 4));
+}
+
+TEST(Sampling, GreedyTopPAndTemperature) {
+  std::mt19937_64 rng(1);
+  const std::vector<float> lg = {0.0f, 2.0f, 1.0f, -1.0f};
+  EXPECT_EQ(sample_token(lg.data(), 4, {0.0, 1.0}, rng), 1);
+  EXPECT_EQ(sample_token(lg.data(), 4, {1.0, 0.01}, rng), 1);  // the nucleus is the argmax alone
+  // temperature 1, full nucleus: frequencies follow softmax(lg)
+  std::vector<int> n(4, 0);
+  const int N = 20000;
+  for (int i = 0; i < N; ++i) ++n[sample_token(lg.data(), 4, {1.0, 1.0}, rng)];
+  double z = 0;
+  for (float v : lg) z += std::exp(v);
+  for (int v = 0; v < 4; ++v) EXPECT_NEAR(n[v] / (double)N, std::exp(lg[v]) / z, 0.015) << v;
+  EXPECT_THROW(sample_token(lg.data(), 4, {1.0, 0.0}, rng), Error);
+}
