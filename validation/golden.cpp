@@ -113,6 +113,31 @@ void check_forward(Golden& g, Backend& be, Report& rep) {
   rep.close("total_loss", std::vector<float>{(float)L.total}, g.f("total_loss"), tl);
 }
 
+// Gradients of the total loss at the initial weights on input_ids: every trainable parameter (experts one by
+// one under their HF names), |d| <= 1e-4 * max|golden| + 1e-9 as the golden README recommends.
+void check_grads(Golden& g, Backend& be, Report& rep) {
+  Model m(g.cfg, be);
+  m.load_hf(HfCheckpoint(g.dir, g.cfg.fp8_block));
+  Params grads(m.params().table());
+  const auto ids = g.i("input_ids");
+  const auto sh = g.shape("input_ids");
+  m.forward_backward(ids.data(), sh[0], sh[1], g.mtp_lambda, g.aux_alpha, 1.0, grads);
+  for (const ParamSpec& p : grads.table()) {
+    if (!p.trainable) continue;
+    const int64_t per = p.numel() / p.n_experts();
+    for (int64_t e = 0; e < p.n_experts(); ++e) {
+      // tied parameters appear once, under either of their HF names
+      std::string key = "grad." + p.hf_name_of(e);
+      for (const auto& alias : p.hf_aliases)
+        if (!g.gold.has(key)) key = "grad." + alias;
+      const auto want = g.f(key);
+      double mx = 0;
+      for (float v : want) mx = std::max(mx, (double)std::fabs(v));
+      rep.close(key, grads.get(p.name) + e * per, want, 1e-4 * mx + 1e-9);
+    }
+  }
+}
+
 int64_t argmax(const float* v, int64_t n) { return std::max_element(v, v + n) - v; }
 
 void check_generate(Golden& g, Backend& be, Report& rep) {
@@ -229,13 +254,15 @@ int main(int argc, char** argv) {
     std::set<std::string> checks;
     std::stringstream ss(vm["checks"].as<std::string>());
     for (std::string c; std::getline(ss, c, ',');) {
-      DSV3_CHECK(c == "forward" || c == "generate" || c == "fp8", "--checks: unknown check '" << c << "' (forward, generate, fp8)");
+      DSV3_CHECK(c == "forward" || c == "generate" || c == "fp8" || c == "grads",
+                 "--checks: unknown check '" << c << "' (forward, grads, generate, fp8)");
       checks.insert(c);
     }
     std::printf("dsv3-golden %s: %s backend, checks %s\n", dir.c_str(), be->name().c_str(),
                 vm["checks"].as<std::string>().c_str());
     Report rep;
     if (checks.count("forward")) check_forward(g, *be, rep);
+    if (checks.count("grads")) check_grads(g, *be, rep);
     if (checks.count("generate")) check_generate(g, *be, rep);
     if (checks.count("fp8")) check_fp8(g, *be, rep);
     std::printf("%d passed, %d failed\n", rep.passed, rep.failed);

@@ -8,7 +8,7 @@
 
 namespace dsv3 {
 
-MlaWeights MlaWeights::from(const Params& p, const ModelConfig& c, int64_t layer) {
+MlaWeights MlaWeights::from(Params& p, const ModelConfig& c, int64_t layer) {
   const std::string at = "model.layers." + std::to_string(layer) + ".self_attn.";
   MlaWeights w;
   if (c.q_lora_rank > 0) {
@@ -33,41 +33,97 @@ void MlaCache::reserve(const ModelConfig& cfg, int64_t capacity) {
 
 namespace {
 
-// q (T, H*(dn+dr)) from x_norm (T, D)
-void project_q(Backend& be, const ModelConfig& c, const MlaWeights& w, const float* xn, int64_t T, float* q) {
+// q (T, H*(dn+dr)) from x_norm (T, D); the q-LoRA intermediates go to a (when given)
+void project_q(Backend& be, const ModelConfig& c, const MlaWeights& w, const float* xn, int64_t T, float* q,
+               MlaActs* a) {
   const int64_t D = c.hidden_size, H = c.num_attention_heads, dqk = c.qk_head_dim();
   if (c.q_lora_rank > 0) {
     const int64_t r = c.q_lora_rank;
-    std::vector<float> qa(T * r), qan(T * r);
-    be.gemm_nt(T, r, D, 1.0f, xn, D, w.q_a, D, 0.0f, qa.data(), r);
-    be.rmsnorm_forward(qa.data(), r, w.q_a_norm, (float)c.rms_norm_eps, T, r, qan.data(), nullptr);
-    be.gemm_nt(T, H * dqk, r, 1.0f, qan.data(), r, w.q_b, r, 0.0f, q, H * dqk);
+    MlaActs local;
+    if (!a) a = &local;
+    a->qa.resize(T * r);
+    a->qan.resize(T * r);
+    a->qa_rstd.resize(T);
+    be.gemm_nt(T, r, D, 1.0f, xn, D, w.q_a, D, 0.0f, a->qa.data(), r);
+    be.rmsnorm_forward(a->qa.data(), r, w.q_a_norm, (float)c.rms_norm_eps, T, r, a->qan.data(), a->qa_rstd.data());
+    be.gemm_nt(T, H * dqk, r, 1.0f, a->qan.data(), r, w.q_b, r, 0.0f, q, H * dqk);
   } else {
     be.gemm_nt(T, H * dqk, D, 1.0f, xn, D, w.q, D, 0.0f, q, H * dqk);
   }
 }
 
+std::vector<int64_t> positions(int64_t B, int64_t S) {
+  std::vector<int64_t> pos(B * S);
+  for (int64_t t = 0; t < B * S; ++t) pos[t] = t % S;
+  return pos;
+}
+
 }  // namespace
 
 void mla_forward(Backend& be, const ModelConfig& c, const MlaWeights& w, const RopeTable& rope, const float* xn,
-                 int64_t B, int64_t S, float* out) {
+                 int64_t B, int64_t S, float* out, MlaActs& a) {
   const int64_t T = B * S, D = c.hidden_size, H = c.num_attention_heads;
   const int64_t dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim, dv = c.v_head_dim, kvr = c.kv_lora_rank;
-  DSV3_CHECK(S <= rope.max_pos, "sequence length " << S << " exceeds the RoPE table (" << rope.max_pos << ")");
-  std::vector<float> q(T * H * (dn + dr)), kva(T * (kvr + dr)), cn(T * kvr), kv(T * H * (dn + dv)), o(T * H * dv);
-  std::vector<int64_t> pos(T);
-  for (int64_t t = 0; t < T; ++t) pos[t] = t % S;
+  DSV3_CHECK(S <= rope.max_pos, "sequence length " << S << " exceeds max_position_embeddings (" << rope.max_pos << ")");
+  a.q.resize(T * H * (dn + dr));
+  a.kva.resize(T * (kvr + dr));
+  a.c_rstd.resize(T);
+  a.cn.resize(T * kvr);
+  a.kv.resize(T * H * (dn + dv));
+  a.probs.resize(B * H * S * S);
+  a.o.resize(T * H * dv);
+  const auto pos = positions(B, S);
 
-  project_q(be, c, w, xn, T, q.data());
-  be.gemm_nt(T, kvr + dr, D, 1.0f, xn, D, w.kv_a, D, 0.0f, kva.data(), kvr + dr);
-  be.rmsnorm_forward(kva.data(), kvr + dr, w.kv_a_norm, (float)c.rms_norm_eps, T, kvr, cn.data(), nullptr);
-  be.gemm_nt(T, H * (dn + dv), kvr, 1.0f, cn.data(), kvr, w.kv_b, kvr, 0.0f, kv.data(), H * (dn + dv));
+  project_q(be, c, w, xn, T, a.q.data(), &a);
+  be.gemm_nt(T, kvr + dr, D, 1.0f, xn, D, w.kv_a, D, 0.0f, a.kva.data(), kvr + dr);
+  be.rmsnorm_forward(a.kva.data(), kvr + dr, w.kv_a_norm, (float)c.rms_norm_eps, T, kvr, a.cn.data(), a.c_rstd.data());
+  be.gemm_nt(T, H * (dn + dv), kvr, 1.0f, a.cn.data(), kvr, w.kv_b, kvr, 0.0f, a.kv.data(), H * (dn + dv));
   // RoPE on q_pe of every head and on the single shared k_pe (the last dr columns of kv_a's output)
-  be.rope_forward(q.data() + dn, T, H * (dn + dr), H, dn + dr, dr, pos.data(), rope.cos.data(), rope.sin.data());
-  be.rope_forward(kva.data() + kvr, T, kvr + dr, 1, 0, dr, pos.data(), rope.cos.data(), rope.sin.data());
-  be.mla_attention_forward(q.data(), kv.data(), kva.data() + kvr, kvr + dr, B, S, H, dn, dr, dv,
-                           (float)attention_softmax_scale(c), o.data(), nullptr);
-  be.gemm_nt(T, D, H * dv, 1.0f, o.data(), H * dv, w.o, H * dv, 0.0f, out, D);
+  be.rope_forward(a.q.data() + dn, T, H * (dn + dr), H, dn + dr, dr, pos.data(), rope.cos.data(), rope.sin.data());
+  be.rope_forward(a.kva.data() + kvr, T, kvr + dr, 1, 0, dr, pos.data(), rope.cos.data(), rope.sin.data());
+  be.mla_attention_forward(a.q.data(), a.kv.data(), a.kva.data() + kvr, kvr + dr, B, S, H, dn, dr, dv,
+                           (float)attention_softmax_scale(c), a.o.data(), a.probs.data());
+  be.gemm_nt(T, D, H * dv, 1.0f, a.o.data(), H * dv, w.o, H * dv, 0.0f, out, D);
+}
+
+void mla_backward(Backend& be, const ModelConfig& c, const MlaWeights& w, MlaWeights& g, const RopeTable& rope,
+                  const float* xn, int64_t B, int64_t S, const MlaActs& a, const float* dout, float* dxn) {
+  const int64_t T = B * S, D = c.hidden_size, H = c.num_attention_heads;
+  const int64_t dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim, dv = c.v_head_dim, kvr = c.kv_lora_rank;
+  const int64_t dqk = dn + dr;
+  const auto pos = positions(B, S);
+  // o_proj: out = o Wo^T
+  std::vector<float> d_o(T * H * dv), dq(T * H * dqk), dkv(T * H * (dn + dv)), dkva(T * (kvr + dr), 0.0f);
+  be.gemm_tn(D, H * dv, T, 1.0f, dout, D, a.o.data(), H * dv, 1.0f, g.o, H * dv);
+  be.gemm_nn(T, H * dv, D, 1.0f, dout, D, w.o, H * dv, 0.0f, d_o.data(), H * dv);
+  // attention core -> dq (rotated space), dkv, dk_pe (rotated space, into the k_pe columns of dkva)
+  be.mla_attention_backward(a.q.data(), a.kv.data(), a.kva.data() + kvr, kvr + dr, a.probs.data(), d_o.data(), B, S,
+                            H, dn, dr, dv, (float)attention_softmax_scale(c), dq.data(), dkv.data(),
+                            dkva.data() + kvr);
+  be.rope_backward(dq.data() + dn, T, H * dqk, H, dqk, dr, pos.data(), rope.cos.data(), rope.sin.data());
+  be.rope_backward(dkva.data() + kvr, T, kvr + dr, 1, 0, dr, pos.data(), rope.cos.data(), rope.sin.data());
+  // kv_b: kv = cn Wkvb^T;  cn = rmsnorm(c)
+  std::vector<float> dcn(T * kvr);
+  be.gemm_tn(H * (dn + dv), kvr, T, 1.0f, dkv.data(), H * (dn + dv), a.cn.data(), kvr, 1.0f, g.kv_b, kvr);
+  be.gemm_nn(T, kvr, H * (dn + dv), 1.0f, dkv.data(), H * (dn + dv), w.kv_b, kvr, 0.0f, dcn.data(), kvr);
+  be.rmsnorm_backward(a.kva.data(), kvr + dr, w.kv_a_norm, a.c_rstd.data(), dcn.data(), T, kvr, dkva.data(), kvr + dr,
+                      g.kv_a_norm);
+  // kv_a: kva = xn Wkva^T
+  be.gemm_tn(kvr + dr, D, T, 1.0f, dkva.data(), kvr + dr, xn, D, 1.0f, g.kv_a, D);
+  be.gemm_nn(T, D, kvr + dr, 1.0f, dkva.data(), kvr + dr, w.kv_a, D, 1.0f, dxn, D);
+  // q path
+  if (c.q_lora_rank > 0) {
+    const int64_t r = c.q_lora_rank;
+    std::vector<float> dqan(T * r), dqa(T * r, 0.0f);
+    be.gemm_tn(H * dqk, r, T, 1.0f, dq.data(), H * dqk, a.qan.data(), r, 1.0f, g.q_b, r);
+    be.gemm_nn(T, r, H * dqk, 1.0f, dq.data(), H * dqk, w.q_b, r, 0.0f, dqan.data(), r);
+    be.rmsnorm_backward(a.qa.data(), r, w.q_a_norm, a.qa_rstd.data(), dqan.data(), T, r, dqa.data(), r, g.q_a_norm);
+    be.gemm_tn(r, D, T, 1.0f, dqa.data(), r, xn, D, 1.0f, g.q_a, D);
+    be.gemm_nn(T, D, r, 1.0f, dqa.data(), r, w.q_a, D, 1.0f, dxn, D);
+  } else {
+    be.gemm_tn(H * dqk, D, T, 1.0f, dq.data(), H * dqk, xn, D, 1.0f, g.q, D);
+    be.gemm_nn(T, D, H * dqk, 1.0f, dq.data(), H * dqk, w.q, D, 1.0f, dxn, D);
+  }
 }
 
 void mla_forward_cached(Backend& be, const ModelConfig& c, const MlaWeights& w, const RopeTable& rope,
@@ -80,7 +136,7 @@ void mla_forward_cached(Backend& be, const ModelConfig& c, const MlaWeights& w, 
   std::vector<float> q(n * H * (dn + dr)), kva(n * (kvr + dr));
   std::vector<int64_t> pos(n);
   for (int64_t t = 0; t < n; ++t) pos[t] = p0 + t;
-  project_q(be, c, w, xn, n, q.data());
+  project_q(be, c, w, xn, n, q.data(), nullptr);
   be.gemm_nt(n, kvr + dr, D, 1.0f, xn, D, w.kv_a, D, 0.0f, kva.data(), kvr + dr);
   be.rope_forward(q.data() + dn, n, H * (dn + dr), H, dn + dr, dr, pos.data(), rope.cos.data(), rope.sin.data());
   be.rope_forward(kva.data() + kvr, n, kvr + dr, 1, 0, dr, pos.data(), rope.cos.data(), rope.sin.data());

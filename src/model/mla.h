@@ -16,16 +16,28 @@
 
 namespace dsv3 {
 
+// Pointers into a Params store: the weights, or (same layout) their gradients.
 struct MlaWeights {
-  const float* q_a = nullptr;      // (q_lora_rank, D)
-  const float* q_a_norm = nullptr; // (q_lora_rank)
-  const float* q_b = nullptr;      // (H*(dn+dr), q_lora_rank)
-  const float* q = nullptr;        // (H*(dn+dr), D) when q_lora_rank = 0
-  const float* kv_a = nullptr;     // (kvr+dr, D)
-  const float* kv_a_norm = nullptr;// (kvr)
-  const float* kv_b = nullptr;     // (H*(dn+dv), kvr)
-  const float* o = nullptr;        // (D, H*dv)
-  static MlaWeights from(const Params& p, const ModelConfig& c, int64_t layer);
+  float* q_a = nullptr;       // (q_lora_rank, D)
+  float* q_a_norm = nullptr;  // (q_lora_rank)
+  float* q_b = nullptr;       // (H*(dn+dr), q_lora_rank)
+  float* q = nullptr;         // (H*(dn+dr), D) when q_lora_rank = 0
+  float* kv_a = nullptr;      // (kvr+dr, D)
+  float* kv_a_norm = nullptr; // (kvr)
+  float* kv_b = nullptr;      // (H*(dn+dv), kvr)
+  float* o = nullptr;         // (D, H*dv)
+  static MlaWeights from(Params& p, const ModelConfig& c, int64_t layer);
+};
+
+// What backward needs from the forward of one MLA block (T = B*S tokens).
+struct MlaActs {
+  std::vector<float> qa, qa_rstd, qan;  // q-LoRA: (T, qr) pre-norm, (T), (T, qr) normalised
+  std::vector<float> q;                 // (T, H*(dn+dr)), RoPE applied
+  std::vector<float> kva;               // (T, kvr+dr): latent c (pre-norm) | k_pe (RoPE applied)
+  std::vector<float> c_rstd, cn;        // (T), (T, kvr)
+  std::vector<float> kv;                // (T, H*(dn+dv))
+  std::vector<float> probs;             // (B, H, S, S)
+  std::vector<float> o;                 // (T, H*dv)
 };
 
 // The MLA inference cache of one layer and one sequence: only the normalised latent c (kvr) and the rotated k_pe
@@ -38,9 +50,13 @@ struct MlaCache {
   void reserve(const ModelConfig& cfg, int64_t capacity);
 };
 
-// x_norm (B*S, D) -> out (B*S, D); positions 0..S-1 in each sequence.
+// x_norm (B*S, D) -> out (B*S, D); positions 0..S-1 in each sequence. Fills `acts` (required: the buffers live
+// there; pass a scratch object when backward is not needed).
 void mla_forward(Backend& be, const ModelConfig& c, const MlaWeights& w, const RopeTable& rope, const float* x_norm,
-                 int64_t B, int64_t S, float* out);
+                 int64_t B, int64_t S, float* out, MlaActs& acts);
+// Gradients given dout (B*S, D): weight gradients accumulate into g, dx_norm (B*S, D) accumulates (+=).
+void mla_backward(Backend& be, const ModelConfig& c, const MlaWeights& w, MlaWeights& g, const RopeTable& rope,
+                  const float* x_norm, int64_t B, int64_t S, const MlaActs& a, const float* dout, float* dx_norm);
 
 // One sequence, n new tokens at positions cache.len.., attending to the cache (weights absorbed into the query:
 // score = (q_nope W_uk) . c + q_pe . k_pe; output = W_uv (sum p c)). x_norm (n, D) -> out (n, D).

@@ -72,132 +72,250 @@ void Model::init_random(uint64_t seed) {
   }
 }
 
-void Model::layer_forward(int64_t layer, float* x, int64_t B, int64_t S, MlaCache* cache, MoeTrace* mt) {
+void Model::layer_forward(int64_t layer, float* x, int64_t B, int64_t S, MlaCache* cache, MoeTrace* mt,
+                          LayerActs* keep) {
   const int64_t T = B * S, D = cfg_.hidden_size;
   const std::string pre = "model.layers." + std::to_string(layer) + ".";
   const float eps = (float)cfg_.rms_norm_eps;
-  std::vector<float> xn(T * D), y(T * D);
+  LayerActs local;
+  LayerActs& la = keep ? *keep : local;
+  la.B = B;
+  la.S = S;
+  if (keep) la.x_in.assign(x, x + T * D);
+  la.rstd1.resize(T);
+  la.xn1.resize(T * D);
+  std::vector<float> y(T * D);
 
   // attention block: x += MLA(rmsnorm(x))
-  be_.rmsnorm_forward(x, D, params_.get(pre + "input_layernorm.weight"), eps, T, D, xn.data(), nullptr);
+  be_.rmsnorm_forward(x, D, params_.get(pre + "input_layernorm.weight"), eps, T, D, la.xn1.data(), la.rstd1.data());
   const MlaWeights aw = MlaWeights::from(params_, cfg_, layer);
   if (cache)
-    mla_forward_cached(be_, cfg_, aw, rope_, xn.data(), T, *cache, y.data());
+    mla_forward_cached(be_, cfg_, aw, rope_, la.xn1.data(), T, *cache, y.data());
   else
-    mla_forward(be_, cfg_, aw, rope_, xn.data(), B, S, y.data());
+    mla_forward(be_, cfg_, aw, rope_, la.xn1.data(), B, S, y.data(), la.att);
   for (int64_t i = 0; i < T * D; ++i) x[i] += y[i];
+  if (keep) la.x_mid.assign(x, x + T * D);
 
   // MLP block: x += MLP(rmsnorm(x)), dense SwiGLU or DeepSeekMoE
-  be_.rmsnorm_forward(x, D, params_.get(pre + "post_attention_layernorm.weight"), eps, T, D, xn.data(), nullptr);
+  la.rstd2.resize(T);
+  la.xn2.resize(T * D);
+  be_.rmsnorm_forward(x, D, params_.get(pre + "post_attention_layernorm.weight"), eps, T, D, la.xn2.data(),
+                      la.rstd2.data());
   if (!cfg_.is_moe_layer(layer)) {
-    swiglu_mlp_forward(be_, xn.data(), T, D, cfg_.intermediate_size, params_.get(pre + "mlp.gate_proj.weight"),
+    swiglu_mlp_forward(be_, la.xn2.data(), T, D, cfg_.intermediate_size, params_.get(pre + "mlp.gate_proj.weight"),
                        params_.get(pre + "mlp.up_proj.weight"), params_.get(pre + "mlp.down_proj.weight"), y.data(),
-                       false);
+                       false, &la.mlp);
   } else {
     const MoeWeights mw = MoeWeights::from(params_, cfg_, layer);
-    Routing r = moe_route(be_, cfg_, mw, xn.data(), T);
-    Dispatch d = moe_dispatch(r, xn.data(), D);
-    moe_experts(be_, cfg_, mw, d);
-    if (mw.sh_gate)
-      swiglu_mlp_forward(be_, xn.data(), T, D, cfg_.moe_intermediate_size * cfg_.n_shared_experts, mw.sh_gate,
-                         mw.sh_up, mw.sh_down, y.data(), false);
-    else
-      std::fill(y.begin(), y.end(), 0.0f);
-    moe_combine(r, d, D, y.data());
+    moe_forward(be_, cfg_, mw, la.xn2.data(), B, S, y.data(), la.moe);
     if (mt) {
-      mt->balance_loss = seq_balance_loss(r, B);
-      mt->idx = std::move(r.idx);
-      mt->weight = std::move(r.weight);
-      mt->counts = std::move(r.counts);
+      mt->balance_loss = seq_balance_loss(la.moe.r, B);
+      mt->idx = la.moe.r.idx;
+      mt->weight = la.moe.r.weight;
+      mt->counts = la.moe.r.counts;
     }
   }
   for (int64_t i = 0; i < T * D; ++i) x[i] += y[i];
 }
 
-void Model::main_forward(const int64_t* tokens, int64_t B, int64_t S, std::vector<float>& h, ForwardTrace* tr) {
-  const int64_t T = B * S, D = cfg_.hidden_size;
-  for (int64_t i = 0; i < T; ++i)
-    DSV3_CHECK(tokens[i] >= 0 && tokens[i] < cfg_.vocab_size,
-               "token id " << tokens[i] << " at position " << i << " is outside the vocabulary [0, " << cfg_.vocab_size << ")");
+void Model::layer_backward(int64_t layer, const LayerActs& la, float* dx, double aux_coef, Params& grads) {
+  const int64_t T = la.B * la.S, D = cfg_.hidden_size;
+  const std::string pre = "model.layers." + std::to_string(layer) + ".";
+  std::vector<float> dxn(T * D, 0.0f);
+  // MLP block: x_out = x_mid + mlp(rmsnorm(x_mid)); dx flows through the residual and through the norm
+  if (!cfg_.is_moe_layer(layer)) {
+    swiglu_mlp_backward(be_, la.xn2.data(), T, D, cfg_.intermediate_size, params_.get(pre + "mlp.gate_proj.weight"),
+                        params_.get(pre + "mlp.up_proj.weight"), params_.get(pre + "mlp.down_proj.weight"),
+                        la.mlp.g.data(), la.mlp.u.data(), la.mlp.a.data(), dx, grads.get(pre + "mlp.gate_proj.weight"),
+                        grads.get(pre + "mlp.up_proj.weight"), grads.get(pre + "mlp.down_proj.weight"), dxn.data());
+  } else {
+    const MoeWeights mw = MoeWeights::from(params_, cfg_, layer);
+    MoeWeights mg = MoeWeights::from(grads, cfg_, layer);
+    moe_backward(be_, cfg_, mw, mg, la.xn2.data(), la.moe, dx, aux_coef, dxn.data());
+  }
+  be_.rmsnorm_backward(la.x_mid.data(), D, params_.get(pre + "post_attention_layernorm.weight"), la.rstd2.data(),
+                       dxn.data(), T, D, dx, D, grads.get(pre + "post_attention_layernorm.weight"));
+  // attention block: x_mid = x_in + mla(rmsnorm(x_in))
+  std::fill(dxn.begin(), dxn.end(), 0.0f);
+  const MlaWeights aw = MlaWeights::from(params_, cfg_, layer);
+  MlaWeights ag = MlaWeights::from(grads, cfg_, layer);
+  mla_backward(be_, cfg_, aw, ag, rope_, la.xn1.data(), la.B, la.S, la.att, dx, dxn.data());
+  be_.rmsnorm_backward(la.x_in.data(), D, params_.get(pre + "input_layernorm.weight"), la.rstd1.data(), dxn.data(), T,
+                       D, dx, D, grads.get(pre + "input_layernorm.weight"));
+}
+
+namespace {
+void check_tokens(const int64_t* tokens, int64_t n, int64_t V) {
+  for (int64_t i = 0; i < n; ++i)
+    DSV3_CHECK(tokens[i] >= 0 && tokens[i] < V,
+               "token id " << tokens[i] << " at position " << i << " is outside the vocabulary [0, " << V << ")");
+}
+}  // namespace
+
+Losses Model::forward_into(const int64_t* tokens, int64_t B, int64_t S, double mtp_lambda, double aux_alpha,
+                           ForwardTrace* tr, Activations& a) {
+  DSV3_CHECK(S >= 2, "a training sequence needs at least 2 tokens, got " << S);
+  const int64_t T = B * S, D = cfg_.hidden_size, V = cfg_.vocab_size, L = cfg_.num_hidden_layers;
+  const float eps = (float)cfg_.rms_norm_eps;
+  check_tokens(tokens, T, V);
+  ForwardTrace local;
+  if (!tr) tr = &local;  // the balance losses come through the trace
+  tr->moe.clear();
+  const bool keep = tr->keep_hidden;
+  a.B = B;
+  a.S = S;
+  a.tokens.assign(tokens, tokens + T);
+  a.layers.resize(cfg_.total_layers());
+  Losses loss;
+
+  // ---- main model: embedding -> layers -> final norm -> LM head
   std::vector<float> x(T * D);
   be_.embedding_forward(tokens, T, params_.get("model.embed_tokens.weight"), D, x.data());
-  const bool keep = tr && tr->keep_hidden;
   if (keep) tr->embed = x, tr->layer_out.clear();
-  for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
-    layer_forward(l, x.data(), B, S, nullptr, tr && cfg_.is_moe_layer(l) ? &tr->moe[l] : nullptr);
+  for (int64_t l = 0; l < L; ++l) {
+    layer_forward(l, x.data(), B, S, nullptr, cfg_.is_moe_layer(l) ? &tr->moe[l] : nullptr, &a.layers[l]);
     if (keep) tr->layer_out.push_back(x);
   }
-  h.resize(T * D);
-  be_.rmsnorm_forward(x.data(), D, params_.get("model.norm.weight"), (float)cfg_.rms_norm_eps, T, D, h.data(), nullptr);
-  if (keep) tr->final_norm = h;
+  a.x_final = std::move(x);
+  a.rstd_final.resize(T);
+  a.h.resize(T * D);
+  be_.rmsnorm_forward(a.x_final.data(), D, params_.get("model.norm.weight"), eps, T, D, a.h.data(), a.rstd_final.data());
+  if (keep) tr->final_norm = a.h;
+  a.logits.resize(T * V);
+  be_.gemm_nt(T, V, D, 1.0f, a.h.data(), D, params_.get("lm_head.weight"), D, 0.0f, a.logits.data(), V);
+  a.targets.assign(T, -1);  // position s predicts token s+1
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t s = 0; s + 1 < S; ++s) a.targets[b * S + s] = tokens[b * S + s + 1];
+  int64_t n = 0;
+  loss.lm = be_.cross_entropy_forward(a.logits.data(), T, V, a.targets.data(), &n) / n;
+  if (keep) tr->logits = a.logits;
+
+  // ---- MTP depth 1 (HF layer num_hidden_layers): position i combines the embedding of token i+1 (first) with
+  // the main model's final-norm hidden state h_i (second) and predicts token i+2.
+  if (cfg_.num_nextn_predict_layers > 0) {
+    const int64_t Sm = S - 1, Tm = B * Sm;
+    const std::string pre = "model.layers." + std::to_string(L) + ".";
+    a.mtp_next.resize(Tm);
+    a.mtp_hin.resize(Tm * D);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < Sm; ++i) {
+        a.mtp_next[b * Sm + i] = tokens[b * S + i + 1];
+        std::copy_n(a.h.data() + (b * S + i) * D, D, a.mtp_hin.data() + (b * Sm + i) * D);
+      }
+    a.mtp_e.resize(Tm * D);
+    be_.embedding_forward(a.mtp_next.data(), Tm, params_.get("model.embed_tokens.weight"), D, a.mtp_e.data());
+    // cat (Tm, 2D) = [enorm(e) | hnorm(h)]: the two norms write the two halves of each row
+    a.mtp_cat.resize(Tm * 2 * D);
+    a.mtp_e_rstd.resize(Tm);
+    a.mtp_h_rstd.resize(Tm);
+    std::vector<float> en(Tm * D), hn(Tm * D);
+    be_.rmsnorm_forward(a.mtp_e.data(), D, params_.get(pre + "enorm.weight"), eps, Tm, D, en.data(), a.mtp_e_rstd.data());
+    be_.rmsnorm_forward(a.mtp_hin.data(), D, params_.get(pre + "hnorm.weight"), eps, Tm, D, hn.data(),
+                        a.mtp_h_rstd.data());
+    for (int64_t t = 0; t < Tm; ++t) {
+      std::copy_n(en.data() + t * D, D, a.mtp_cat.data() + t * 2 * D);
+      std::copy_n(hn.data() + t * D, D, a.mtp_cat.data() + t * 2 * D + D);
+    }
+    std::vector<float> xm(Tm * D);
+    be_.gemm_nt(Tm, D, 2 * D, 1.0f, a.mtp_cat.data(), 2 * D, params_.get(pre + "eh_proj.weight"), 2 * D, 0.0f,
+                xm.data(), D);
+    if (keep) tr->mtp_eh_proj = xm;
+    layer_forward(L, xm.data(), B, Sm, nullptr, cfg_.is_moe_layer(L) ? &tr->moe[L] : nullptr, &a.layers[L]);
+    if (keep) tr->mtp_block = xm;
+    a.mtp_x = std::move(xm);
+    a.mtp_rstd_out.resize(Tm);
+    a.mtp_hn.resize(Tm * D);
+    be_.rmsnorm_forward(a.mtp_x.data(), D, params_.get(pre + "shared_head.norm.weight"), eps, Tm, D, a.mtp_hn.data(),
+                        a.mtp_rstd_out.data());
+    a.mtp_logits.resize(Tm * V);
+    be_.gemm_nt(Tm, V, D, 1.0f, a.mtp_hn.data(), D, params_.get("lm_head.weight"), D, 0.0f, a.mtp_logits.data(), V);
+    a.mtp_targets.assign(Tm, -1);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i + 2 < S; ++i) a.mtp_targets[b * Sm + i] = tokens[b * S + i + 2];
+    int64_t nm = 0;
+    const double sum = be_.cross_entropy_forward(a.mtp_logits.data(), Tm, V, a.mtp_targets.data(), &nm);
+    loss.mtp = nm > 0 ? sum / nm : 0.0;
+    if (keep) tr->mtp_logits = a.mtp_logits;
+  }
+  for (const auto& [layer, m] : tr->moe) loss.aux += m.balance_loss;
+  loss.total = loss.lm + mtp_lambda * loss.mtp + aux_alpha * loss.aux;
+  return loss;
 }
 
 Losses Model::forward(const int64_t* tokens, int64_t B, int64_t S, double mtp_lambda, double aux_alpha,
                       ForwardTrace* tr) {
-  DSV3_CHECK(S >= 2, "a training sequence needs at least 2 tokens, got " << S);
-  const int64_t T = B * S, D = cfg_.hidden_size, V = cfg_.vocab_size;
-  const float eps = (float)cfg_.rms_norm_eps;
-  ForwardTrace local;
-  if (!tr) tr = &local;  // the balance loss comes through the trace
-  tr->moe.clear();
-  Losses L;
+  Activations a;
+  return forward_into(tokens, B, S, mtp_lambda, aux_alpha, tr, a);
+}
 
-  std::vector<float> h;
-  main_forward(tokens, B, S, h, tr);
-  std::vector<float> logits(T * V);
-  be_.gemm_nt(T, V, D, 1.0f, h.data(), D, params_.get("lm_head.weight"), D, 0.0f, logits.data(), V);
-  std::vector<int64_t> tgt(T, -1);  // position s predicts token s+1
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t s = 0; s + 1 < S; ++s) tgt[b * S + s] = tokens[b * S + s + 1];
-  int64_t n = 0;
-  L.lm = be_.cross_entropy_forward(logits.data(), T, V, tgt.data(), &n) / n;
-  if (tr->keep_hidden) tr->logits = std::move(logits);
+Losses Model::forward_backward(const int64_t* tokens, int64_t B, int64_t S, double mtp_lambda, double aux_alpha,
+                               double loss_scale, Params& grads, ForwardTrace* tr) {
+  DSV3_CHECK(grads.size() == params_.size(), "gradient store does not match the model's parameter table");
+  Activations a;
+  const Losses loss = forward_into(tokens, B, S, mtp_lambda, aux_alpha, tr, a);
+  const int64_t T = B * S, D = cfg_.hidden_size, V = cfg_.vocab_size, L = cfg_.num_hidden_layers;
+  const double aux_coef = aux_alpha * loss_scale;
+  float* g_emb = grads.get("model.embed_tokens.weight");
+  float* g_head = grads.get("lm_head.weight");
+  const float* w_head = params_.get("lm_head.weight");
+  std::vector<float> dh(T * D, 0.0f);  // gradient w.r.t. the final-norm output h (LM head + MTP input)
 
-  // MTP depth 1 (HF layer num_hidden_layers): position i combines the embedding of token i+1 (first) with the
-  // main model's final-norm hidden state h_i (second) and predicts token i+2.
+  // ---- MTP module (reverse order of the forward)
   if (cfg_.num_nextn_predict_layers > 0) {
-    const int64_t Sm = S - 1, Tm = B * Sm, layer = cfg_.num_hidden_layers;
-    const std::string pre = "model.layers." + std::to_string(layer) + ".";
-    std::vector<int64_t> next(Tm);
-    std::vector<float> e(Tm * D), hm(Tm * D), cat(Tm * 2 * D), x(Tm * D);
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t i = 0; i < Sm; ++i) {
-        next[b * Sm + i] = tokens[b * S + i + 1];
-        std::copy_n(h.data() + (b * S + i) * D, D, hm.data() + (b * Sm + i) * D);
-      }
-    be_.embedding_forward(next.data(), Tm, params_.get("model.embed_tokens.weight"), D, e.data());
-    // cat (Tm, 2D) = [enorm(e) | hnorm(h)]: two normalisations written into the halves of each row
-    std::vector<float> en(Tm * D), hn(Tm * D);
-    be_.rmsnorm_forward(e.data(), D, params_.get(pre + "enorm.weight"), eps, Tm, D, en.data(), nullptr);
-    be_.rmsnorm_forward(hm.data(), D, params_.get(pre + "hnorm.weight"), eps, Tm, D, hn.data(), nullptr);
-    for (int64_t t = 0; t < Tm; ++t) {
-      std::copy_n(en.data() + t * D, D, cat.data() + t * 2 * D);
-      std::copy_n(hn.data() + t * D, D, cat.data() + t * 2 * D + D);
-    }
-    be_.gemm_nt(Tm, D, 2 * D, 1.0f, cat.data(), 2 * D, params_.get(pre + "eh_proj.weight"), 2 * D, 0.0f, x.data(), D);
-    if (tr->keep_hidden) tr->mtp_eh_proj = x;
-    layer_forward(layer, x.data(), B, Sm, nullptr, cfg_.is_moe_layer(layer) ? &tr->moe[layer] : nullptr);
-    if (tr->keep_hidden) tr->mtp_block = x;
-    be_.rmsnorm_forward(x.data(), D, params_.get(pre + "shared_head.norm.weight"), eps, Tm, D, hm.data(), nullptr);
-    std::vector<float> ml(Tm * V);
-    be_.gemm_nt(Tm, V, D, 1.0f, hm.data(), D, params_.get("lm_head.weight"), D, 0.0f, ml.data(), V);
-    std::vector<int64_t> mt(Tm, -1);
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t i = 0; i + 2 < S; ++i) mt[b * Sm + i] = tokens[b * S + i + 2];
+    const int64_t Sm = S - 1, Tm = B * Sm;
+    const std::string pre = "model.layers." + std::to_string(L) + ".";
     int64_t nm = 0;
-    const double sum = be_.cross_entropy_forward(ml.data(), Tm, V, mt.data(), &nm);
-    L.mtp = nm > 0 ? sum / nm : 0.0;
-    if (tr->keep_hidden) tr->mtp_logits = std::move(ml);
+    for (int64_t t : a.mtp_targets) nm += t >= 0;
+    std::vector<float> dlog(Tm * V), dhn(Tm * D), dx(Tm * D, 0.0f);
+    be_.cross_entropy_backward(a.mtp_logits.data(), Tm, V, a.mtp_targets.data(),
+                               nm ? (float)(loss_scale * mtp_lambda / nm) : 0.0f, dlog.data());
+    be_.gemm_tn(V, D, Tm, 1.0f, dlog.data(), V, a.mtp_hn.data(), D, 1.0f, g_head, D);  // tied head: grads add up
+    be_.gemm_nn(Tm, D, V, 1.0f, dlog.data(), V, w_head, D, 0.0f, dhn.data(), D);
+    be_.rmsnorm_backward(a.mtp_x.data(), D, params_.get(pre + "shared_head.norm.weight"), a.mtp_rstd_out.data(),
+                         dhn.data(), Tm, D, dx.data(), D, grads.get(pre + "shared_head.norm.weight"));
+    layer_backward(L, a.layers[L], dx.data(), aux_coef, grads);
+    // eh_proj: x = cat Weh^T
+    std::vector<float> dcat(Tm * 2 * D);
+    be_.gemm_tn(D, 2 * D, Tm, 1.0f, dx.data(), D, a.mtp_cat.data(), 2 * D, 1.0f, grads.get(pre + "eh_proj.weight"),
+                2 * D);
+    be_.gemm_nn(Tm, 2 * D, D, 1.0f, dx.data(), D, params_.get(pre + "eh_proj.weight"), 2 * D, 0.0f, dcat.data(), 2 * D);
+    std::vector<float> den(Tm * D), dhn2(Tm * D), de(Tm * D, 0.0f), dhin(Tm * D, 0.0f);
+    for (int64_t t = 0; t < Tm; ++t) {
+      std::copy_n(dcat.data() + t * 2 * D, D, den.data() + t * D);
+      std::copy_n(dcat.data() + t * 2 * D + D, D, dhn2.data() + t * D);
+    }
+    be_.rmsnorm_backward(a.mtp_e.data(), D, params_.get(pre + "enorm.weight"), a.mtp_e_rstd.data(), den.data(), Tm, D,
+                         de.data(), D, grads.get(pre + "enorm.weight"));
+    be_.embedding_backward(a.mtp_next.data(), Tm, de.data(), D, g_emb);  // tied embedding
+    be_.rmsnorm_backward(a.mtp_hin.data(), D, params_.get(pre + "hnorm.weight"), a.mtp_h_rstd.data(), dhn2.data(), Tm,
+                         D, dhin.data(), D, grads.get(pre + "hnorm.weight"));
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < Sm; ++i)
+        for (int64_t j = 0; j < D; ++j) dh[(b * S + i) * D + j] += dhin[(b * Sm + i) * D + j];
   }
-  for (const auto& [layer, m] : tr->moe) L.aux += m.balance_loss;
-  L.total = L.lm + mtp_lambda * L.mtp + aux_alpha * L.aux;
-  return L;
+
+  // ---- LM head and final norm
+  int64_t n = 0;
+  for (int64_t t : a.targets) n += t >= 0;
+  std::vector<float> dlog(T * V), dx(T * D, 0.0f);
+  be_.cross_entropy_backward(a.logits.data(), T, V, a.targets.data(), (float)(loss_scale / n), dlog.data());
+  be_.gemm_tn(V, D, T, 1.0f, dlog.data(), V, a.h.data(), D, 1.0f, g_head, D);
+  be_.gemm_nn(T, D, V, 1.0f, dlog.data(), V, w_head, D, 1.0f, dh.data(), D);
+  be_.rmsnorm_backward(a.x_final.data(), D, params_.get("model.norm.weight"), a.rstd_final.data(), dh.data(), T, D,
+                       dx.data(), D, grads.get("model.norm.weight"));
+  // ---- decoder layers in reverse, then the embedding
+  for (int64_t l = L - 1; l >= 0; --l) layer_backward(l, a.layers[l], dx.data(), aux_coef, grads);
+  be_.embedding_backward(a.tokens.data(), T, dx.data(), D, g_emb);
+  return loss;
 }
 
 std::vector<float> Model::logits(const int64_t* tokens, int64_t B, int64_t S) {
   const int64_t T = B * S, D = cfg_.hidden_size, V = cfg_.vocab_size;
-  std::vector<float> h, out(T * V);
-  main_forward(tokens, B, S, h, nullptr);
+  check_tokens(tokens, T, V);
+  std::vector<float> x(T * D), h(T * D), out(T * V);
+  be_.embedding_forward(tokens, T, params_.get("model.embed_tokens.weight"), D, x.data());
+  for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) layer_forward(l, x.data(), B, S, nullptr, nullptr, nullptr);
+  be_.rmsnorm_forward(x.data(), D, params_.get("model.norm.weight"), (float)cfg_.rms_norm_eps, T, D, h.data(), nullptr);
   be_.gemm_nt(T, V, D, 1.0f, h.data(), D, params_.get("lm_head.weight"), D, 0.0f, out.data(), V);
   return out;
 }
@@ -215,7 +333,8 @@ std::vector<float> Model::forward_cached(const int64_t* tokens, int64_t n, KvCac
     DSV3_CHECK(tokens[i] >= 0 && tokens[i] < V, "token id " << tokens[i] << " is outside the vocabulary [0, " << V << ")");
   std::vector<float> x(n * D), h(D), out(V);
   be_.embedding_forward(tokens, n, params_.get("model.embed_tokens.weight"), D, x.data());
-  for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) layer_forward(l, x.data(), 1, n, &cache.layers[l], nullptr);
+  for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l)
+    layer_forward(l, x.data(), 1, n, &cache.layers[l], nullptr, nullptr);
   be_.rmsnorm_forward(x.data() + (n - 1) * D, D, params_.get("model.norm.weight"), (float)cfg_.rms_norm_eps, 1, D,
                       h.data(), nullptr);
   be_.gemm_nt(1, V, D, 1.0f, h.data(), D, params_.get("lm_head.weight"), D, 0.0f, out.data(), V);

@@ -39,6 +39,31 @@ struct Losses {
   double lm = 0, mtp = 0, aux = 0, total = 0;
 };
 
+// Everything one decoder layer's backward needs from its forward.
+struct LayerActs {
+  int64_t B = 0, S = 0;
+  std::vector<float> x_in, rstd1, xn1;   // residual in (T, D), input_layernorm rstd (T) and output (T, D)
+  std::vector<float> x_mid, rstd2, xn2;  // residual after attention, post_attention_layernorm rstd and output
+  MlaActs att;
+  MlpActs mlp;   // dense layers
+  MoeActs moe;   // MoE layers
+};
+
+// The activations of a whole forward pass (one micro-batch), kept for backward.
+struct Activations {
+  int64_t B = 0, S = 0;
+  std::vector<int64_t> tokens;           // (B, S)
+  std::vector<LayerActs> layers;         // main layers, then the MTP layer
+  std::vector<float> x_final, rstd_final, h;  // residual after the last layer, model.norm rstd and output (T, D)
+  std::vector<float> logits;             // (T, V)
+  std::vector<int64_t> targets;          // (T), -1 where no target
+  // MTP depth 1 (Tm = B*(S-1) positions)
+  std::vector<int64_t> mtp_next;         // (Tm) token i+1
+  std::vector<float> mtp_e, mtp_e_rstd, mtp_hin, mtp_h_rstd, mtp_cat;  // embedding (Tm,D), h slice (Tm,D), cat (Tm,2D)
+  std::vector<float> mtp_x, mtp_rstd_out, mtp_hn, mtp_logits;  // block output (Tm,D), shared_head.norm, (Tm,V)
+  std::vector<int64_t> mtp_targets;      // (Tm)
+};
+
 struct KvCache {
   std::vector<MlaCache> layers;  // main-model layers only (generation does not use MTP)
 };
@@ -62,6 +87,11 @@ class Model {
   Losses forward(const int64_t* tokens, int64_t B, int64_t S, double mtp_lambda, double aux_alpha,
                  ForwardTrace* trace = nullptr);
 
+  // Forward and backward of one micro-batch: gradients of loss_scale * total loss accumulate into `grads` (a
+  // Params with this model's table). Returns the (unscaled) losses; the trace gets routing and counts.
+  Losses forward_backward(const int64_t* tokens, int64_t B, int64_t S, double mtp_lambda, double aux_alpha,
+                          double loss_scale, Params& grads, ForwardTrace* trace = nullptr);
+
   // Main-model logits (B, S, V) without the losses or MTP (generation without a cache).
   std::vector<float> logits(const int64_t* tokens, int64_t B, int64_t S);
 
@@ -72,9 +102,14 @@ class Model {
  private:
   // One decoder layer on the residual stream x (B*S, D), updated in place. With `cache` (B = 1), attention uses and
   // extends the latent cache instead of attending within the S tokens only.
-  void layer_forward(int64_t layer, float* x, int64_t B, int64_t S, MlaCache* cache, MoeTrace* mt);
-  // hidden (B*S, D) after the final norm of the main model
-  void main_forward(const int64_t* tokens, int64_t B, int64_t S, std::vector<float>& h, ForwardTrace* trace);
+  // `la` keeps what backward needs (null: inference, nothing kept beyond the call).
+  void layer_forward(int64_t layer, float* x, int64_t B, int64_t S, MlaCache* cache, MoeTrace* mt, LayerActs* la);
+  // dx (T, D): gradient w.r.t. the layer's output residual in, w.r.t. its input out (in place).
+  void layer_backward(int64_t layer, const LayerActs& la, float* dx, double aux_coef, Params& grads);
+  // The forward pass of the whole model into `a` (losses and trace filled); the shared path of forward() and
+  // forward_backward().
+  Losses forward_into(const int64_t* tokens, int64_t B, int64_t S, double mtp_lambda, double aux_alpha,
+                      ForwardTrace* tr, Activations& a);
 
   ModelConfig cfg_;
   Backend& be_;

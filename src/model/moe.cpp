@@ -6,7 +6,7 @@
 
 namespace dsv3 {
 
-MoeWeights MoeWeights::from(const Params& p, const ModelConfig& c, int64_t layer) {
+MoeWeights MoeWeights::from(Params& p, const ModelConfig& c, int64_t layer) {
   const std::string m = "model.layers." + std::to_string(layer) + ".mlp.";
   MoeWeights w;
   w.gate = p.get(m + "gate.weight");
@@ -55,22 +55,51 @@ Dispatch moe_dispatch(const Routing& r, const float* xn, int64_t D) {
 }
 
 void swiglu_mlp_forward(Backend& be, const float* x, int64_t T, int64_t D, int64_t I, const float* w_gate,
-                        const float* w_up, const float* w_down, float* out, bool accumulate) {
+                        const float* w_up, const float* w_down, float* out, bool accumulate, MlpActs* acts) {
   if (T == 0) return;
-  std::vector<float> g(T * I), u(T * I), a(T * I);
-  be.gemm_nt(T, I, D, 1.0f, x, D, w_gate, D, 0.0f, g.data(), I);
-  be.gemm_nt(T, I, D, 1.0f, x, D, w_up, D, 0.0f, u.data(), I);
-  be.swiglu_forward(g.data(), u.data(), T, I, I, a.data());
-  be.gemm_nt(T, D, I, 1.0f, a.data(), I, w_down, I, accumulate ? 1.0f : 0.0f, out, D);
+  MlpActs local;
+  MlpActs& m = acts ? *acts : local;
+  m.g.resize(T * I);
+  m.u.resize(T * I);
+  m.a.resize(T * I);
+  be.gemm_nt(T, I, D, 1.0f, x, D, w_gate, D, 0.0f, m.g.data(), I);
+  be.gemm_nt(T, I, D, 1.0f, x, D, w_up, D, 0.0f, m.u.data(), I);
+  be.swiglu_forward(m.g.data(), m.u.data(), T, I, I, m.a.data());
+  be.gemm_nt(T, D, I, 1.0f, m.a.data(), I, w_down, I, accumulate ? 1.0f : 0.0f, out, D);
 }
 
-void moe_experts(Backend& be, const ModelConfig& c, const MoeWeights& w, Dispatch& d) {
+void swiglu_mlp_backward(Backend& be, const float* x, int64_t T, int64_t D, int64_t I, const float* w_gate,
+                         const float* w_up, const float* w_down, const float* g, const float* u, const float* a,
+                         const float* dy, float* gw_gate, float* gw_up, float* gw_down, float* dx) {
+  if (T == 0) return;
+  std::vector<float> da(T * I), dg(T * I), du(T * I);
+  be.gemm_tn(D, I, T, 1.0f, dy, D, a, I, 1.0f, gw_down, I);     // dWd += dy^T a
+  be.gemm_nn(T, I, D, 1.0f, dy, D, w_down, I, 0.0f, da.data(), I);  // da = dy Wd
+  be.swiglu_backward(g, u, da.data(), T, I, dg.data(), du.data());
+  be.gemm_tn(I, D, T, 1.0f, dg.data(), I, x, D, 1.0f, gw_gate, D);
+  be.gemm_tn(I, D, T, 1.0f, du.data(), I, x, D, 1.0f, gw_up, D);
+  be.gemm_nn(T, D, I, 1.0f, dg.data(), I, w_gate, D, 1.0f, dx, D);
+  be.gemm_nn(T, D, I, 1.0f, du.data(), I, w_up, D, 1.0f, dx, D);
+}
+
+void moe_experts(Backend& be, const ModelConfig& c, const MoeWeights& w, Dispatch& d, MlpActs* acts) {
   const int64_t D = c.hidden_size, I = c.moe_intermediate_size, E = (int64_t)d.offset.size() - 1;
+  const int64_t rows = d.offset[E];
+  MlpActs local;
+  MlpActs& m = acts ? *acts : local;
+  m.g.resize(rows * I);
+  m.u.resize(rows * I);
+  m.a.resize(rows * I);
   for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = d.offset[e + 1] - d.offset[e];
+    const int64_t n = d.offset[e + 1] - d.offset[e], r0 = d.offset[e];
     if (n == 0) continue;
-    swiglu_mlp_forward(be, d.x.data() + d.offset[e] * D, n, D, I, w.w_gate + e * I * D, w.w_up + e * I * D,
-                       w.w_down + e * D * I, d.y.data() + d.offset[e] * D, false);
+    float* ge = m.g.data() + r0 * I;
+    float* ue = m.u.data() + r0 * I;
+    float* ae = m.a.data() + r0 * I;
+    be.gemm_nt(n, I, D, 1.0f, d.x.data() + r0 * D, D, w.w_gate + e * I * D, D, 0.0f, ge, I);
+    be.gemm_nt(n, I, D, 1.0f, d.x.data() + r0 * D, D, w.w_up + e * I * D, D, 0.0f, ue, I);
+    be.swiglu_forward(ge, ue, n, I, I, ae);
+    be.gemm_nt(n, D, I, 1.0f, ae, I, w.w_down + e * D * I, I, 0.0f, d.y.data() + r0 * D, D);
   }
 }
 
@@ -106,6 +135,80 @@ double seq_balance_loss(const Routing& r, int64_t B) {
     total += L;
   }
   return total / B;
+}
+
+}  // namespace dsv3
+
+namespace dsv3 {
+
+void moe_forward(Backend& be, const ModelConfig& c, const MoeWeights& w, const float* xn, int64_t B, int64_t S,
+                 float* out, MoeActs& a) {
+  const int64_t T = B * S, D = c.hidden_size;
+  a.B = B;
+  a.r = moe_route(be, c, w, xn, T);       // route
+  a.d = moe_dispatch(a.r, xn, D);         // dispatch
+  moe_experts(be, c, w, a.d, &a.experts); // experts
+  if (w.sh_gate)
+    swiglu_mlp_forward(be, xn, T, D, c.moe_intermediate_size * c.n_shared_experts, w.sh_gate, w.sh_up, w.sh_down, out,
+                       false, &a.shared);
+  else
+    std::fill(out, out + T * D, 0.0f);
+  moe_combine(a.r, a.d, D, out);          // combine
+}
+
+void moe_backward(Backend& be, const ModelConfig& c, const MoeWeights& w, MoeWeights& g, const float* xn,
+                  const MoeActs& a, const float* dout, double aux_coef, float* dxn) {
+  const Routing& r = a.r;
+  const Dispatch& d = a.d;
+  const int64_t T = r.T, K = r.K, E = r.E, D = c.hidden_size, I = c.moe_intermediate_size, rows = T * K;
+  if (w.sh_gate) {
+    const int64_t Is = I * c.n_shared_experts;
+    swiglu_mlp_backward(be, xn, T, D, Is, w.sh_gate, w.sh_up, w.sh_down, a.shared.g.data(), a.shared.u.data(),
+                        a.shared.a.data(), dout, g.sh_gate, g.sh_up, g.sh_down, dxn);
+  }
+  // combine: out_t += w_tk y_row  ->  dy_row = w_tk dout_t,  dw_tk = dout_t . y_row
+  std::vector<float> dy(rows * D), dx(rows * D, 0.0f), dweight(rows);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t tk = d.row_src[i], t = tk / K;
+    const float wk = r.weight[tk];
+    const float* go = dout + t * D;
+    const float* y = d.y.data() + i * D;
+    double dot = 0;
+    for (int64_t j = 0; j < D; ++j) {
+      dy[i * D + j] = wk * go[j];
+      dot += (double)go[j] * y[j];
+    }
+    dweight[tk] = (float)dot;
+  }
+  // experts, each on its contiguous rows
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = d.offset[e + 1] - d.offset[e], r0 = d.offset[e];
+    if (n == 0) continue;
+    swiglu_mlp_backward(be, d.x.data() + r0 * D, n, D, I, w.w_gate + e * I * D, w.w_up + e * I * D,
+                        w.w_down + e * D * I, a.experts.g.data() + r0 * I, a.experts.u.data() + r0 * I,
+                        a.experts.a.data() + r0 * I, dy.data() + r0 * D, g.w_gate + e * I * D, g.w_up + e * I * D,
+                        g.w_down + e * D * I, dx.data() + r0 * D);
+  }
+  // dispatch: rows were copies of their token's input -> scatter-add back (fixed order: grouped row order)
+  for (int64_t i = 0; i < rows; ++i) {
+    float* o = dxn + (d.row_src[i] / K) * D;
+    const float* s = dx.data() + i * D;
+    for (int64_t j = 0; j < D; ++j) o[j] += s[j];
+  }
+  // route: gradient into the router logits from the combine weights and from the balance loss's P_i
+  const int64_t B = a.B, Ts = T / B;
+  std::vector<int64_t> cnt(B * E, 0);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t k = 0; k < K; ++k) ++cnt[(t / Ts) * E + r.idx[t * K + k]];
+  std::vector<float> f(B * E);  // E/(K*Ts) * tokens of sequence b dispatched to e
+  for (int64_t i = 0; i < B * E; ++i) f[i] = (float)((double)E / (K * Ts) * cnt[i]);
+  std::vector<float> dlogits(T * E);
+  // L_aux(layer) = (1/B) sum_b sum_i f_bi (1/Ts) sum_t s_ti / Z_t
+  be.router_backward(r.scores.data(), r.idx.data(), dweight.data(), T, E, K, c.norm_topk_prob,
+                     (float)c.routed_scaling_factor, Ts, f.data(), (float)(aux_coef / (B * Ts)), dlogits.data());
+  be.gemm_tn(E, D, T, 1.0f, dlogits.data(), E, xn, D, 1.0f, g.gate, D);
+  be.gemm_nn(T, D, E, 1.0f, dlogits.data(), E, w.gate, D, 1.0f, dxn, D);
 }
 
 }  // namespace dsv3

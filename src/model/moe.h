@@ -15,16 +15,22 @@
 
 namespace dsv3 {
 
+// Pointers into a Params store: the weights, or (same layout) their gradients.
 struct MoeWeights {
-  const float* gate = nullptr;       // (E, D) router
-  const float* bias = nullptr;       // (E) e_score_correction_bias (selection only)
-  const float* w_gate = nullptr;     // (E, I, D)
-  const float* w_up = nullptr;       // (E, I, D)
-  const float* w_down = nullptr;     // (E, D, I)
-  const float* sh_gate = nullptr;    // (I*n_shared, D) or null
-  const float* sh_up = nullptr;
-  const float* sh_down = nullptr;    // (D, I*n_shared)
-  static MoeWeights from(const Params& p, const ModelConfig& c, int64_t layer);
+  float* gate = nullptr;       // (E, D) router
+  float* bias = nullptr;       // (E) e_score_correction_bias (selection only)
+  float* w_gate = nullptr;     // (E, I, D)
+  float* w_up = nullptr;       // (E, I, D)
+  float* w_down = nullptr;     // (E, D, I)
+  float* sh_gate = nullptr;    // (I*n_shared, D) or null
+  float* sh_up = nullptr;
+  float* sh_down = nullptr;    // (D, I*n_shared)
+  static MoeWeights from(Params& p, const ModelConfig& c, int64_t layer);
+};
+
+// SwiGLU intermediates for backward: gate/up pre-activations and the product, (rows, I)
+struct MlpActs {
+  std::vector<float> g, u, a;
 };
 
 struct Routing {
@@ -44,7 +50,7 @@ struct Dispatch {
 
 Routing moe_route(Backend& be, const ModelConfig& c, const MoeWeights& w, const float* x_norm, int64_t T);
 Dispatch moe_dispatch(const Routing& r, const float* x_norm, int64_t D);
-void moe_experts(Backend& be, const ModelConfig& c, const MoeWeights& w, Dispatch& d);
+void moe_experts(Backend& be, const ModelConfig& c, const MoeWeights& w, Dispatch& d, MlpActs* acts = nullptr);
 // out (T, D) = sum_k weight * expert_k(x)  (+ shared experts when present)
 void moe_combine(const Routing& r, const Dispatch& d, int64_t D, float* out);
 
@@ -52,8 +58,26 @@ void moe_combine(const Routing& r, const Dispatch& d, int64_t D, float* out);
 // f_i = E/(K*T_seq) * tokens of the sequence dispatched to i, P_i = mean_t s_it / sum_j s_jt, L = sum_i f_i P_i.
 double seq_balance_loss(const Routing& r, int64_t B);
 
-// Dense SwiGLU MLP: out (T, D) = down(silu(gate(x)) * up(x)) (+= when accumulate)
+// Dense SwiGLU MLP: out (T, D) = down(silu(gate(x)) * up(x)) (+= when accumulate); intermediates into acts.
 void swiglu_mlp_forward(Backend& be, const float* x, int64_t T, int64_t D, int64_t I, const float* w_gate,
-                        const float* w_up, const float* w_down, float* out, bool accumulate);
+                        const float* w_up, const float* w_down, float* out, bool accumulate, MlpActs* acts = nullptr);
+// Its gradients given dy (T, D): dW accumulate, dx (T, D) accumulates. g/u/a: the forward's intermediates (T, I).
+void swiglu_mlp_backward(Backend& be, const float* x, int64_t T, int64_t D, int64_t I, const float* w_gate,
+                         const float* w_up, const float* w_down, const float* g, const float* u, const float* a,
+                         const float* dy, float* gw_gate, float* gw_up, float* gw_down, float* dx);
+
+// A whole MoE block, forward and backward (shared experts included); what backward needs is kept in MoeActs.
+struct MoeActs {
+  int64_t B = 0;
+  Routing r;
+  Dispatch d;
+  MlpActs experts;  // grouped rows (T*K, I)
+  MlpActs shared;   // (T, I*n_shared)
+};
+void moe_forward(Backend& be, const ModelConfig& c, const MoeWeights& w, const float* x_norm, int64_t B, int64_t S,
+                 float* out, MoeActs& acts);
+// aux_coef: the weight of this layer's balance loss in the total loss (aux_alpha x loss scale).
+void moe_backward(Backend& be, const ModelConfig& c, const MoeWeights& w, MoeWeights& g, const float* x_norm,
+                  const MoeActs& a, const float* dout, double aux_coef, float* dx_norm);
 
 }  // namespace dsv3

@@ -56,6 +56,36 @@ class Backend {
                               int64_t topk_group, int64_t k, bool norm, float scale, float* scores, int32_t* idx,
                               float* weight) = 0;
 
+  // ---- backward ops: gradients accumulate (+=) into dx/dw outputs unless stated otherwise ----------------
+
+  // dx(rows, dim) += d/dx of rmsnorm given dy(rows, dim); dw(dim) += sum_r dy * x * rstd. rstd from the forward.
+  virtual void rmsnorm_backward(const float* x, int64_t ldx, const float* w, const float* rstd, const float* dy,
+                                int64_t rows, int64_t dim, float* dx, int64_t lddx, float* dw) = 0;
+  // In place: rotate back (the transpose of the forward rotation), the gradient of RoPE.
+  virtual void rope_backward(float* dx, int64_t rows, int64_t ldx, int64_t n_heads, int64_t head_stride,
+                             int64_t rope_dim, const int64_t* pos, const float* cos, const float* sin) = 0;
+  // Gradients of mla_attention_forward given do (B*S, H*dv) and the saved probs: dq (B*S, H*(dn+dr)) and
+  // dkv (B*S, H*(dn+dv)) are written; dkpe (B*S, ldkpe) accumulates over heads (+=).
+  virtual void mla_attention_backward(const float* q, const float* kv, const float* kpe, int64_t ldkpe,
+                                      const float* probs, const float* dout, int64_t B, int64_t S, int64_t H,
+                                      int64_t dn, int64_t dr, int64_t dv, float scale, float* dq, float* dkv,
+                                      float* dkpe) = 0;
+  // dgate/dup (rows, cols) written from dout (rows, cols)
+  virtual void swiglu_backward(const float* gate, const float* up, const float* dout, int64_t rows, int64_t cols,
+                               float* dgate, float* dup) = 0;
+  // dtable[ids[i]] += dy[i]
+  virtual void embedding_backward(const int64_t* ids, int64_t n, const float* dy, int64_t dim, float* dtable) = 0;
+  // dlogits (rows, V) = scale * (softmax(logits) - onehot(target)); rows with target < 0 get 0 (written).
+  virtual void cross_entropy_backward(const float* logits, int64_t rows, int64_t V, const int64_t* targets,
+                                      float scale, float* dlogits) = 0;
+  // Router gradient to the logits (T, E) (written). Two sources: the combine weights (dweight (T,K), through the
+  // normalisation and the scale; the selection itself is discrete and the bias gets none) and the sequence-wise
+  // balance loss through P_i: for token t of sequence b, d/ds_te of aux_coef * sum_i f_bi s_ti / Z_t where
+  // Z_t = sum_j s_tj and f (B, E) already holds E/(K*T_seq) * count. seq_len: tokens per sequence.
+  virtual void router_backward(const float* scores, const int32_t* idx, const float* dweight, int64_t T,
+                               int64_t E, int64_t K, bool norm, float scale, int64_t seq_len, const float* f,
+                               float aux_coef, float* dlogits) = 0;
+
   // Mean-free cross entropy: per row loss_r = logsumexp(logits_r) - logits_r[target_r] (rows with target < 0 give
   // 0 and do not count). Returns the sum of the row losses (double) and writes the counted rows to *count.
   virtual double cross_entropy_forward(const float* logits, int64_t rows, int64_t V, const int64_t* targets,

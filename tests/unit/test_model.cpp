@@ -112,10 +112,10 @@ TEST(ParamTable, TraitsForOptimizerAndSharding) {
   const auto table = build_param_table(tiny());
   for (const auto& p : table) {
     EXPECT_EQ(p.decay, p.shape.size() >= 2) << p.name;
-    if (p.name.find("e_score_correction_bias") != std::string::npos) EXPECT_FALSE(p.trainable);
-    if (p.name.find("o_proj") != std::string::npos) EXPECT_EQ(p.shard_dim, 1) << p.name;      // row-parallel
-    if (p.name.find("q_b_proj") != std::string::npos) EXPECT_EQ(p.shard_dim, 0) << p.name;    // column-parallel
-    if (p.expert_stack) EXPECT_EQ(p.shape[0], 8) << p.name;
+    if (p.name.find("e_score_correction_bias") != std::string::npos) { EXPECT_FALSE(p.trainable); }
+    if (p.name.find("o_proj") != std::string::npos) { EXPECT_EQ(p.shard_dim, 1) << p.name; }  // row-parallel
+    if (p.name.find("q_b_proj") != std::string::npos) { EXPECT_EQ(p.shard_dim, 0) << p.name; }  // column-par.
+    if (p.expert_stack) { EXPECT_EQ(p.shape[0], 8) << p.name; }
   }
 }
 

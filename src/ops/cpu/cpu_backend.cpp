@@ -190,3 +190,163 @@ double CpuBackend::cross_entropy_forward(const float* logits, int64_t rows, int6
 }
 
 }  // namespace dsv3
+
+// ---- backward ------------------------------------------------------------------------------------------
+
+namespace dsv3 {
+
+void CpuBackend::rmsnorm_backward(const float* x, int64_t ldx, const float* w, const float* rstd, const float* dy,
+                                  int64_t rows, int64_t dim, float* dx, int64_t lddx, float* dw) {
+  // y = x r w, r = (mean x^2 + eps)^-1/2:  dx = r (dy w) - x r^3 (sum_i dy_i w_i x_i) / dim;  dw = sum_r dy x r
+  const int nt = omp_get_max_threads();
+  std::vector<double> dw_part(nt * dim, 0.0);
+#pragma omp parallel
+  {
+    double* dwp = dw_part.data() + omp_get_thread_num() * dim;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* xr = x + r * ldx;
+      const float* g = dy + r * dim;
+      const double rs = rstd[r];
+      double dot = 0;
+      for (int64_t i = 0; i < dim; ++i) dot += (double)g[i] * w[i] * xr[i];
+      const double c = dot * rs * rs * rs / dim;
+      float* d = dx + r * lddx;
+      for (int64_t i = 0; i < dim; ++i) {
+        d[i] += (float)(rs * g[i] * w[i] - xr[i] * c);
+        dwp[i] += (double)g[i] * xr[i] * rs;
+      }
+    }
+  }
+  for (int t = 0; t < nt; ++t)
+    for (int64_t i = 0; i < dim; ++i) dw[i] += (float)dw_part[t * dim + i];
+}
+
+void CpuBackend::rope_backward(float* dx, int64_t rows, int64_t ldx, int64_t n_heads, int64_t head_stride,
+                               int64_t rope_dim, const int64_t* pos, const float* cos, const float* sin) {
+  const int64_t half = rope_dim / 2;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* c = cos + pos[r] * half;
+    const float* s = sin + pos[r] * half;
+    for (int64_t h = 0; h < n_heads; ++h) {
+      float* v = dx + r * ldx + h * head_stride;
+      for (int64_t i = 0; i < half; ++i) {  // R^T: rotate by the negative angle
+        const float a = v[2 * i], b = v[2 * i + 1];
+        v[2 * i] = a * c[i] + b * s[i];
+        v[2 * i + 1] = -a * s[i] + b * c[i];
+      }
+    }
+  }
+}
+
+void CpuBackend::mla_attention_backward(const float* q, const float* kv, const float* kpe, int64_t ldkpe,
+                                        const float* probs, const float* dout, int64_t B, int64_t S, int64_t H,
+                                        int64_t dn, int64_t dr, int64_t dv, float scale, float* dq, float* dkv,
+                                        float* dkpe) {
+  const int64_t ldq = H * (dn + dr), ldkv = H * (dn + dv), ldo = H * dv;
+  std::vector<float> dp(S * S);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < H; ++h) {
+      const float* P = probs + (b * H + h) * S * S;
+      const float* qh = q + b * S * ldq + h * (dn + dr);
+      const float* kh = kv + b * S * ldkv + h * (dn + dv);
+      const float* vh = kh + dn;
+      const float* kp = kpe + b * S * ldkpe;
+      const float* doh = dout + b * S * ldo + h * dv;
+      float* dqh = dq + b * S * ldq + h * (dn + dr);
+      float* dkh = dkv + b * S * ldkv + h * (dn + dv);
+      float* dvh = dkh + dn;
+      float* dkp = dkpe + b * S * ldkpe;
+      // O = P V:  dP = dO V^T (S,S),  dV = P^T dO (S,dv)
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, S, S, dv, 1.0f, doh, ldo, vh, ldkv, 0.0f, dp.data(), S);
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, S, dv, S, 1.0f, P, S, doh, ldo, 0.0f, dvh, ldkv);
+      // softmax: dScore = P * (dP - rowsum(dP * P)), times the softmax scale
+      for (int64_t i = 0; i < S; ++i) {
+        const float* pr = P + i * S;
+        float* g = dp.data() + i * S;
+        double dot = 0;
+        for (int64_t j = 0; j <= i; ++j) dot += (double)g[j] * pr[j];
+        for (int64_t j = 0; j <= i; ++j) g[j] = scale * pr[j] * (float)(g[j] - dot);
+        for (int64_t j = i + 1; j < S; ++j) g[j] = 0.0f;
+      }
+      // score = q_nope k_nope^T + q_pe k_pe^T
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, S, dn, S, 1.0f, dp.data(), S, kh, ldkv, 0.0f, dqh, ldq);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, S, dr, S, 1.0f, dp.data(), S, kp, ldkpe, 0.0f, dqh + dn,
+                  ldq);
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, S, dn, S, 1.0f, dp.data(), S, qh, ldq, 0.0f, dkh, ldkv);
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, S, dr, S, 1.0f, dp.data(), S, qh + dn, ldq, 1.0f, dkp,
+                  ldkpe);
+    }
+  }
+}
+
+void CpuBackend::swiglu_backward(const float* gate, const float* up, const float* dout, int64_t rows, int64_t cols,
+                                 float* dgate, float* dup) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < rows * cols; ++i) {
+    const float g = gate[i], sg = 1.0f / (1.0f + std::exp(-g));
+    dup[i] = dout[i] * g * sg;
+    dgate[i] = dout[i] * up[i] * sg * (1.0f + g * (1.0f - sg));  // silu'(g) = s (1 + g (1 - s))
+  }
+}
+
+void CpuBackend::embedding_backward(const int64_t* ids, int64_t n, const float* dy, int64_t dim, float* dtable) {
+  // serial over tokens (repeated ids), parallel over the row
+  for (int64_t i = 0; i < n; ++i) {
+    float* row = dtable + ids[i] * dim;
+    const float* g = dy + i * dim;
+    for (int64_t j = 0; j < dim; ++j) row[j] += g[j];
+  }
+}
+
+void CpuBackend::cross_entropy_backward(const float* logits, int64_t rows, int64_t V, const int64_t* targets,
+                                        float scale, float* dlogits) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    float* d = dlogits + r * V;
+    if (targets[r] < 0) {
+      std::fill(d, d + V, 0.0f);
+      continue;
+    }
+    const float* l = logits + r * V;
+    float mx = l[0];
+    for (int64_t v = 1; v < V; ++v) mx = std::max(mx, l[v]);
+    double sum = 0;
+    for (int64_t v = 0; v < V; ++v) sum += std::exp((double)l[v] - mx);
+    const double inv = 1.0 / sum;
+    for (int64_t v = 0; v < V; ++v) d[v] = (float)(scale * std::exp((double)l[v] - mx) * inv);
+    d[targets[r]] -= scale;
+  }
+}
+
+void CpuBackend::router_backward(const float* scores, const int32_t* idx, const float* dweight, int64_t T, int64_t E,
+                                 int64_t K, bool norm, float scale, int64_t seq_len, const float* f, float aux_coef,
+                                 float* dlogits) {
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < T; ++t) {
+    const float* s = scores + t * E;
+    const float* fb = f ? f + (t / seq_len) * E : nullptr;
+    std::vector<double> ds(E, 0.0);
+    // combine weights: w_k = scale * s_k / Z_C (Z_C = sum over the chosen) when normalised, else scale * s_k
+    if (norm) {
+      double z = 0, dot = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        z += s[idx[t * K + k]];
+        dot += (double)dweight[t * K + k] * s[idx[t * K + k]];
+      }
+      for (int64_t k = 0; k < K; ++k) ds[idx[t * K + k]] += scale * (dweight[t * K + k] / z - dot / (z * z));
+    } else {
+      for (int64_t k = 0; k < K; ++k) ds[idx[t * K + k]] += scale * dweight[t * K + k];
+    }
+    // balance loss through P: d/ds_e (sum_i f_i s_i / Z) = f_e / Z - sum_i f_i s_i / Z^2
+    if (fb && aux_coef != 0.0f) {
+      double z = 0, fs = 0;
+      for (int64_t e = 0; e < E; ++e) z += s[e], fs += (double)fb[e] * s[e];
+      for (int64_t e = 0; e < E; ++e) ds[e] += aux_coef * (fb[e] / z - fs / (z * z));
+    }
+    for (int64_t e = 0; e < E; ++e) dlogits[t * E + e] = (float)(ds[e] * s[e] * (1.0 - s[e]));  // sigmoid'
+  }
+}
+
+}  // namespace dsv3

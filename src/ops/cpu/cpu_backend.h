@@ -27,6 +27,21 @@ class CpuBackend final : public Backend {
   void router_forward(const float* logits, const float* bias, int64_t T, int64_t E, int64_t n_group,
                       int64_t topk_group, int64_t k, bool norm, float scale, float* scores, int32_t* idx,
                       float* weight) override;
+  void rmsnorm_backward(const float* x, int64_t ldx, const float* w, const float* rstd, const float* dy, int64_t rows,
+                        int64_t dim, float* dx, int64_t lddx, float* dw) override;
+  void rope_backward(float* dx, int64_t rows, int64_t ldx, int64_t n_heads, int64_t head_stride, int64_t rope_dim,
+                     const int64_t* pos, const float* cos, const float* sin) override;
+  void mla_attention_backward(const float* q, const float* kv, const float* kpe, int64_t ldkpe, const float* probs,
+                              const float* dout, int64_t B, int64_t S, int64_t H, int64_t dn, int64_t dr, int64_t dv,
+                              float scale, float* dq, float* dkv, float* dkpe) override;
+  void swiglu_backward(const float* gate, const float* up, const float* dout, int64_t rows, int64_t cols,
+                       float* dgate, float* dup) override;
+  void embedding_backward(const int64_t* ids, int64_t n, const float* dy, int64_t dim, float* dtable) override;
+  void cross_entropy_backward(const float* logits, int64_t rows, int64_t V, const int64_t* targets, float scale,
+                              float* dlogits) override;
+  void router_backward(const float* scores, const int32_t* idx, const float* dweight, int64_t T, int64_t E, int64_t K,
+                       bool norm, float scale, int64_t seq_len, const float* f, float aux_coef,
+                       float* dlogits) override;
   double cross_entropy_forward(const float* logits, int64_t rows, int64_t V, const int64_t* targets,
                                int64_t* count) override;
 };
