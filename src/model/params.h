@@ -54,6 +54,7 @@ class Params {
   float* get(const std::string& name);
   const float* get(const std::string& name) const;
   float* data() { return data_.data(); }
+  const float* data() const { return data_.data(); }
   int64_t size() const { return (int64_t)data_.size(); }
   int64_t offset(const std::string& name) const;
 

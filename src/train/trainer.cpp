@@ -1,0 +1,89 @@
+#include "train/trainer.h"
+
+#include <algorithm>
+
+#include "core/deck.h"
+#include "core/error.h"
+
+namespace dsv3 {
+
+TrainerConfig TrainerConfig::from_deck(const Deck& d) {
+  TrainerConfig c;
+  c.adamw.beta1 = d.get<double>("optim.beta1");
+  c.adamw.beta2 = d.get<double>("optim.beta2");
+  c.adamw.eps = d.get<double>("optim.eps");
+  c.adamw.weight_decay = d.get<double>("optim.weight_decay");
+  c.adamw.bf16_params = d.get<std::string>("optim.param_dtype") == "bf16";
+  c.adamw.bf16_moments = d.get<std::string>("optim.moment_dtype") == "bf16";
+  c.bf16_grads = d.get<std::string>("optim.grad_dtype") == "bf16";
+  c.clip_grad = d.get<double>("optim.clip_grad");
+  c.aux_alpha = d.get<double>("train.aux_alpha");
+  c.micro_batch = d.get<int64_t>("train.micro_batch");
+  return c;
+}
+
+Trainer::Trainer(Model& m, const TrainerConfig& c)
+    : model_(m), cfg_(c), grads_(m.params().table()), opt_(m.params(), c.adamw) {
+  // BF16 model weights: the working copy starts as the rounded master
+  if (cfg_.adamw.bf16_params) {
+    for (const ParamSpec& p : m.params().table())
+      if (p.trainable) round_to_bf16(m.params().get(p.name), p.numel());
+  }
+}
+
+StepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t S, double lr, double mtp_lambda, double gamma) {
+  const int64_t mb = cfg_.micro_batch;
+  DSV3_CHECK(B % mb == 0, "global batch " << B << " is not a multiple of train.micro_batch " << mb);
+  const int64_t M = B / mb;
+  StepStats st;
+  st.lr = lr;
+  st.mtp_lambda = mtp_lambda;
+  st.gamma = gamma;
+  std::fill(grads_.data(), grads_.data() + grads_.size(), 0.0f);
+  for (int64_t i = 0; i < M; ++i) {
+    ForwardTrace tr;
+    const Losses l = model_.forward_backward(tokens + i * mb * S, mb, S, mtp_lambda, cfg_.aux_alpha, 1.0 / M, grads_, &tr);
+    st.loss.lm += l.lm / M;
+    st.loss.mtp += l.mtp / M;
+    st.loss.aux += l.aux / M;
+    st.loss.total += l.total / M;
+    for (auto& [layer, mt] : tr.moe) {
+      auto& load = st.expert_load[layer];
+      load.resize(mt.counts.size(), 0);
+      for (size_t e = 0; e < mt.counts.size(); ++e) load[e] += mt.counts[e];
+    }
+  }
+  if (cfg_.bf16_grads) round_to_bf16(grads_.data(), grads_.size());
+  st.grad_norm = global_grad_norm(grads_);
+  st.clip_coef = clip_grads(grads_, st.grad_norm, cfg_.clip_grad);
+  opt_.step(model_.params(), grads_, lr);
+  // aux-loss-free balancing: b_i += gamma * sign(mean load - load_i), over the whole step's tokens
+  for (const auto& [layer, load] : st.expert_load) {
+    float* bias = model_.params().get("model.layers." + std::to_string(layer) + ".mlp.gate.e_score_correction_bias");
+    double mean = 0;
+    for (int64_t c : load) mean += (double)c;
+    mean /= (double)load.size();
+    for (size_t e = 0; e < load.size(); ++e) {
+      const double d = mean - (double)load[e];
+      bias[e] += (float)gamma * (float)((d > 0) - (d < 0));
+    }
+  }
+  return st;
+}
+
+Losses Trainer::evaluate(const int64_t* tokens, int64_t B, int64_t S, double mtp_lambda) {
+  const int64_t mb = std::min(cfg_.micro_batch, B);
+  DSV3_CHECK(B % mb == 0, "evaluation batch " << B << " is not a multiple of train.micro_batch " << mb);
+  Losses out;
+  const int64_t M = B / mb;
+  for (int64_t i = 0; i < M; ++i) {
+    const Losses l = model_.forward(tokens + i * mb * S, mb, S, mtp_lambda, cfg_.aux_alpha);
+    out.lm += l.lm / M;
+    out.mtp += l.mtp / M;
+    out.aux += l.aux / M;
+    out.total += l.total / M;
+  }
+  return out;
+}
+
+}  // namespace dsv3

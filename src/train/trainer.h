@@ -1,0 +1,49 @@
+// defines: TrainerConfig, StepStats, Trainer — one optimizer step of the whole model on one rank:
+//   micro-batches -> forward/backward (gradients accumulate, each scaled by 1/micro-batches) -> (BF16 grads) ->
+//   global grad norm -> clip -> AdamW -> expert-bias update from the step's expert loads
+#pragma once
+#include <cstdint>
+#include <map>
+#include <vector>
+
+#include "model/model.h"
+#include "optim/adamw.h"
+
+namespace dsv3 {
+
+class Deck;
+
+struct TrainerConfig {
+  AdamWConfig adamw;
+  double clip_grad = 1.0;    // max global norm (<= 0: off)
+  double aux_alpha = 1e-4;   // sequence-wise balance loss weight
+  int64_t micro_batch = 1;   // sequences per forward/backward
+  bool bf16_grads = false;   // gradients rounded to BF16 after accumulation
+  static TrainerConfig from_deck(const Deck& d);
+};
+
+struct StepStats {
+  Losses loss;               // averaged over the micro-batches
+  double grad_norm = 0, clip_coef = 1, lr = 0, mtp_lambda = 0, gamma = 0;
+  std::map<int64_t, std::vector<int64_t>> expert_load;  // MoE layer -> tokens dispatched per expert this step
+};
+
+class Trainer {
+ public:
+  Trainer(Model& m, const TrainerConfig& c);
+  // One step on a global batch of B sequences of S tokens (tokens (B, S)); B must divide into micro-batches.
+  StepStats step(const int64_t* tokens, int64_t B, int64_t S, double lr, double mtp_lambda, double gamma);
+  // Loss of a batch without any update (validation), averaged over micro-batches.
+  Losses evaluate(const int64_t* tokens, int64_t B, int64_t S, double mtp_lambda);
+  Params& grads() { return grads_; }
+  AdamW& optimizer() { return opt_; }
+  const TrainerConfig& config() const { return cfg_; }
+
+ private:
+  Model& model_;
+  TrainerConfig cfg_;
+  Params grads_;
+  AdamW opt_;
+};
+
+}  // namespace dsv3
