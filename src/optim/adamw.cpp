@@ -1,6 +1,8 @@
 #include "optim/adamw.h"
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 #include <cstring>
 
 #include "core/error.h"
@@ -14,10 +16,14 @@ double global_grad_norm(const Params& grads) {
     if (!p.trainable) continue;
     const float* g = grads.get(p.name);
     const int64_t n = p.numel();
-    double part = 0;
-#pragma omp parallel for reduction(+ : part) schedule(static)
-    for (int64_t i = 0; i < n; ++i) part += (double)g[i] * g[i];
-    ss += part;
+    // fixed-size chunks summed in order: the same bits on every run and any thread count
+    constexpr int64_t kChunk = 4096;
+    const int64_t nc = (n + kChunk - 1) / kChunk;
+    std::vector<double> part(nc, 0.0);
+#pragma omp parallel for schedule(static)
+    for (int64_t c = 0; c < nc; ++c)
+      for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) part[c] += (double)g[i] * g[i];
+    for (double v : part) ss += v;
   }
   return std::sqrt(ss);
 }

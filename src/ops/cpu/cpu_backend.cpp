@@ -172,9 +172,9 @@ void CpuBackend::router_forward(const float* logits, const float* bias, int64_t 
 
 double CpuBackend::cross_entropy_forward(const float* logits, int64_t rows, int64_t V, const int64_t* targets,
                                          int64_t* count) {
-  double total = 0;
-  int64_t n = 0;
-#pragma omp parallel for schedule(static) reduction(+ : total, n)
+  // per-row losses summed serially afterwards: bit-identical results run to run (an OpenMP reduction is not)
+  std::vector<double> row_loss(rows, 0.0);
+#pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     if (targets[r] < 0) continue;
     const float* l = logits + r * V;
@@ -182,8 +182,13 @@ double CpuBackend::cross_entropy_forward(const float* logits, int64_t rows, int6
     for (int64_t v = 1; v < V; ++v) mx = std::max(mx, l[v]);
     double sum = 0;
     for (int64_t v = 0; v < V; ++v) sum += std::exp((double)l[v] - mx);
-    total += std::log(sum) + mx - l[targets[r]];
-    ++n;
+    row_loss[r] = std::log(sum) + mx - l[targets[r]];
+  }
+  double total = 0;
+  int64_t n = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    total += row_loss[r];
+    n += targets[r] >= 0;
   }
   if (count) *count = n;
   return total;
