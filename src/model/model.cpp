@@ -152,12 +152,18 @@ void check_tokens(const int64_t* tokens, int64_t n, int64_t V) {
 }
 }  // namespace
 
-Losses Model::forward_into(const int64_t* tokens, int64_t B, int64_t S, double mtp_lambda, double aux_alpha,
-                           ForwardTrace* tr, Activations& a) {
+Losses Model::forward_into(const int64_t* tokens, const int64_t* labels, int64_t B, int64_t S, double mtp_lambda,
+                           double aux_alpha, ForwardTrace* tr, Activations& a) {
   DSV3_CHECK(S >= 2, "a training sequence needs at least 2 tokens, got " << S);
   const int64_t T = B * S, D = cfg_.hidden_size, V = cfg_.vocab_size, L = cfg_.num_hidden_layers;
   const float eps = (float)cfg_.rms_norm_eps;
   check_tokens(tokens, T, V);
+  if (labels) check_tokens(labels, T, V);
+  // next token of (b, s); -1 past the end of the sequence
+  auto next = [&](int64_t b, int64_t s) -> int64_t {
+    if (s + 1 < S) return tokens[b * S + s + 1];
+    return labels ? labels[b * S + s] : -1;
+  };
   ForwardTrace local;
   if (!tr) tr = &local;  // the balance losses come through the trace
   tr->moe.clear();
@@ -183,9 +189,9 @@ Losses Model::forward_into(const int64_t* tokens, int64_t B, int64_t S, double m
   if (keep) tr->final_norm = a.h;
   a.logits.resize(T * V);
   be_.gemm_nt(T, V, D, 1.0f, a.h.data(), D, params_.get("lm_head.weight"), D, 0.0f, a.logits.data(), V);
-  a.targets.assign(T, -1);  // position s predicts token s+1
+  a.targets.resize(T);  // position s predicts token s+1
   for (int64_t b = 0; b < B; ++b)
-    for (int64_t s = 0; s + 1 < S; ++s) a.targets[b * S + s] = tokens[b * S + s + 1];
+    for (int64_t s = 0; s < S; ++s) a.targets[b * S + s] = next(b, s);
   int64_t n = 0;
   loss.lm = be_.cross_entropy_forward(a.logits.data(), T, V, a.targets.data(), &n) / n;
   if (keep) tr->logits = a.logits;
@@ -229,9 +235,9 @@ Losses Model::forward_into(const int64_t* tokens, int64_t B, int64_t S, double m
                         a.mtp_rstd_out.data());
     a.mtp_logits.resize(Tm * V);
     be_.gemm_nt(Tm, V, D, 1.0f, a.mtp_hn.data(), D, params_.get("lm_head.weight"), D, 0.0f, a.mtp_logits.data(), V);
-    a.mtp_targets.assign(Tm, -1);
+    a.mtp_targets.resize(Tm);  // position i predicts token i+2
     for (int64_t b = 0; b < B; ++b)
-      for (int64_t i = 0; i + 2 < S; ++i) a.mtp_targets[b * Sm + i] = tokens[b * S + i + 2];
+      for (int64_t i = 0; i < Sm; ++i) a.mtp_targets[b * Sm + i] = next(b, i + 1);
     int64_t nm = 0;
     const double sum = be_.cross_entropy_forward(a.mtp_logits.data(), Tm, V, a.mtp_targets.data(), &nm);
     loss.mtp = nm > 0 ? sum / nm : 0.0;
@@ -243,16 +249,16 @@ Losses Model::forward_into(const int64_t* tokens, int64_t B, int64_t S, double m
 }
 
 Losses Model::forward(const int64_t* tokens, int64_t B, int64_t S, double mtp_lambda, double aux_alpha,
-                      ForwardTrace* tr) {
+                      ForwardTrace* tr, const int64_t* labels) {
   Activations a;
-  return forward_into(tokens, B, S, mtp_lambda, aux_alpha, tr, a);
+  return forward_into(tokens, labels, B, S, mtp_lambda, aux_alpha, tr, a);
 }
 
 Losses Model::forward_backward(const int64_t* tokens, int64_t B, int64_t S, double mtp_lambda, double aux_alpha,
-                               double loss_scale, Params& grads, ForwardTrace* tr) {
+                               double loss_scale, Params& grads, ForwardTrace* tr, const int64_t* labels) {
   DSV3_CHECK(grads.size() == params_.size(), "gradient store does not match the model's parameter table");
   Activations a;
-  const Losses loss = forward_into(tokens, B, S, mtp_lambda, aux_alpha, tr, a);
+  const Losses loss = forward_into(tokens, labels, B, S, mtp_lambda, aux_alpha, tr, a);
   const int64_t T = B * S, D = cfg_.hidden_size, V = cfg_.vocab_size, L = cfg_.num_hidden_layers;
   const double aux_coef = aux_alpha * loss_scale;
   float* g_emb = grads.get("model.embed_tokens.weight");

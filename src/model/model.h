@@ -84,13 +84,17 @@ class Model {
   void init_random(uint64_t seed);
 
   // Full forward of B sequences of S tokens (tokens (B, S)); losses weighted by mtp_lambda and aux_alpha.
+  // Targets: without `labels`, position s predicts tokens[s+1] (S-1 LM targets; the MTP module predicts s+2,
+  // S-2 targets) as in the golden data; with labels (B, S) (= the next token of each position, Megatron's
+  // tokens[1:S+1] of an S+1-token sample), every position has an LM target and the MTP S-1.
   Losses forward(const int64_t* tokens, int64_t B, int64_t S, double mtp_lambda, double aux_alpha,
-                 ForwardTrace* trace = nullptr);
+                 ForwardTrace* trace = nullptr, const int64_t* labels = nullptr);
 
   // Forward and backward of one micro-batch: gradients of loss_scale * total loss accumulate into `grads` (a
   // Params with this model's table). Returns the (unscaled) losses; the trace gets routing and counts.
   Losses forward_backward(const int64_t* tokens, int64_t B, int64_t S, double mtp_lambda, double aux_alpha,
-                          double loss_scale, Params& grads, ForwardTrace* trace = nullptr);
+                          double loss_scale, Params& grads, ForwardTrace* trace = nullptr,
+                          const int64_t* labels = nullptr);
 
   // Main-model logits (B, S, V) without the losses or MTP (generation without a cache).
   std::vector<float> logits(const int64_t* tokens, int64_t B, int64_t S);
@@ -108,8 +112,8 @@ class Model {
   void layer_backward(int64_t layer, const LayerActs& la, float* dx, double aux_coef, Params& grads);
   // The forward pass of the whole model into `a` (losses and trace filled); the shared path of forward() and
   // forward_backward().
-  Losses forward_into(const int64_t* tokens, int64_t B, int64_t S, double mtp_lambda, double aux_alpha,
-                      ForwardTrace* tr, Activations& a);
+  Losses forward_into(const int64_t* tokens, const int64_t* labels, int64_t B, int64_t S, double mtp_lambda,
+                      double aux_alpha, ForwardTrace* tr, Activations& a);
 
   ModelConfig cfg_;
   Backend& be_;

@@ -31,7 +31,8 @@ Trainer::Trainer(Model& m, const TrainerConfig& c)
   }
 }
 
-StepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t S, double lr, double mtp_lambda, double gamma) {
+StepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t S, double lr, double mtp_lambda, double gamma,
+                        const int64_t* labels) {
   const int64_t mb = cfg_.micro_batch;
   DSV3_CHECK(B % mb == 0, "global batch " << B << " is not a multiple of train.micro_batch " << mb);
   const int64_t M = B / mb;
@@ -42,7 +43,8 @@ StepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t S, double lr, 
   std::fill(grads_.data(), grads_.data() + grads_.size(), 0.0f);
   for (int64_t i = 0; i < M; ++i) {
     ForwardTrace tr;
-    const Losses l = model_.forward_backward(tokens + i * mb * S, mb, S, mtp_lambda, cfg_.aux_alpha, 1.0 / M, grads_, &tr);
+    const Losses l = model_.forward_backward(tokens + i * mb * S, mb, S, mtp_lambda, cfg_.aux_alpha, 1.0 / M, grads_,
+                                             &tr, labels ? labels + i * mb * S : nullptr);
     st.loss.lm += l.lm / M;
     st.loss.mtp += l.mtp / M;
     st.loss.aux += l.aux / M;
@@ -71,13 +73,14 @@ StepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t S, double lr, 
   return st;
 }
 
-Losses Trainer::evaluate(const int64_t* tokens, int64_t B, int64_t S, double mtp_lambda) {
+Losses Trainer::evaluate(const int64_t* tokens, int64_t B, int64_t S, double mtp_lambda, const int64_t* labels) {
   const int64_t mb = std::min(cfg_.micro_batch, B);
   DSV3_CHECK(B % mb == 0, "evaluation batch " << B << " is not a multiple of train.micro_batch " << mb);
   Losses out;
   const int64_t M = B / mb;
   for (int64_t i = 0; i < M; ++i) {
-    const Losses l = model_.forward(tokens + i * mb * S, mb, S, mtp_lambda, cfg_.aux_alpha);
+    const Losses l = model_.forward(tokens + i * mb * S, mb, S, mtp_lambda, cfg_.aux_alpha, nullptr,
+                                    labels ? labels + i * mb * S : nullptr);
     out.lm += l.lm / M;
     out.mtp += l.mtp / M;
     out.aux += l.aux / M;

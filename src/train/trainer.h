@@ -31,10 +31,12 @@ struct StepStats {
 class Trainer {
  public:
   Trainer(Model& m, const TrainerConfig& c);
-  // One step on a global batch of B sequences of S tokens (tokens (B, S)); B must divide into micro-batches.
-  StepStats step(const int64_t* tokens, int64_t B, int64_t S, double lr, double mtp_lambda, double gamma);
+  // One step on a global batch of B sequences of S tokens (tokens (B, S), labels (B, S) or null: see
+  // Model::forward); B must divide into micro-batches.
+  StepStats step(const int64_t* tokens, int64_t B, int64_t S, double lr, double mtp_lambda, double gamma,
+                 const int64_t* labels = nullptr);
   // Loss of a batch without any update (validation), averaged over micro-batches.
-  Losses evaluate(const int64_t* tokens, int64_t B, int64_t S, double mtp_lambda);
+  Losses evaluate(const int64_t* tokens, int64_t B, int64_t S, double mtp_lambda, const int64_t* labels = nullptr);
   Params& grads() { return grads_; }
   AdamW& optimizer() { return opt_; }
   const TrainerConfig& config() const { return cfg_; }
