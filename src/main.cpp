@@ -1,7 +1,9 @@
 // dsv3: pretrain DeepSeek-V3 from an input deck.
 //   dsv3 DECK [section.key=value ...]        e.g.  dsv3 input/tiny.deck train.iters=20 parallel.pp=2
 // The run reads top to bottom: init -> deck -> topology -> model -> loop.
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <iostream>
 #include <random>
@@ -12,11 +14,17 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "io/hf_checkpoint.h"
+#include "io/hf_export.h"
 #include "model/config.h"
 #include "model/model.h"
 #include "model/params.h"
 #include "ops/backend.h"
+#include "ops/cpu/blas_preflight.h"
 #include "parallel/comm.h"
+#include "data/gpt_dataset.h"
+#include "optim/schedule.h"
+#include "train/metrics.h"
+#include "train/trainer.h"
 
 using namespace dsv3;
 namespace po = boost::program_options;
@@ -55,6 +63,7 @@ Deck read_deck(const Comm& comm, const std::string& path, const std::vector<std:
 }  // namespace
 
 int main(int argc, char** argv) {
+  blas_preflight(argv);  // before anything loads work onto OpenBLAS or MPI starts
   // ---- init ----------------------------------------------------------------------------------------
   Comm comm(&argc, &argv);
   try {
@@ -112,22 +121,108 @@ int main(int argc, char** argv) {
       model.init_random((uint64_t)deck.get<int64_t>("train.seed"));
     }
 
-    // ---- loop --------------------------------------------------------------------------------------
-    // The training loop (backward, optimizer, data) is the next issue; until then dsv3 evaluates the losses of
-    // the model on a seeded random batch so that the deck, the model and the backend are exercised end to end.
-    const int64_t B = deck.get<int64_t>("train.micro_batch"), S = deck.get<int64_t>("train.seq_length");
+    // ---- data ---------------------------------------------------------------------------------------
+    // A sample is seq_length+1 tokens (Megatron): the model reads the first seq_length and predicts the next token
+    // at every position (labels = the sample shifted by one).
+    const Schedule sched = Schedule::from_deck(deck);
+    const int64_t iters = deck.get<int64_t>("train.iters"), S = deck.get<int64_t>("train.seq_length");
     DSV3_CHECK(S <= cfg.max_position_embeddings, "train.seq_length (" << S << ") exceeds max_position_embeddings ("
                                                                       << cfg.max_position_embeddings << ")");
-    std::mt19937_64 rng((uint64_t)deck.get<int64_t>("train.seed"));
-    std::vector<int64_t> tokens(B * S);
-    for (auto& t : tokens) t = (int64_t)(rng() % (uint64_t)cfg.vocab_size);
-    const auto t0 = std::chrono::steady_clock::now();
-    const Losses L = model.forward(tokens.data(), B, S, deck.get<double>("train.mtp_lambda"),
-                                   deck.get<double>("train.aux_alpha"));
-    const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    DSV3_LOG(info) << "forward on a random batch " << B << "x" << S << ": lm_loss " << L.lm << " mtp_loss " << L.mtp
-                   << " aux_loss " << L.aux << " total " << L.total << " (" << (B * S) / sec << " tokens/s)";
-    DSV3_LOG(warning) << "training (backward, optimizer, data) is not implemented yet: forward evaluation only";
+    int64_t total_samples = 0;
+    for (int64_t it = 0; it < iters; ++it) total_samples += sched.batch_at((double)total_samples * S);
+    auto train_data = make_dataset(deck, "train", total_samples, S, cfg.vocab_size);
+    const int64_t eval_interval = deck.get<int64_t>("train.eval_interval"), eval_iters = deck.get<int64_t>("train.eval_iters");
+    std::unique_ptr<TokenSource> valid_data;
+    if (eval_interval > 0 && eval_iters > 0)
+      valid_data = make_dataset(deck, "valid", eval_iters * sched.global_batch, S, cfg.vocab_size);
+
+    // ---- loop --------------------------------------------------------------------------------------
+    Trainer trainer(model, TrainerConfig::from_deck(deck));
+    MetricsWriter metrics(comm.rank() == 0 ? deck.path("log.metrics") : "", false);
+    const int64_t log_interval = deck.get<int64_t>("log.interval");
+    std::vector<int64_t> sample(S + 1), tokens, labels;
+    auto fill = [&](const TokenSource& src, int64_t first, int64_t B) {  // samples first.. -> tokens, labels (B, S)
+      tokens.resize(B * S);
+      labels.resize(B * S);
+      for (int64_t b = 0; b < B; ++b) {
+        src.get(first + b, sample.data());
+        std::copy_n(sample.begin(), S, tokens.begin() + b * S);
+        std::copy_n(sample.begin() + 1, S, labels.begin() + b * S);
+      }
+    };
+    auto evaluate = [&](int64_t it) {
+      Losses v;
+      for (int64_t k = 0; k < eval_iters; ++k) {
+        fill(*valid_data, k * sched.global_batch, sched.global_batch);
+        const Losses l = trainer.evaluate(tokens.data(), sched.global_batch, S, sched.mtp_lambda_at(0), labels.data());
+        v.lm += l.lm / eval_iters, v.mtp += l.mtp / eval_iters;
+      }
+      DSV3_LOG(info) << "validation at iteration " << it << ": lm_loss " << v.lm << " (ppl " << std::exp(v.lm)
+                     << ") mtp_loss " << v.mtp;
+      metrics.write({{"iteration", it}, {"valid_lm_loss", v.lm}, {"valid_mtp_loss", v.mtp}});
+    };
+    if (deck.get<int64_t>("checkpoint.interval") > 0)
+      DSV3_LOG(warning) << "checkpoint.interval is set, but checkpoints are not implemented yet: nothing is saved";
+
+    int64_t consumed_samples = 0;
+    const auto t_start = std::chrono::steady_clock::now();
+    for (int64_t it = 0; it < iters; ++it) {
+      const double consumed_tokens = (double)consumed_samples * S;
+      const int64_t B = sched.batch_at(consumed_tokens);
+      fill(*train_data, consumed_samples, B);
+      const auto t0 = std::chrono::steady_clock::now();
+      const StepStats st = trainer.step(tokens.data(), B, S, sched.lr_at(it, consumed_tokens),
+                                        sched.mtp_lambda_at(consumed_tokens), sched.gamma_at(consumed_tokens),
+                                        labels.data());
+      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      consumed_samples += B;
+      const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+      const double tok_s = B * S / dt;
+      // expert-load imbalance per MoE layer: max load / mean load (1 = perfectly balanced)
+      nlohmann::json imbalance = nlohmann::json::object();
+      double worst = 0;
+      for (const auto& [layer, load] : st.expert_load) {
+        double mx = 0, sum = 0;
+        for (int64_t c : load) mx = std::max(mx, (double)c), sum += (double)c;
+        const double r = sum > 0 ? mx / (sum / load.size()) : 0;
+        imbalance[std::to_string(layer)] = r;
+        worst = std::max(worst, r);
+      }
+      if ((it + 1) % log_interval == 0 || it == 0 || it + 1 == iters)
+        DSV3_LOG(info) << "iter " << it + 1 << "/" << iters << " | lm " << st.loss.lm << " mtp " << st.loss.mtp
+                       << " aux " << st.loss.aux << " | lr " << st.lr << " | grad norm " << st.grad_norm
+                       << (st.clip_coef < 1 ? " (clipped)" : "") << " | " << (int64_t)tok_s << " tok/s | load max/mean "
+                       << worst << " | ETA " << format_duration(elapsed / (it + 1) * (iters - it - 1));
+      metrics.write({{"iteration", it + 1},
+                     {"lm_loss", st.loss.lm},
+                     {"mtp_loss", st.loss.mtp},
+                     {"aux_loss", st.loss.aux},
+                     {"total_loss", st.loss.total},
+                     {"grad_norm", st.grad_norm},
+                     {"clip_coef", st.clip_coef},
+                     {"lr", st.lr},
+                     {"mtp_lambda", st.mtp_lambda},
+                     {"bias_update_rate", st.gamma},
+                     {"batch_size", B},
+                     {"tokens_per_s", tok_s},
+                     {"step_s", dt},
+                     {"consumed_samples", consumed_samples},
+                     {"consumed_tokens", (double)consumed_samples * S},
+                     {"expert_load_max_over_mean", imbalance},
+                     {"memory_rss_bytes", memory_rss_bytes()},
+                     {"memory_peak_bytes", memory_peak_bytes()}});
+      if (valid_data && ((it + 1) % eval_interval == 0 || it + 1 == iters)) evaluate(it + 1);
+      // checkpoint hook: the HDF5 checkpoint issue saves here every checkpoint.interval iterations
+    }
+    if (deck.given("checkpoint.export_hf") && comm.rank() == 0) {
+      const std::string dir = deck.path("checkpoint.export_hf");
+      const int n = write_hf_checkpoint(dir, cfg, model.params(), {deck.get<std::string>("checkpoint.export_dtype")});
+      DSV3_LOG(info) << "exported the model to " << dir << " (" << n << " safetensors shard(s), "
+                     << deck.get<std::string>("checkpoint.export_dtype") << ")";
+    }
+    DSV3_LOG(info) << "done: " << iters << " iterations, " << consumed_samples << " samples in "
+                   << format_duration(std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count())
+                   << "; peak memory " << memory_peak_bytes() / (1 << 20) << " MiB";
     return 0;
   } catch (const std::exception& e) {
     if (e.what()[0]) std::fprintf(stderr, "dsv3: error: %s\n", e.what());

@@ -23,6 +23,7 @@
 #include "model/config.h"
 #include "model/model.h"
 #include "ops/backend.h"
+#include "ops/cpu/blas_preflight.h"
 #include "parallel/comm.h"
 #include "train/trainer.h"
 
@@ -312,6 +313,7 @@ void check_fp8(Golden& g, Backend& be, Report& rep) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  blas_preflight(argv);  // before anything loads work onto OpenBLAS or MPI starts
   Comm comm(&argc, &argv);
   try {
     po::options_description opts("dsv3-golden DIR [options] [section.key=value ...]");

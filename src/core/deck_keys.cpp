@@ -175,6 +175,8 @@ const std::vector<KeySpec>& deck_keys() {
       {.name = "data.split", .type = T::String, .def = "98,2,0", .help = "train,valid,test weights"},
       {.name = "data.cache_dir", .type = T::Path, .def = "",
        .help = "directory for index caches (empty: next to the data)"},
+      {.name = "data.tokenizer", .type = T::Path, .def = "",
+       .help = "Hugging Face tokenizer.json (byte-level BPE) of the data, e.g. for decoding samples"},
 
       // ---- [log] -----------------------------------------------------------------------------
       {.name = "log.level", .type = T::String, .def = "info",
@@ -194,6 +196,10 @@ const std::vector<KeySpec>& deck_keys() {
        .help = "resume from: \"\" (none), auto (newest in dir) or a checkpoint path"},
       {.name = "checkpoint.finetune", .type = T::Bool, .def = "false",
        .help = "load weights only (fresh optimizer, iteration 0)"},
+      {.name = "checkpoint.export_hf", .type = T::Path, .def = "",
+       .help = "at the end of the run, write the model as a Hugging Face directory here (empty: no export)"},
+      {.name = "checkpoint.export_dtype", .type = T::String, .def = "bf16", .choices = {"bf16", "fp32"},
+       .help = "dtype of the HF export"},
   };
   return keys;
 }

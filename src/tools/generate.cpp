@@ -1,10 +1,11 @@
 // dsv3-generate: text generation from a DeepSeek-V3 model with the MLA latent KV cache.
-//   dsv3-generate --hf DIR --prompt-ids 1,2,3 [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S]
+//   dsv3-generate --hf DIR (--prompt-ids 1,2,3 | --prompt TEXT [--tokenizer tokenizer.json]) [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S]
 //                 [--no-cache] [section.key=value ...]
 // Prints the prompt ids and the generated ids; with --temperature 0 (default) decoding is greedy.
 #include <chrono>
 #include <cstdio>
 #include <iostream>
+#include <optional>
 #include <random>
 #include <sstream>
 
@@ -12,11 +13,13 @@
 
 #include "core/deck.h"
 #include "core/error.h"
+#include "data/tokenizer.h"
 #include "io/hf_checkpoint.h"
 #include "model/config.h"
 #include "model/model.h"
 #include "model/sampling.h"
 #include "ops/backend.h"
+#include "ops/cpu/blas_preflight.h"
 #include "parallel/comm.h"
 
 using namespace dsv3;
@@ -43,6 +46,7 @@ std::vector<int64_t> parse_ids(const std::string& s) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  blas_preflight(argv);  // before anything loads work onto OpenBLAS or MPI starts
   Comm comm(&argc, &argv);
   try {
     po::options_description opts("dsv3-generate --hf DIR --prompt-ids IDS [options] [section.key=value ...]");
@@ -50,6 +54,8 @@ int main(int argc, char** argv) {
         "hf", po::value<std::string>(), "Hugging Face model directory (config.json + model.safetensors or a sharded "
                                         "index; BF16/FP32 or the released FP8 weights)")(
         "prompt-ids", po::value<std::string>(), "comma-separated prompt token ids, e.g. 1,2,3")(
+        "prompt", po::value<std::string>(), "prompt text (encoded with --tokenizer); the output is decoded to text")(
+        "tokenizer", po::value<std::string>(), "a Hugging Face tokenizer.json (default: DIR/tokenizer.json)")(
         "max-new-tokens", po::value<int64_t>()->default_value(32), "tokens to generate")(
         "temperature", po::value<double>()->default_value(0.0), "sampling temperature; 0 = greedy")(
         "top-p", po::value<double>()->default_value(1.0), "nucleus sampling mass in (0, 1]")(
@@ -71,11 +77,18 @@ int main(int argc, char** argv) {
       return 0;
     }
     DSV3_CHECK(vm.count("hf"), "--hf DIR is required (see --help)");
-    DSV3_CHECK(vm.count("prompt-ids"), "--prompt-ids is required (see --help)");
+    DSV3_CHECK(vm.count("prompt-ids") + vm.count("prompt") == 1, "give exactly one of --prompt-ids and --prompt");
     DSV3_CHECK(comm.size() == 1, "dsv3-generate runs on one rank for now (got " << comm.size() << ")");
     const Deck deck = Deck::defaults_only(vm["overrides"].as<std::vector<std::string>>());
     const std::string dir = vm["hf"].as<std::string>();
-    const auto prompt = parse_ids(vm["prompt-ids"].as<std::string>());
+    std::optional<Tokenizer> tok;
+    if (vm.count("prompt") || vm.count("tokenizer")) {
+      const std::string path = vm.count("tokenizer") ? vm["tokenizer"].as<std::string>() : dir + "/tokenizer.json";
+      tok = Tokenizer::load(path);
+    }
+    const auto prompt = vm.count("prompt") ? tok->encode(vm["prompt"].as<std::string>())
+                                           : parse_ids(vm["prompt-ids"].as<std::string>());
+    DSV3_CHECK(!prompt.empty(), "--prompt: the text encodes to no tokens");
     const int64_t n_new = vm["max-new-tokens"].as<int64_t>();
     DSV3_CHECK(n_new >= 0, "--max-new-tokens must be >= 0");
     SamplerOptions so{vm["temperature"].as<double>(), vm["top-p"].as<double>()};
@@ -118,6 +131,7 @@ int main(int argc, char** argv) {
     std::printf("\ngenerated:");
     for (auto t : out) std::printf(" %lld", (long long)t);
     std::printf("\n");
+    if (tok) std::printf("text: %s%s\n", tok->decode(prompt).c_str(), tok->decode(out).c_str());
     std::fprintf(stderr, "%zu tokens in %.3f s (%.1f tokens/s, %s)\n", out.size(), sec, out.size() / std::max(sec, 1e-9),
                  use_cache ? "MLA latent cache" : "no cache");
     return 0;
