@@ -1,12 +1,38 @@
 #!/usr/bin/env bash
-# The main job of `make run`: what dsv3 can do today, end to end, on the tiny DeepSeek-V3 model.
+# The main job of `make run`, end to end on the shipped corpus:
+#   golden check -> tokenize the corpus -> train the tiny DeepSeek-V3 (input/tiny.deck) -> validation loss vs the
+#   corpus' unigram entropy -> HF export -> text generation from the trained model.
 set -euo pipefail
 BUILD=${1:-build}
 cd "$(dirname "$0")/.."
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1}
-echo "== 1. the tiny model against the golden reference (forward, generation, FP8)"
-"$BUILD/dsv3-golden" tests/golden/tiny --checks forward,generate,fp8
-echo "== 2. the driver on input/tiny.deck (the full 671B config reports its size the same way)"
-"$BUILD/dsv3" input/tiny.deck
-echo "== 3. greedy generation with the MLA latent KV cache"
-"$BUILD/dsv3-generate" --hf tests/golden/tiny --prompt-ids 1,2,3,4,5 --max-new-tokens 16
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)} OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1}
+PY=/usr/bin/python3
+
+echo "== 1/5 the tiny model against the golden reference (forward, gradients, 3 AdamW steps, generation, FP8)"
+"$BUILD/dsv3-golden" tests/golden/tiny | tail -1
+
+echo "== 2/5 tokenize data/corpus.jsonl (Shakespeare, public domain) with data/tokenizer.json"
+mkdir -p runs/data
+"$BUILD/dsv3-preprocess" --input data/corpus.jsonl --tokenizer data/tokenizer.json --output-prefix runs/data/corpus \
+  --append-eod | tail -1
+unigram=$($PY validation/unigram_entropy.py runs/data/corpus)
+echo "unigram entropy of the corpus: $unigram nats/token"
+
+echo "== 3/5 train the tiny DeepSeek-V3 on it (input/tiny.deck)"
+rm -rf runs/tiny
+"$BUILD/dsv3" input/tiny.deck 2>&1 | grep -v "# from" | grep -E "info: (iter|valid|data|model|done|export)|warn|error"
+
+echo "== 4/5 validation loss against the unigram entropy"
+$PY - "$unigram" <<'PY'
+import json, sys
+unigram = float(sys.argv[1])
+valid = [json.loads(l) for l in open("runs/tiny/metrics.jsonl") if "valid_lm_loss" in l]
+first, last = valid[0]["valid_lm_loss"], valid[-1]["valid_lm_loss"]
+print(f"validation lm loss: {first:.3f} (iteration {valid[0]['iteration']}) -> {last:.3f} (iteration "
+      f"{valid[-1]['iteration']}); unigram entropy {unigram:.3f}; margin {unigram - last:.3f} nats")
+sys.exit(0 if last < unigram - 0.5 else "the validation loss did not drop clearly below the unigram entropy")
+PY
+
+echo "== 5/5 generate from the trained model (exported to runs/tiny/hf)"
+"$BUILD/dsv3-generate" --hf runs/tiny/hf --tokenizer data/tokenizer.json --prompt "HAMLET. To be, or not to be" \
+  --max-new-tokens 60 --temperature 0.8 --top-p 0.9 --seed 1 2>/dev/null | sed -n "/^text:/,\$p"

@@ -193,7 +193,8 @@ Losses Model::forward_into(const int64_t* tokens, const int64_t* labels, int64_t
   for (int64_t b = 0; b < B; ++b)
     for (int64_t s = 0; s < S; ++s) a.targets[b * S + s] = next(b, s);
   int64_t n = 0;
-  loss.lm = be_.cross_entropy_forward(a.logits.data(), T, V, a.targets.data(), &n) / n;
+  a.lse.resize(T);
+  loss.lm = be_.cross_entropy_forward(a.logits.data(), T, V, a.targets.data(), &n, a.lse.data()) / n;
   if (keep) tr->logits = a.logits;
 
   // ---- MTP depth 1 (HF layer num_hidden_layers): position i combines the embedding of token i+1 (first) with
@@ -239,7 +240,9 @@ Losses Model::forward_into(const int64_t* tokens, const int64_t* labels, int64_t
     for (int64_t b = 0; b < B; ++b)
       for (int64_t i = 0; i < Sm; ++i) a.mtp_targets[b * Sm + i] = next(b, i + 1);
     int64_t nm = 0;
-    const double sum = be_.cross_entropy_forward(a.mtp_logits.data(), Tm, V, a.mtp_targets.data(), &nm);
+    a.mtp_lse.resize(Tm);
+    const double sum =
+        be_.cross_entropy_forward(a.mtp_logits.data(), Tm, V, a.mtp_targets.data(), &nm, a.mtp_lse.data());
     loss.mtp = nm > 0 ? sum / nm : 0.0;
     if (keep) tr->mtp_logits = a.mtp_logits;
   }
@@ -273,7 +276,7 @@ Losses Model::forward_backward(const int64_t* tokens, int64_t B, int64_t S, doub
     int64_t nm = 0;
     for (int64_t t : a.mtp_targets) nm += t >= 0;
     std::vector<float> dlog(Tm * V), dhn(Tm * D), dx(Tm * D, 0.0f);
-    be_.cross_entropy_backward(a.mtp_logits.data(), Tm, V, a.mtp_targets.data(),
+    be_.cross_entropy_backward(a.mtp_logits.data(), a.mtp_lse.data(), Tm, V, a.mtp_targets.data(),
                                nm ? (float)(loss_scale * mtp_lambda / nm) : 0.0f, dlog.data());
     be_.gemm_tn(V, D, Tm, 1.0f, dlog.data(), V, a.mtp_hn.data(), D, 1.0f, g_head, D);  // tied head: grads add up
     be_.gemm_nn(Tm, D, V, 1.0f, dlog.data(), V, w_head, D, 0.0f, dhn.data(), D);
@@ -304,7 +307,8 @@ Losses Model::forward_backward(const int64_t* tokens, int64_t B, int64_t S, doub
   int64_t n = 0;
   for (int64_t t : a.targets) n += t >= 0;
   std::vector<float> dlog(T * V), dx(T * D, 0.0f);
-  be_.cross_entropy_backward(a.logits.data(), T, V, a.targets.data(), (float)(loss_scale / n), dlog.data());
+  be_.cross_entropy_backward(a.logits.data(), a.lse.data(), T, V, a.targets.data(), (float)(loss_scale / n),
+                             dlog.data());
   be_.gemm_tn(V, D, T, 1.0f, dlog.data(), V, a.h.data(), D, 1.0f, g_head, D);
   be_.gemm_nn(T, D, V, 1.0f, dlog.data(), V, w_head, D, 1.0f, dh.data(), D);
   be_.rmsnorm_backward(a.x_final.data(), D, params_.get("model.norm.weight"), a.rstd_final.data(), dh.data(), T, D,

@@ -55,12 +55,12 @@ struct Activations {
   std::vector<int64_t> tokens;           // (B, S)
   std::vector<LayerActs> layers;         // main layers, then the MTP layer
   std::vector<float> x_final, rstd_final, h;  // residual after the last layer, model.norm rstd and output (T, D)
-  std::vector<float> logits;             // (T, V)
+  std::vector<float> logits, lse;        // (T, V), per-row log-sum-exp (T)
   std::vector<int64_t> targets;          // (T), -1 where no target
   // MTP depth 1 (Tm = B*(S-1) positions)
   std::vector<int64_t> mtp_next;         // (Tm) token i+1
   std::vector<float> mtp_e, mtp_e_rstd, mtp_hin, mtp_h_rstd, mtp_cat;  // embedding (Tm,D), h slice (Tm,D), cat (Tm,2D)
-  std::vector<float> mtp_x, mtp_rstd_out, mtp_hn, mtp_logits;  // block output (Tm,D), shared_head.norm, (Tm,V)
+  std::vector<float> mtp_x, mtp_rstd_out, mtp_hn, mtp_logits, mtp_lse;  // block output, shared_head.norm, logits
   std::vector<int64_t> mtp_targets;      // (Tm)
 };
 

@@ -75,9 +75,10 @@ class Backend {
                                float* dgate, float* dup) = 0;
   // dtable[ids[i]] += dy[i]
   virtual void embedding_backward(const int64_t* ids, int64_t n, const float* dy, int64_t dim, float* dtable) = 0;
-  // dlogits (rows, V) = scale * (softmax(logits) - onehot(target)); rows with target < 0 get 0 (written).
-  virtual void cross_entropy_backward(const float* logits, int64_t rows, int64_t V, const int64_t* targets,
-                                      float scale, float* dlogits) = 0;
+  // dlogits (rows, V) = scale * (softmax(logits) - onehot(target)); rows with target < 0 get 0 (written). lse: the
+  // per-row log-sum-exp the forward kept, so that the softmax is computed once more, not twice.
+  virtual void cross_entropy_backward(const float* logits, const float* lse, int64_t rows, int64_t V,
+                                      const int64_t* targets, float scale, float* dlogits) = 0;
   // Router gradient to the logits (T, E) (written). Two sources: the combine weights (dweight (T,K), through the
   // normalisation and the scale; the selection itself is discrete and the bias gets none) and the sequence-wise
   // balance loss through P_i: for token t of sequence b, d/ds_te of aux_coef * sum_i f_bi s_ti / Z_t where
@@ -87,9 +88,10 @@ class Backend {
                                float aux_coef, float* dlogits) = 0;
 
   // Mean-free cross entropy: per row loss_r = logsumexp(logits_r) - logits_r[target_r] (rows with target < 0 give
-  // 0 and do not count). Returns the sum of the row losses (double) and writes the counted rows to *count.
+  // 0 and do not count). Returns the sum of the row losses (double) and writes the counted rows to *count and the
+  // per-row log-sum-exp to lse (rows) when non-null.
   virtual double cross_entropy_forward(const float* logits, int64_t rows, int64_t V, const int64_t* targets,
-                                       int64_t* count) = 0;
+                                       int64_t* count, float* lse = nullptr) = 0;
 };
 
 // "cpu" or "cuda"; throws dsv3::Error when the device is not available (e.g. no GPU, or built without CUDA).

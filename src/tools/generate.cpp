@@ -132,6 +132,7 @@ int main(int argc, char** argv) {
     for (auto t : out) std::printf(" %lld", (long long)t);
     std::printf("\n");
     if (tok) std::printf("text: %s%s\n", tok->decode(prompt).c_str(), tok->decode(out).c_str());
+    std::fflush(stdout);
     std::fprintf(stderr, "%zu tokens in %.3f s (%.1f tokens/s, %s)\n", out.size(), sec, out.size() / std::max(sec, 1e-9),
                  use_cache ? "MLA latent cache" : "no cache");
     return 0;

@@ -129,5 +129,145 @@ TEST(CpuOps, SwigluEmbeddingCrossEntropy) {
     for (int v = 0; v < 7; ++v) z += std::exp((double)lg[r * 7 + v]);
     ref += std::log(z) - lg[r * 7 + tg[r]];
   }
-  EXPECT_NEAR(sum, ref, 1e-9);
+  EXPECT_NEAR(sum, ref, 1e-6 * ref);  // float exponentials: float32 precision
+}
+
+// ---- backward ops against central finite differences of their forward ops (loss = sum(out * w), w random) ----
+
+namespace {
+// d/dx_i of f(x) by central differences, f evaluated in float; h relative to |x_i|
+template <class F>
+std::vector<double> numeric_grad(std::vector<float> x, F f, float h = 1e-2f) {
+  std::vector<double> g(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    const float x0 = x[i];
+    x[i] = x0 + h;
+    const double fp = f(x);
+    x[i] = x0 - h;
+    const double fm = f(x);
+    x[i] = x0;
+    g[i] = (fp - fm) / (2.0 * h);
+  }
+  return g;
+}
+double dot(const std::vector<float>& a, const std::vector<float>& b) {
+  double s = 0;
+  for (size_t i = 0; i < a.size(); ++i) s += (double)a[i] * b[i];
+  return s;
+}
+void expect_close(const std::vector<float>& got, const std::vector<double>& want, double rel, const char* what) {
+  double mx = 0, err = 0;
+  for (size_t i = 0; i < want.size(); ++i) mx = std::max(mx, std::fabs(want[i])), err = std::max(err, std::fabs(got[i] - want[i]));
+  EXPECT_LT(err, rel * mx + 1e-6) << what << ": max err " << err << " of max " << mx;
+  EXPECT_GT(mx, 1e-4) << what << ": gradient is trivially zero";
+}
+}  // namespace
+
+TEST(CpuOpsBackward, RmsNorm) {
+  CpuBackend be(1);
+  const int64_t rows = 3, dim = 7;
+  auto x = randn(rows * dim, 20), w = randn(dim, 21), wy = randn(rows * dim, 22);
+  std::vector<float> y(rows * dim), rstd(rows), dx(rows * dim, 0.0f), dw(dim, 0.0f);
+  be.rmsnorm_forward(x.data(), dim, w.data(), 1e-6f, rows, dim, y.data(), rstd.data());
+  be.rmsnorm_backward(x.data(), dim, w.data(), rstd.data(), wy.data(), rows, dim, dx.data(), dim, dw.data());
+  auto fx = [&](const std::vector<float>& xx) {
+    std::vector<float> yy(rows * dim);
+    be.rmsnorm_forward(xx.data(), dim, w.data(), 1e-6f, rows, dim, yy.data(), nullptr);
+    return dot(yy, wy);
+  };
+  auto fw = [&](const std::vector<float>& ww) {
+    std::vector<float> yy(rows * dim);
+    be.rmsnorm_forward(x.data(), dim, ww.data(), 1e-6f, rows, dim, yy.data(), nullptr);
+    return dot(yy, wy);
+  };
+  expect_close(dx, numeric_grad(x, fx), 2e-3, "dx");
+  expect_close(dw, numeric_grad(w, fw), 2e-3, "dw");
+}
+
+TEST(CpuOpsBackward, RopeIsTheInverseRotation) {
+  CpuBackend be(1);
+  std::vector<float> cos = {1.0f, 0.6f, std::cos(0.3f), std::cos(2.0f)}, sin = {0.0f, 0.8f, std::sin(0.3f), std::sin(2.0f)};
+  auto x = randn(2 * 4, 23);
+  const auto x0 = x;
+  const int64_t pos[] = {1, 0};  // table (2 positions, 2 pairs)
+  be.rope_forward(x.data(), 2, 4, 1, 0, 4, pos, cos.data(), sin.data());
+  be.rope_backward(x.data(), 2, 4, 1, 0, 4, pos, cos.data(), sin.data());
+  for (size_t i = 0; i < x.size(); ++i) EXPECT_NEAR(x[i], x0[i], 1e-6);
+}
+
+TEST(CpuOpsBackward, MlaAttention) {
+  CpuBackend be(1);
+  const int64_t B = 2, S = 5, H = 2, dn = 3, dr = 2, dv = 3;
+  const float scale = 0.4f;
+  auto q = randn(B * S * H * (dn + dr), 24), kv = randn(B * S * H * (dn + dv), 25), kpe = randn(B * S * dr, 26);
+  auto wo = randn(B * S * H * dv, 27);
+  std::vector<float> o(B * S * H * dv), probs(B * H * S * S);
+  be.mla_attention_forward(q.data(), kv.data(), kpe.data(), dr, B, S, H, dn, dr, dv, scale, o.data(), probs.data());
+  std::vector<float> dq(q.size()), dkv(kv.size()), dkpe(kpe.size(), 0.0f);
+  be.mla_attention_backward(q.data(), kv.data(), kpe.data(), dr, probs.data(), wo.data(), B, S, H, dn, dr, dv, scale,
+                            dq.data(), dkv.data(), dkpe.data());
+  auto loss = [&](const std::vector<float>& qq, const std::vector<float>& kk, const std::vector<float>& pp) {
+    std::vector<float> oo(o.size());
+    be.mla_attention_forward(qq.data(), kk.data(), pp.data(), dr, B, S, H, dn, dr, dv, scale, oo.data(), nullptr);
+    return dot(oo, wo);
+  };
+  expect_close(dq, numeric_grad(q, [&](const std::vector<float>& v) { return loss(v, kv, kpe); }), 3e-3, "dq");
+  expect_close(dkv, numeric_grad(kv, [&](const std::vector<float>& v) { return loss(q, v, kpe); }), 3e-3, "dkv");
+  expect_close(dkpe, numeric_grad(kpe, [&](const std::vector<float>& v) { return loss(q, kv, v); }), 3e-3, "dkpe");
+}
+
+TEST(CpuOpsBackward, SwigluAndCrossEntropy) {
+  CpuBackend be(1);
+  auto g = randn(10, 28), u = randn(10, 29), w = randn(10, 30);
+  std::vector<float> dg(10), du(10);
+  be.swiglu_backward(g.data(), u.data(), w.data(), 2, 5, dg.data(), du.data());
+  auto f = [&](const std::vector<float>& gg, const std::vector<float>& uu) {
+    std::vector<float> o(10);
+    be.swiglu_forward(gg.data(), uu.data(), 2, 5, 5, o.data());
+    return dot(o, w);
+  };
+  expect_close(dg, numeric_grad(g, [&](const std::vector<float>& v) { return f(v, u); }), 2e-3, "dgate");
+  expect_close(du, numeric_grad(u, [&](const std::vector<float>& v) { return f(g, v); }), 2e-3, "dup");
+
+  const int64_t rows = 3, V = 6;
+  auto lg = randn(rows * V, 31);
+  const int64_t tg[] = {4, -1, 0};
+  std::vector<float> lse(rows), d(rows * V);
+  int64_t n = 0;
+  be.cross_entropy_forward(lg.data(), rows, V, tg, &n, lse.data());
+  be.cross_entropy_backward(lg.data(), lse.data(), rows, V, tg, 0.5f, d.data());
+  auto fl = [&](const std::vector<float>& l) { return 0.5 * be.cross_entropy_forward(l.data(), rows, V, tg, nullptr); };
+  expect_close(d, numeric_grad(lg, fl), 2e-3, "dlogits");
+  for (int64_t v = 0; v < V; ++v) EXPECT_EQ(d[V + v], 0.0f);  // the ignored row
+}
+
+TEST(CpuOpsBackward, RouterCombineWeightsAndBalanceLoss) {
+  CpuBackend be(1);
+  const int64_t T = 4, E = 8, K = 2, n_group = 4, topk_group = 2;
+  auto logits = randn(T * E, 32), dw = randn(T * K, 33);
+  std::vector<float> bias(E, 0.0f), scores(T * E), weight(T * K);
+  std::vector<int32_t> idx(T * K);
+  be.router_forward(logits.data(), bias.data(), T, E, n_group, topk_group, K, true, 2.5f, scores.data(), idx.data(),
+                    weight.data());
+  // balance-loss term for 2 sequences of 2 tokens: f fixed (from the selection), coefficient c
+  std::vector<float> f(2 * E, 0.0f);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t k = 0; k < K; ++k) f[(t / 2) * E + idx[t * K + k]] += (float)E / (K * 2);
+  const float c = 0.7f;
+  std::vector<float> dl(T * E);
+  be.router_backward(scores.data(), idx.data(), dw.data(), T, E, K, true, 2.5f, 2, f.data(), c, dl.data());
+  // the same objective in float: sum dw*weight (selection held fixed) + c * sum_t sum_e f_e s_te / Z_t
+  auto obj = [&](const std::vector<float>& l) {
+    double out = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      double z = 0, zc = 0;
+      std::vector<double> s(E);
+      for (int64_t e = 0; e < E; ++e) z += (s[e] = 1.0 / (1.0 + std::exp(-(double)l[t * E + e])));
+      for (int64_t k = 0; k < K; ++k) zc += s[idx[t * K + k]];
+      for (int64_t k = 0; k < K; ++k) out += dw[t * K + k] * 2.5 * s[idx[t * K + k]] / zc;
+      for (int64_t e = 0; e < E; ++e) out += c * f[(t / 2) * E + e] * s[e] / z;
+    }
+    return out;
+  };
+  expect_close(dl, numeric_grad(logits, obj, 1e-3f), 2e-3, "dlogits");
 }

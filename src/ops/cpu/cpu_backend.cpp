@@ -171,18 +171,19 @@ void CpuBackend::router_forward(const float* logits, const float* bias, int64_t 
 }
 
 double CpuBackend::cross_entropy_forward(const float* logits, int64_t rows, int64_t V, const int64_t* targets,
-                                         int64_t* count) {
+                                         int64_t* count, float* lse) {
   // per-row losses summed serially afterwards: bit-identical results run to run (an OpenMP reduction is not)
   std::vector<double> row_loss(rows, 0.0);
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
-    if (targets[r] < 0) continue;
     const float* l = logits + r * V;
     float mx = l[0];
     for (int64_t v = 1; v < V; ++v) mx = std::max(mx, l[v]);
-    double sum = 0;
-    for (int64_t v = 0; v < V; ++v) sum += std::exp((double)l[v] - mx);
-    row_loss[r] = std::log(sum) + mx - l[targets[r]];
+    double sum = 0;  // float exponentials (exact to an ulp), summed in double
+    for (int64_t v = 0; v < V; ++v) sum += std::exp(l[v] - mx);
+    const double ls = std::log(sum) + mx;
+    if (lse) lse[r] = (float)ls;
+    if (targets[r] >= 0) row_loss[r] = ls - l[targets[r]];
   }
   double total = 0;
   int64_t n = 0;
@@ -305,8 +306,8 @@ void CpuBackend::embedding_backward(const int64_t* ids, int64_t n, const float* 
   }
 }
 
-void CpuBackend::cross_entropy_backward(const float* logits, int64_t rows, int64_t V, const int64_t* targets,
-                                        float scale, float* dlogits) {
+void CpuBackend::cross_entropy_backward(const float* logits, const float* lse, int64_t rows, int64_t V,
+                                        const int64_t* targets, float scale, float* dlogits) {
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     float* d = dlogits + r * V;
@@ -315,12 +316,8 @@ void CpuBackend::cross_entropy_backward(const float* logits, int64_t rows, int64
       continue;
     }
     const float* l = logits + r * V;
-    float mx = l[0];
-    for (int64_t v = 1; v < V; ++v) mx = std::max(mx, l[v]);
-    double sum = 0;
-    for (int64_t v = 0; v < V; ++v) sum += std::exp((double)l[v] - mx);
-    const double inv = 1.0 / sum;
-    for (int64_t v = 0; v < V; ++v) d[v] = (float)(scale * std::exp((double)l[v] - mx) * inv);
+    const float m = lse[r];
+    for (int64_t v = 0; v < V; ++v) d[v] = scale * std::exp(l[v] - m);
     d[targets[r]] -= scale;
   }
 }

@@ -37,13 +37,13 @@ class CpuBackend final : public Backend {
   void swiglu_backward(const float* gate, const float* up, const float* dout, int64_t rows, int64_t cols,
                        float* dgate, float* dup) override;
   void embedding_backward(const int64_t* ids, int64_t n, const float* dy, int64_t dim, float* dtable) override;
-  void cross_entropy_backward(const float* logits, int64_t rows, int64_t V, const int64_t* targets, float scale,
-                              float* dlogits) override;
+  void cross_entropy_backward(const float* logits, const float* lse, int64_t rows, int64_t V, const int64_t* targets,
+                              float scale, float* dlogits) override;
   void router_backward(const float* scores, const int32_t* idx, const float* dweight, int64_t T, int64_t E, int64_t K,
                        bool norm, float scale, int64_t seq_len, const float* f, float aux_coef,
                        float* dlogits) override;
   double cross_entropy_forward(const float* logits, int64_t rows, int64_t V, const int64_t* targets,
-                               int64_t* count) override;
+                               int64_t* count, float* lse = nullptr) override;
 };
 
 }  // namespace dsv3
