@@ -68,7 +68,8 @@ int main(int argc, char** argv) {
   Comm comm(&argc, &argv);
   try {
     po::options_description opts("usage: dsv3 DECK [section.key=value ...]\n\noptions");
-    opts.add_options()("help,h", "print this help and every deck key")("version", "print the version");
+    opts.add_options()("help,h", "print this help and every deck key")("version", "print the version")(
+        "plan", "print the model's exact parameter counts without running or allocating anything");
     po::options_description hidden;
     hidden.add_options()("args", po::value<std::vector<std::string>>()->default_value({}, ""), "");
     po::options_description all;
@@ -95,6 +96,24 @@ int main(int argc, char** argv) {
     // ---- deck --------------------------------------------------------------------------------------
     const Deck deck = read_deck(comm, args[0], std::vector<std::string>(args.begin() + 1, args.end()));
     log::init(comm.rank(), log::parse_level(deck.get<std::string>("log.level")), deck.get<bool>("log.all_ranks"));
+    if (vm.count("plan")) {
+      const ModelConfig cfg = model_config_from_deck(deck);
+      const ParamCounts pc = count_params(cfg);
+      if (comm.rank() == 0) {
+        std::printf("model %s\n", cfg.source.c_str());
+        std::printf("  %-34s %18lld  (%s)\n", "parameters, main model", (long long)pc.main, human(pc.main).c_str());
+        std::printf("  %-34s %18lld  (%s)\n", "parameters, MTP module (own)", (long long)pc.mtp, human(pc.mtp).c_str());
+        std::printf("  %-34s %18lld  (%s)\n", "parameters, total unique", (long long)(pc.main + pc.mtp),
+                    human(pc.main + pc.mtp).c_str());
+        std::printf("  %-34s %18lld  (%s)\n", "tensor elements in HF files", (long long)pc.hf_total,
+                    human(pc.hf_total).c_str());
+        std::printf("  %-34s %18lld  (%s)\n", "activated per token (main)", (long long)pc.activated,
+                    human(pc.activated).c_str());
+        std::printf("  %-34s %18lld\n", "expert-bias elements (not trained)", (long long)pc.biases);
+      }
+      return 0;
+    }
+
     DSV3_LOG(info) << "dsv3 " << DSV3_VERSION << ", " << comm.size() << " rank(s), deck " << args[0];
     DSV3_LOG(info) << "resolved deck:\n" << deck.resolved_text();
 

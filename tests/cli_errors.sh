@@ -42,4 +42,8 @@ expect_error "bad prompt ids" "prompt-ids" "$BIN/dsv3-generate" --hf "$TESTS/gol
 expect_error "golden dir missing" "config.json" "$BIN/dsv3-golden" "$tmp/none"
 "$BIN/dsv3" --help | grep -q "train.iters" || { echo "FAIL: dsv3 --help lacks train.iters"; fail=1; }
 "$BIN/dsv3-generate" --help | grep -q -- "--max-new-tokens" || { echo "FAIL: dsv3-generate --help"; fail=1; }
+# the planner reports the real model's exact size (the public count, tests/data/deepseek-v3-counts.json)
+want=$(/usr/bin/python3 -c "import json; print(json.load(open('$TESTS/data/deepseek-v3-counts.json'))['main'])")
+"$BIN/dsv3" --plan "$TESTS/../input/pretrain.deck" | grep -q "main model *$want" \
+  || { echo "FAIL: dsv3 --plan input/pretrain.deck does not report $want main-model parameters"; fail=1; }
 exit $fail
