@@ -10,8 +10,12 @@
 
 namespace dsv3 {
 
-Model::Model(const ModelConfig& cfg, Backend& be)
-    : cfg_(cfg), be_(be), params_(build_param_table(cfg)), rope_(make_rope_table(cfg, cfg.max_position_embeddings)) {}
+Model::Model(const ModelConfig& cfg, Backend& be, const ExpertGroup& ep)
+    : cfg_(cfg),
+      be_(be),
+      ep_(ep),
+      params_(build_param_table(cfg), ShardPlan{ep.size, ep.rank}),
+      rope_(make_rope_table(cfg, cfg.max_position_embeddings)) {}
 
 namespace {
 std::string shape_str(const std::vector<int64_t>& s) {
@@ -25,13 +29,14 @@ void Model::load_hf(const HfCheckpoint& ck) {
   std::set<std::string> known;
   for (const ParamSpec& p : params_.table()) {
     const int64_t per = p.numel() / p.n_experts();
+    const int64_t first = params_.first_expert(p), count = params_.local_experts(p);
     for (int64_t e = 0; e < p.n_experts(); ++e) {
       const std::string hf = p.hf_name_of(e);
       DSV3_CHECK(ck.has(hf), "HF checkpoint has no tensor '" << hf << "' (the model config expects it)");
       const auto shape = ck.shape(hf);
       DSV3_CHECK(shape == p.hf_shape(), "HF tensor '" << hf << "' has shape " << shape_str(shape)
                                                       << ", the model config implies " << shape_str(p.hf_shape()));
-      ck.load_f32_into(hf, params_.get(p.name) + e * per, per);
+      if (e >= first && e < first + count) ck.load_f32_into(hf, params_.get(p.name) + (e - first) * per, per);
       known.insert(hf);
       known.insert(hf + "_scale_inv");
     }
@@ -54,7 +59,9 @@ uint64_t splitmix64(uint64_t x) {
 void Model::init_random(uint64_t seed) {
   for (const ParamSpec& p : params_.table()) {
     float* w = params_.get(p.name);
-    const int64_t n = p.numel();
+    const int64_t n = params_.local_numel(p);
+    // the global index of the first element held here (experts sharded over expert-parallel ranks)
+    const uint64_t g0 = (uint64_t)(params_.first_expert(p) * (p.numel() / p.n_experts()));
     if (!p.trainable) {
       std::fill(w, w + n, 0.0f);
     } else if (p.shape.size() == 1) {
@@ -64,7 +71,8 @@ void Model::init_random(uint64_t seed) {
       const double sd = cfg_.initializer_range;
 #pragma omp parallel for schedule(static)
       for (int64_t i = 0; i < n; ++i) {  // Box-Muller on two counter-based uniforms in (0, 1]
-        const uint64_t a = splitmix64(key + 2 * (uint64_t)i), b = splitmix64(key + 2 * (uint64_t)i + 1);
+        const uint64_t gi = g0 + (uint64_t)i;
+        const uint64_t a = splitmix64(key + 2 * gi), b = splitmix64(key + 2 * gi + 1);
         const double u1 = ((a >> 11) + 1.0) * 0x1.0p-53, u2 = (b >> 11) * 0x1.0p-53;
         w[i] = (float)(sd * std::sqrt(-2.0 * std::log(u1)) * std::cos(2 * M_PI * u2));
       }
@@ -107,7 +115,7 @@ void Model::layer_forward(int64_t layer, float* x, int64_t B, int64_t S, MlaCach
                        false, &la.mlp);
   } else {
     const MoeWeights mw = MoeWeights::from(params_, cfg_, layer);
-    moe_forward(be_, cfg_, mw, la.xn2.data(), B, S, y.data(), la.moe);
+    moe_forward(be_, cfg_, mw, ep_, la.xn2.data(), B, S, y.data(), la.moe);
     if (mt) {
       mt->balance_loss = seq_balance_loss(la.moe.r, B);
       mt->idx = la.moe.r.idx;
@@ -131,7 +139,7 @@ void Model::layer_backward(int64_t layer, const LayerActs& la, float* dx, double
   } else {
     const MoeWeights mw = MoeWeights::from(params_, cfg_, layer);
     MoeWeights mg = MoeWeights::from(grads, cfg_, layer);
-    moe_backward(be_, cfg_, mw, mg, la.xn2.data(), la.moe, dx, aux_coef, dxn.data());
+    moe_backward(be_, cfg_, mw, mg, ep_, la.xn2.data(), la.moe, dx, aux_coef, dxn.data());
   }
   be_.rmsnorm_backward(la.x_mid.data(), D, params_.get(pre + "post_attention_layernorm.weight"), la.rstd2.data(),
                        dxn.data(), T, D, dx, D, grads.get(pre + "post_attention_layernorm.weight"));

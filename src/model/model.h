@@ -70,7 +70,9 @@ struct KvCache {
 
 class Model {
  public:
-  Model(const ModelConfig& cfg, Backend& be);
+  // ep: the expert-parallel group this rank belongs to (default: none; the model holds every expert)
+  Model(const ModelConfig& cfg, Backend& be, const ExpertGroup& ep = {});
+  const ExpertGroup& expert_group() const { return ep_; }
   const ModelConfig& config() const { return cfg_; }
   Params& params() { return params_; }
   const Params& params() const { return params_; }
@@ -117,6 +119,7 @@ class Model {
 
   ModelConfig cfg_;
   Backend& be_;
+  ExpertGroup ep_;
   Params params_;
   RopeTable rope_;
 };

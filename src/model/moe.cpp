@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "core/error.h"
+#include "parallel/comm.h"
 
 namespace dsv3 {
 
@@ -82,24 +83,25 @@ void swiglu_mlp_backward(Backend& be, const float* x, int64_t T, int64_t D, int6
   be.gemm_nn(T, D, I, 1.0f, du.data(), I, w_up, D, 1.0f, dx, D);
 }
 
-void moe_experts(Backend& be, const ModelConfig& c, const MoeWeights& w, Dispatch& d, MlpActs* acts) {
-  const int64_t D = c.hidden_size, I = c.moe_intermediate_size, E = (int64_t)d.offset.size() - 1;
-  const int64_t rows = d.offset[E];
+void moe_experts(Backend& be, const ModelConfig& c, const MoeWeights& w, const std::vector<int64_t>& offset,
+                 const float* x, float* y, MlpActs* acts) {
+  const int64_t D = c.hidden_size, I = c.moe_intermediate_size, E = (int64_t)offset.size() - 1;
+  const int64_t rows = offset[E];
   MlpActs local;
   MlpActs& m = acts ? *acts : local;
   m.g.resize(rows * I);
   m.u.resize(rows * I);
   m.a.resize(rows * I);
   for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = d.offset[e + 1] - d.offset[e], r0 = d.offset[e];
+    const int64_t n = offset[e + 1] - offset[e], r0 = offset[e];
     if (n == 0) continue;
     float* ge = m.g.data() + r0 * I;
     float* ue = m.u.data() + r0 * I;
     float* ae = m.a.data() + r0 * I;
-    be.gemm_nt(n, I, D, 1.0f, d.x.data() + r0 * D, D, w.w_gate + e * I * D, D, 0.0f, ge, I);
-    be.gemm_nt(n, I, D, 1.0f, d.x.data() + r0 * D, D, w.w_up + e * I * D, D, 0.0f, ue, I);
+    be.gemm_nt(n, I, D, 1.0f, x + r0 * D, D, w.w_gate + e * I * D, D, 0.0f, ge, I);
+    be.gemm_nt(n, I, D, 1.0f, x + r0 * D, D, w.w_up + e * I * D, D, 0.0f, ue, I);
     be.swiglu_forward(ge, ue, n, I, I, ae);
-    be.gemm_nt(n, D, I, 1.0f, ae, I, w.w_down + e * D * I, I, 0.0f, d.y.data() + r0 * D, D);
+    be.gemm_nt(n, D, I, 1.0f, ae, I, w.w_down + e * D * I, I, 0.0f, y + r0 * D, D);
   }
 }
 
@@ -141,23 +143,80 @@ double seq_balance_loss(const Routing& r, int64_t B) {
 
 namespace dsv3 {
 
-void moe_forward(Backend& be, const ModelConfig& c, const MoeWeights& w, const float* xn, int64_t B, int64_t S,
-                 float* out, MoeActs& a) {
+namespace {
+
+// Moves rows between the ranks of the expert group: `send` in dispatch order (grouped by global expert, so by
+// destination rank) -> this rank's received rows in expert-major order (forward), or the reverse.
+void exchange_rows(const ExpertGroup& ep, const ExpertExchange& ex, int64_t D, const float* in, float* out,
+                   bool to_experts) {
+  std::vector<int64_t> sc(ep.size), rc(ep.size);
+  for (int p = 0; p < ep.size; ++p) {
+    sc[p] = (to_experts ? ex.send_rows[p] : ex.recv_rows[p]) * D;
+    rc[p] = (to_experts ? ex.recv_rows[p] : ex.send_rows[p]) * D;
+  }
+  const int64_t n = (int64_t)ex.perm.size();
+  std::vector<float> buf(n * D);
+  if (to_experts) {
+    ep.comm->ep_alltoallv(in, sc, buf.data(), rc);
+    for (int64_t i = 0; i < n; ++i) std::copy_n(buf.data() + i * D, D, out + ex.perm[i] * D);
+  } else {
+    for (int64_t i = 0; i < n; ++i) std::copy_n(in + ex.perm[i] * D, D, buf.data() + i * D);
+    ep.comm->ep_alltoallv(buf.data(), sc, out, rc);
+  }
+}
+
+// Counts exchanged first: how many rows go to each rank and, per local expert, how many arrive from each rank.
+ExpertExchange plan_exchange(const ExpertGroup& ep, const Routing& r) {
+  ExpertExchange ex;
+  const int64_t El = r.E / ep.size;
+  std::vector<int64_t> recv_counts(ep.size * El);  // (source rank, local expert)
+  ep.comm->alltoall(GroupKind::ep, r.counts.data(), recv_counts.data(), El);  // counts are grouped by owner rank
+  ex.send_rows.assign(ep.size, 0);
+  ex.recv_rows.assign(ep.size, 0);
+  ex.offset.assign(El + 1, 0);
+  for (int p = 0; p < ep.size; ++p)
+    for (int64_t e = 0; e < El; ++e) {
+      ex.send_rows[p] += r.counts[p * El + e];
+      ex.recv_rows[p] += recv_counts[p * El + e];
+      ex.offset[e + 1] += recv_counts[p * El + e];
+    }
+  for (int64_t e = 0; e < El; ++e) ex.offset[e + 1] += ex.offset[e];
+  // received rows arrive source-major, each source's rows grouped by expert: place them expert-major
+  std::vector<int64_t> fill(ex.offset.begin(), ex.offset.end() - 1);
+  for (int p = 0; p < ep.size; ++p)
+    for (int64_t e = 0; e < El; ++e)
+      for (int64_t j = 0; j < recv_counts[p * El + e]; ++j) ex.perm.push_back(fill[e]++);
+  return ex;
+}
+
+}  // namespace
+
+void moe_forward(Backend& be, const ModelConfig& c, const MoeWeights& w, const ExpertGroup& ep, const float* xn,
+                 int64_t B, int64_t S, float* out, MoeActs& a) {
   const int64_t T = B * S, D = c.hidden_size;
   a.B = B;
-  a.r = moe_route(be, c, w, xn, T);       // route
-  a.d = moe_dispatch(a.r, xn, D);         // dispatch
-  moe_experts(be, c, w, a.d, &a.experts); // experts
+  a.r = moe_route(be, c, w, xn, T);  // route: every rank routes its own tokens over all experts
+  a.d = moe_dispatch(a.r, xn, D);    // dispatch: grouped by global expert = by the rank that holds it
+  if (ep.size > 1) {                 // experts: on the rank that holds them
+    a.ex = plan_exchange(ep, a.r);
+    a.ex.x.resize(a.ex.perm.size() * D);
+    exchange_rows(ep, a.ex, D, a.d.x.data(), a.ex.x.data(), true);
+    std::vector<float> y(a.ex.x.size());
+    moe_experts(be, c, w, a.ex.offset, a.ex.x.data(), y.data(), &a.experts);
+    exchange_rows(ep, a.ex, D, y.data(), a.d.y.data(), false);
+  } else {
+    moe_experts(be, c, w, a.d.offset, a.d.x.data(), a.d.y.data(), &a.experts);
+  }
   if (w.sh_gate)
     swiglu_mlp_forward(be, xn, T, D, c.moe_intermediate_size * c.n_shared_experts, w.sh_gate, w.sh_up, w.sh_down, out,
                        false, &a.shared);
   else
     std::fill(out, out + T * D, 0.0f);
-  moe_combine(a.r, a.d, D, out);          // combine
+  moe_combine(a.r, a.d, D, out);     // combine
 }
 
-void moe_backward(Backend& be, const ModelConfig& c, const MoeWeights& w, MoeWeights& g, const float* xn,
-                  const MoeActs& a, const float* dout, double aux_coef, float* dxn) {
+void moe_backward(Backend& be, const ModelConfig& c, const MoeWeights& w, MoeWeights& g, const ExpertGroup& ep,
+                  const float* xn, const MoeActs& a, const float* dout, double aux_coef, float* dxn) {
   const Routing& r = a.r;
   const Dispatch& d = a.d;
   const int64_t T = r.T, K = r.K, E = r.E, D = c.hidden_size, I = c.moe_intermediate_size, rows = T * K;
@@ -181,14 +240,24 @@ void moe_backward(Backend& be, const ModelConfig& c, const MoeWeights& w, MoeWei
     }
     dweight[tk] = (float)dot;
   }
-  // experts, each on its contiguous rows
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = d.offset[e + 1] - d.offset[e], r0 = d.offset[e];
-    if (n == 0) continue;
-    swiglu_mlp_backward(be, d.x.data() + r0 * D, n, D, I, w.w_gate + e * I * D, w.w_up + e * I * D,
-                        w.w_down + e * D * I, a.experts.g.data() + r0 * I, a.experts.u.data() + r0 * I,
-                        a.experts.a.data() + r0 * I, dy.data() + r0 * D, g.w_gate + e * I * D, g.w_up + e * I * D,
-                        g.w_down + e * D * I, dx.data() + r0 * D);
+  // experts, each on its contiguous rows (on the rank that holds it: the row gradients travel there and back)
+  auto experts_backward = [&](const std::vector<int64_t>& offset, const float* x, const float* gy, float* gx) {
+    for (int64_t e = 0; e + 1 < (int64_t)offset.size(); ++e) {
+      const int64_t n = offset[e + 1] - offset[e], r0 = offset[e];
+      if (n == 0) continue;
+      swiglu_mlp_backward(be, x + r0 * D, n, D, I, w.w_gate + e * I * D, w.w_up + e * I * D, w.w_down + e * D * I,
+                          a.experts.g.data() + r0 * I, a.experts.u.data() + r0 * I, a.experts.a.data() + r0 * I,
+                          gy + r0 * D, g.w_gate + e * I * D, g.w_up + e * I * D, g.w_down + e * D * I, gx + r0 * D);
+    }
+  };
+  if (ep.size > 1) {
+    const int64_t n = (int64_t)a.ex.perm.size();
+    std::vector<float> gy(n * D), gx(n * D, 0.0f);
+    exchange_rows(ep, a.ex, D, dy.data(), gy.data(), true);
+    experts_backward(a.ex.offset, a.ex.x.data(), gy.data(), gx.data());
+    exchange_rows(ep, a.ex, D, gx.data(), dx.data(), false);
+  } else {
+    experts_backward(d.offset, d.x.data(), dy.data(), dx.data());
   }
   // dispatch: rows were copies of their token's input -> scatter-add back (fixed order: grouped row order)
   for (int64_t i = 0; i < rows; ++i) {

@@ -15,6 +15,15 @@
 
 namespace dsv3 {
 
+class Comm;
+
+// The expert-parallel group of this rank: the routed experts of every MoE layer are split into `size` contiguous
+// ranges and tokens travel to the rank that holds their expert (all-to-all); size 1: every expert is local.
+struct ExpertGroup {
+  const Comm* comm = nullptr;
+  int size = 1, rank = 0;
+};
+
 // Pointers into a Params store: the weights, or (same layout) their gradients.
 struct MoeWeights {
   float* gate = nullptr;       // (E, D) router
@@ -50,7 +59,9 @@ struct Dispatch {
 
 Routing moe_route(Backend& be, const ModelConfig& c, const MoeWeights& w, const float* x_norm, int64_t T);
 Dispatch moe_dispatch(const Routing& r, const float* x_norm, int64_t D);
-void moe_experts(Backend& be, const ModelConfig& c, const MoeWeights& w, Dispatch& d, MlpActs* acts = nullptr);
+// The local experts' SwiGLU on rows grouped by local expert (offset: E_local+1 row offsets): y (rows, D).
+void moe_experts(Backend& be, const ModelConfig& c, const MoeWeights& w, const std::vector<int64_t>& offset,
+                 const float* x, float* y, MlpActs* acts = nullptr);
 // out (T, D) = sum_k weight * expert_k(x)  (+ shared experts when present)
 void moe_combine(const Routing& r, const Dispatch& d, int64_t D, float* out);
 
@@ -67,17 +78,27 @@ void swiglu_mlp_backward(Backend& be, const float* x, int64_t T, int64_t D, int6
                          const float* dy, float* gw_gate, float* gw_up, float* gw_down, float* dx);
 
 // A whole MoE block, forward and backward (shared experts included); what backward needs is kept in MoeActs.
+// Expert parallelism: where the dispatched rows go and how the received ones are ordered for the local experts.
+struct ExpertExchange {
+  std::vector<int64_t> send_rows, recv_rows;  // (ep) rows to / from each rank of the group
+  std::vector<int64_t> offset;                // (E_local+1) rows of each local expert in the expert-major buffer
+  std::vector<int64_t> perm;                  // received row (source-rank major) -> expert-major row
+  std::vector<float> x;                       // (rows received, D) expert-major inputs of the local experts
+};
+
 struct MoeActs {
   int64_t B = 0;
   Routing r;
   Dispatch d;
-  MlpActs experts;  // grouped rows (T*K, I)
-  MlpActs shared;   // (T, I*n_shared)
+  ExpertExchange ex;  // ep > 1
+  MlpActs experts;    // the local experts' rows (rows, I)
+  MlpActs shared;     // (T, I*n_shared)
 };
-void moe_forward(Backend& be, const ModelConfig& c, const MoeWeights& w, const float* x_norm, int64_t B, int64_t S,
-                 float* out, MoeActs& acts);
+// route -> dispatch (-> all-to-all to the experts' ranks) -> experts (-> all-to-all back) -> combine
+void moe_forward(Backend& be, const ModelConfig& c, const MoeWeights& w, const ExpertGroup& ep, const float* x_norm,
+                 int64_t B, int64_t S, float* out, MoeActs& acts);
 // aux_coef: the weight of this layer's balance loss in the total loss (aux_alpha x loss scale).
-void moe_backward(Backend& be, const ModelConfig& c, const MoeWeights& w, MoeWeights& g, const float* x_norm,
-                  const MoeActs& a, const float* dout, double aux_coef, float* dx_norm);
+void moe_backward(Backend& be, const ModelConfig& c, const MoeWeights& w, MoeWeights& g, const ExpertGroup& ep,
+                  const float* x_norm, const MoeActs& a, const float* dout, double aux_coef, float* dx_norm);
 
 }  // namespace dsv3

@@ -137,14 +137,23 @@ ParamCounts count_params(const ModelConfig& c) {
   return n;
 }
 
-Params::Params(std::vector<ParamSpec> table) : table_(std::move(table)) {
+Params::Params(std::vector<ParamSpec> table, ShardPlan plan) : table_(std::move(table)), plan_(plan) {
+  DSV3_CHECK(plan_.ep_size >= 1 && plan_.ep_rank >= 0 && plan_.ep_rank < plan_.ep_size,
+             "bad expert-parallel shard " << plan_.ep_rank << " of " << plan_.ep_size);
   int64_t off = 0;
   for (size_t i = 0; i < table_.size(); ++i) {
     DSV3_CHECK(index_.emplace(table_[i].name, i).second, "duplicate parameter name " << table_[i].name);
+    DSV3_CHECK(!table_[i].expert_stack || table_[i].shape[0] % plan_.ep_size == 0,
+               "parallel.ep=" << plan_.ep_size << " does not divide the " << table_[i].shape[0] << " experts of "
+                              << table_[i].name);
     offset_.push_back(off);
-    off += table_[i].numel();
+    off += local_numel(table_[i]);
   }
   data_.assign(off, 0.0f);
+}
+
+int64_t Params::local_numel(const ParamSpec& p) const {
+  return p.expert_stack ? p.numel() / plan_.ep_size : p.numel();
 }
 
 const ParamSpec& Params::spec(const std::string& name) const {

@@ -43,11 +43,23 @@ struct ParamCounts {
 };
 ParamCounts count_params(const ModelConfig& c);
 
-// FP32 storage of every parameter, addressed by name (contiguous, in table order).
+// Which part of the parameters this rank holds. Expert parallelism: the routed experts of every MoE layer are
+// split into ep contiguous ranges; rank ep_rank holds experts [ep_rank*E/ep, (ep_rank+1)*E/ep).
+struct ShardPlan {
+  int ep_size = 1, ep_rank = 0;
+};
+
+// FP32 storage of the parameters this rank holds, addressed by name (contiguous, in table order).
 class Params {
  public:
   Params() = default;
-  explicit Params(std::vector<ParamSpec> table);
+  explicit Params(std::vector<ParamSpec> table, ShardPlan plan = {});
+  const ShardPlan& plan() const { return plan_; }
+  // elements held here of a parameter (all of it unless its experts are sharded)
+  int64_t local_numel(const ParamSpec& p) const;
+  // the experts held here of a stacked expert tensor: [first, first + count); (0, 1) for other parameters
+  int64_t first_expert(const ParamSpec& p) const { return p.expert_stack ? plan_.ep_rank * local_experts(p) : 0; }
+  int64_t local_experts(const ParamSpec& p) const { return p.expert_stack ? p.shape[0] / plan_.ep_size : 1; }
   const std::vector<ParamSpec>& table() const { return table_; }
   bool has(const std::string& name) const { return index_.count(name) != 0; }
   const ParamSpec& spec(const std::string& name) const;
@@ -60,6 +72,7 @@ class Params {
 
  private:
   std::vector<ParamSpec> table_;
+  ShardPlan plan_;
   std::unordered_map<std::string, size_t> index_;
   std::vector<int64_t> offset_;
   std::vector<float> data_;

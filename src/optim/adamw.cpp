@@ -2,35 +2,45 @@
 
 #include <algorithm>
 #include <cmath>
-#include <vector>
 #include <cstring>
+#include <vector>
 
 #include "core/error.h"
 #include "io/safetensors.h"  // float_to_bf16 / bf16_to_float
+#include "parallel/comm.h"
 
 namespace dsv3 {
 
+namespace {
+// fixed-size chunks summed in order: the same bits on every run and any thread count
+double sum_squares(const float* g, int64_t n) {
+  constexpr int64_t kChunk = 4096;
+  const int64_t nc = (n + kChunk - 1) / kChunk;
+  std::vector<double> part(nc, 0.0);
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < nc; ++c)
+    for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) part[c] += (double)g[i] * g[i];
+  double ss = 0;
+  for (double v : part) ss += v;
+  return ss;
+}
+}  // namespace
+
 double global_grad_norm(const Params& grads) {
   double ss = 0;
-  for (const ParamSpec& p : grads.table()) {
-    if (!p.trainable) continue;
-    const float* g = grads.get(p.name);
-    const int64_t n = p.numel();
-    // fixed-size chunks summed in order: the same bits on every run and any thread count
-    constexpr int64_t kChunk = 4096;
-    const int64_t nc = (n + kChunk - 1) / kChunk;
-    std::vector<double> part(nc, 0.0);
-#pragma omp parallel for schedule(static)
-    for (int64_t c = 0; c < nc; ++c)
-      for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) part[c] += (double)g[i] * g[i];
-    for (double v : part) ss += v;
-  }
+  for (const ParamSpec& p : grads.table())
+    if (p.trainable) ss += sum_squares(grads.get(p.name), grads.local_numel(p));
   return std::sqrt(ss);
 }
 
-double clip_grads(Params& grads, double norm, double max_norm) {
+double clip_coefficient(double norm, double max_norm) {
   if (max_norm <= 0) return 1.0;
   const double coef = max_norm / (norm + 1e-6);
+  return coef < 1.0 ? coef : 1.0;
+}
+
+double clip_grads(Params& grads, double norm, double max_norm) {
+  const double coef = clip_coefficient(norm, max_norm);
   if (coef >= 1.0) return 1.0;
   const float c = (float)coef;
   float* g = grads.data();
@@ -45,71 +55,129 @@ void round_to_bf16(float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = bf16_to_float(float_to_bf16(x[i]));
 }
 
-AdamW::AdamW(const Params& params, const AdamWConfig& cfg) : cfg_(cfg) {
-  const int64_t n = params.size();
-  if (cfg_.bf16_moments) {
-    m16_.assign(n, 0);
-    v16_.assign(n, 0);
-  } else {
-    m_.assign(n, 0.0f);
-    v_.assign(n, 0.0f);
+AdamW::AdamW(const Params& params, const AdamWConfig& cfg, const Comm* comm) : cfg_(cfg), comm_(comm) {
+  buckets_.resize(2);
+  buckets_[0].group = (int)GroupKind::dp;   // dense parameters: replicated over data parallel
+  buckets_[1].group = (int)GroupKind::edp;  // routed experts: replicated over expert data parallel
+  const auto& table = params.table();
+  for (size_t i = 0; i < table.size(); ++i) {
+    if (!table[i].trainable) continue;
+    Bucket& b = buckets_[table[i].expert_stack ? 1 : 0];
+    b.params.push_back((int)i);
+    b.size += params.local_numel(table[i]);
   }
-  if (cfg_.bf16_params) master_.assign(params.data(), params.data() + n);
-}
-
-void AdamW::step(Params& params, const Params& grads, double lr) {
-  DSV3_CHECK(grads.size() == params.size(), "AdamW: gradients do not match the parameters");
-  ++t_;
-  const float b1 = (float)cfg_.beta1, b2 = (float)cfg_.beta2, eps = (float)cfg_.eps;
-  const float bc1 = (float)(1.0 - std::pow(cfg_.beta1, (double)t_));
-  const float bc2 = (float)(1.0 - std::pow(cfg_.beta2, (double)t_));
-  const float flr = (float)lr, decay = (float)(1.0 - lr * cfg_.weight_decay);
-  float* work = params.data();
-  float* p_all = cfg_.bf16_params ? master_.data() : work;
-  const float* g_all = grads.data();
-  for (const ParamSpec& spec : params.table()) {
-    if (!spec.trainable) continue;
-    const int64_t off = params.offset(spec.name), n = spec.numel();
-    const bool wd = spec.decay;
-#pragma omp parallel for schedule(static)
-    for (int64_t i = off; i < off + n; ++i) {
-      const float g = g_all[i];
-      float m = cfg_.bf16_moments ? bf16_to_float(m16_[i]) : m_[i];
-      float v = cfg_.bf16_moments ? bf16_to_float(v16_[i]) : v_[i];
-      m = b1 * m + (1 - b1) * g;
-      v = b2 * v + (1 - b2) * g * g;
-      float p = p_all[i];
-      if (wd) p *= decay;
-      p -= flr * (m / bc1) / (std::sqrt(v / bc2) + eps);
-      p_all[i] = p;
-      if (cfg_.bf16_moments) {
-        m16_[i] = float_to_bf16(m);
-        v16_[i] = float_to_bf16(v);
-      } else {
-        m_[i] = m;
-        v_[i] = v;
-      }
-      if (cfg_.bf16_params) work[i] = bf16_to_float(float_to_bf16(p));
+  for (Bucket& b : buckets_) {
+    const int n = comm_ ? comm_->group_size((GroupKind)b.group) : 1;
+    const int r = comm_ ? comm_->group_rank((GroupKind)b.group) : 0;
+    b.padded = (b.size + n - 1) / n * n;
+    b.shard = b.padded / n;
+    b.begin = r * b.shard;
+    std::vector<float> flat;
+    pack(params, b, flat);
+    b.master.assign(flat.begin() + b.begin, flat.begin() + b.begin + b.shard);
+    // per-element decay flags of my shard (padding: no decay, it never leaves the optimizer)
+    b.decay.assign(b.shard, 0);
+    int64_t off = 0;
+    for (int i : b.params) {
+      const ParamSpec& p = table[i];
+      const int64_t n_el = params.local_numel(p);
+      const int64_t lo = std::max(off, b.begin), hi = std::min(off + n_el, b.begin + b.shard);
+      for (int64_t k = lo; k < hi; ++k) b.decay[k - b.begin] = p.decay;
+      off += n_el;
+    }
+    if (cfg_.bf16_moments) {
+      b.m16.assign(b.shard, 0);
+      b.v16.assign(b.shard, 0);
+    } else {
+      b.m.assign(b.shard, 0.0f);
+      b.v.assign(b.shard, 0.0f);
     }
   }
 }
 
-std::vector<float> AdamW::moment(int which) const {
-  if (!cfg_.bf16_moments) return which == 0 ? m_ : v_;
-  const auto& s = which == 0 ? m16_ : v16_;
-  std::vector<float> out(s.size());
-  for (size_t i = 0; i < s.size(); ++i) out[i] = bf16_to_float(s[i]);
-  return out;
+void AdamW::pack(const Params& src, const Bucket& b, std::vector<float>& flat) const {
+  flat.assign(b.padded, 0.0f);
+  int64_t off = 0;
+  for (int i : b.params) {
+    const ParamSpec& p = src.table()[i];
+    const int64_t n = src.local_numel(p);
+    std::memcpy(flat.data() + off, src.get(p.name), n * sizeof(float));
+    off += n;
+  }
 }
 
-void AdamW::set_moment(int which, const std::vector<float>& x) {
-  if (!cfg_.bf16_moments) {
-    (which == 0 ? m_ : v_) = x;
-    return;
+void AdamW::unpack(const std::vector<float>& flat, const Bucket& b, Params& dst) const {
+  int64_t off = 0;
+  for (int i : b.params) {
+    const ParamSpec& p = dst.table()[i];
+    const int64_t n = dst.local_numel(p);
+    std::memcpy(dst.get(p.name), flat.data() + off, n * sizeof(float));
+    off += n;
   }
-  auto& s = which == 0 ? m16_ : v16_;
-  s.resize(x.size());
-  for (size_t i = 0; i < x.size(); ++i) s[i] = float_to_bf16(x[i]);
+}
+
+double AdamW::reduce_grads(const Params& grads) {
+  double ss = 0;
+  std::vector<float> flat;
+  for (Bucket& b : buckets_) {
+    pack(grads, b, flat);
+    b.g.resize(b.shard);
+    if (comm_)
+      comm_->reduce_scatter((GroupKind)b.group, flat.data(), b.g.data(), b.shard);
+    else
+      std::copy(flat.begin(), flat.end(), b.g.begin());
+    ss += sum_squares(b.g.data(), b.shard);
+  }
+  // every unique element lives in exactly one shard of one rank (tp = pp = 1): the world sum is the global norm
+  if (comm_) comm_->allreduce_sum(GroupKind::world, &ss, 1);
+  return std::sqrt(ss);
+}
+
+void AdamW::step(Params& params, double lr, double grad_scale) {
+  ++t_;
+  const float b1 = (float)cfg_.beta1, b2 = (float)cfg_.beta2, eps = (float)cfg_.eps;
+  const float bc1 = (float)(1.0 - std::pow(cfg_.beta1, (double)t_));
+  const float bc2 = (float)(1.0 - std::pow(cfg_.beta2, (double)t_));
+  const float flr = (float)lr, decay = (float)(1.0 - lr * cfg_.weight_decay), gs = (float)grad_scale;
+  const bool scale = grad_scale != 1.0;
+  const bool m16 = cfg_.bf16_moments;
+  std::vector<float> flat;
+  for (Bucket& b : buckets_) {
+    DSV3_CHECK((int64_t)b.g.size() == b.shard, "AdamW::step before reduce_grads");
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < b.shard; ++i) {
+      const float g = scale ? b.g[i] * gs : b.g[i];  // the clipped gradient, as `g *= coef` would give it
+      float m = m16 ? bf16_to_float(b.m16[i]) : b.m[i];
+      float v = m16 ? bf16_to_float(b.v16[i]) : b.v[i];
+      m = b1 * m + (1 - b1) * g;
+      v = b2 * v + (1 - b2) * g * g;
+      float p = b.master[i];
+      if (b.decay[i]) p *= decay;
+      p -= flr * (m / bc1) / (std::sqrt(v / bc2) + eps);
+      b.master[i] = p;
+      if (m16) {
+        b.m16[i] = float_to_bf16(m);
+        b.v16[i] = float_to_bf16(v);
+      } else {
+        b.m[i] = m;
+        b.v[i] = v;
+      }
+    }
+    // the updated shards of every rank back into the (replicated) model weights
+    flat.assign(b.padded, 0.0f);
+    std::vector<float> mine(b.master);
+    if (cfg_.bf16_params) round_to_bf16(mine.data(), b.shard);
+    if (comm_)
+      comm_->allgather((GroupKind)b.group, mine.data(), flat.data(), b.shard);
+    else
+      std::copy(mine.begin(), mine.end(), flat.begin());
+    unpack(flat, b, params);
+  }
+}
+
+void AdamW::step(Params& params, const Params& grads, double lr) {
+  reduce_grads(grads);
+  step(params, lr, 1.0);
 }
 
 }  // namespace dsv3

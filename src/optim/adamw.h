@@ -1,9 +1,15 @@
-// defines: AdamWConfig, AdamW (FP32 master weights; BF16 gradients / moments / model weights optional),
-//          global_grad_norm, clip_grads, round_to_bf16
+// defines: AdamWConfig, AdamW — the distributed (ZeRO-1) AdamW with FP32 master weights; global_grad_norm,
+//          clip_grads, round_to_bf16
 // AdamW with decoupled weight decay exactly as the golden train.json states it:
 //   t += 1; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; if decay: p *= 1 - lr wd;
 //   p -= lr (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)
 // on every trainable parameter (decay only on >= 2-D ones), every element (also rows whose gradient is zero).
+//
+// ZeRO-1: the trainable parameters form two flat buckets, the dense ones (replicated over the data-parallel group)
+// and the routed experts (replicated over the expert-data-parallel group). Each bucket is padded to a multiple of
+// its group size and cut into equal shards; rank r of the group owns shard r: the gradients are reduce-scattered
+// into it, only its FP32 master weights and Adam moments exist here, and the updated shard is all-gathered back
+// into the model's weights. One rank (or no Comm) is the same code with a single shard.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -13,40 +19,56 @@
 
 namespace dsv3 {
 
+class Comm;
+
 struct AdamWConfig {
   double beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.1;
-  bool bf16_params = false;   // model weights held in BF16 (FP32 master kept by the optimizer)
+  bool bf16_params = false;   // model weights held in BF16 (the FP32 master lives in the optimizer shard)
   bool bf16_moments = false;  // Adam m and v stored in BF16 (the "precision-aware optimizer")
 };
 
-// Global L2 norm over the trainable parameters (each tied parameter once), accumulated in double.
+// Global L2 norm over the trainable parameters held in `grads` (one rank's view), accumulated in double.
 double global_grad_norm(const Params& grads);
 // coef = max_norm / (norm + 1e-6); if coef < 1 every gradient is scaled by it. Returns the coefficient applied
 // (1 when not clipping; max_norm <= 0 disables clipping).
+double clip_coefficient(double norm, double max_norm);
 double clip_grads(Params& grads, double norm, double max_norm);
 // Rounds every value to the nearest BF16 (RNE): how BF16 storage of gradients/weights is emulated bit-exactly.
 void round_to_bf16(float* x, int64_t n);
 
 class AdamW {
  public:
-  AdamW(const Params& params, const AdamWConfig& cfg);
-  // One step at learning rate lr on `params` (the model's working weights) with `grads`.
+  // comm null: one rank. Otherwise the dense bucket is sharded over the dp group, the experts over edp.
+  AdamW(const Params& params, const AdamWConfig& cfg, const Comm* comm = nullptr);
+  // Sums the gradients over the data-parallel replicas into this rank's shards and returns the global L2 norm
+  // (every unique element once, over all ranks).
+  double reduce_grads(const Params& grads);
+  // One step at learning rate lr with the reduced gradients times grad_scale (the clip coefficient); the updated
+  // weights are gathered into `params`.
+  void step(Params& params, double lr, double grad_scale = 1.0);
+  // Single-rank convenience: reduce_grads + step.
   void step(Params& params, const Params& grads, double lr);
   int64_t t() const { return t_; }
-  // Optimizer state, by parameter table order (for checkpoints): master weights (empty unless bf16_params),
-  // moments as float (converted when stored in BF16).
   const AdamWConfig& config() const { return cfg_; }
-  std::vector<float>& master() { return master_; }
-  std::vector<float> moment(int which) const;            // 0: m, 1: v
-  void set_moment(int which, const std::vector<float>& x);
-  void set_t(int64_t t) { t_ = t; }
+
+  struct Bucket {
+    std::vector<int> params;          // indices into the table
+    int64_t size = 0, padded = 0, shard = 0, begin = 0;  // elements, padded to the group, shard length, my offset
+    std::vector<uint8_t> decay;       // (shard) weight decay flag of each element of my shard
+    std::vector<float> master, g;     // (shard) FP32 master weights, reduced gradients
+    std::vector<float> m, v;          // (shard) FP32 moments, or
+    std::vector<uint16_t> m16, v16;   //         BF16 moments
+    int group = 0;                    // GroupKind
+  };
+  const std::vector<Bucket>& buckets() const { return buckets_; }
 
  private:
+  void pack(const Params& src, const Bucket& b, std::vector<float>& flat) const;
+  void unpack(const std::vector<float>& flat, const Bucket& b, Params& dst) const;
   AdamWConfig cfg_;
+  const Comm* comm_;
   int64_t t_ = 0;
-  std::vector<float> master_;                 // FP32 master weights when the model holds BF16
-  std::vector<float> m_, v_;                  // FP32 moments
-  std::vector<uint16_t> m16_, v16_;           // BF16 moments
+  std::vector<Bucket> buckets_;
 };
 
 }  // namespace dsv3

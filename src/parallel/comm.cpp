@@ -2,9 +2,14 @@
 
 #include <mpi.h>
 
+#include <algorithm>
+#include <climits>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "core/error.h"
+#include "parallel/topology.h"
 
 // Every MPI call goes through this: the error string and the call site end up in the message.
 #define MPI_CHECK(call)                                                                \
@@ -20,6 +25,19 @@
 
 namespace dsv3 {
 
+struct Comm::Group {
+  MPI_Comm comm = MPI_COMM_NULL;
+  int rank = 0, size = 1;
+  bool owned = false;
+};
+
+namespace {
+int to_int(int64_t n, const char* what) {
+  DSV3_CHECK(n >= 0 && n <= INT_MAX, what << ": " << n << " elements exceed an MPI count (2^31-1)");
+  return (int)n;
+}
+}  // namespace
+
 Comm::Comm(int* argc, char*** argv) {
   int inited = 0;
   MPI_CHECK(MPI_Initialized(&inited));
@@ -32,10 +50,50 @@ Comm::Comm(int* argc, char*** argv) {
   }
   MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &rank_));
   MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &size_));
+  // until set_groups(): every group is this rank alone, except the world
+  for (int k = 0; k <= (int)GroupKind::edp; ++k) {
+    auto* g = new Group;
+    if (k == 0) {
+      g->comm = MPI_COMM_WORLD;
+      g->rank = rank_;
+      g->size = size_;
+    } else {
+      g->comm = MPI_COMM_SELF;
+    }
+    groups_.push_back(g);
+  }
 }
 
 Comm::~Comm() {
+  for (Group* g : groups_) {
+    if (g->owned) MPI_Comm_free(&g->comm);
+    delete g;
+  }
   if (owns_mpi_) MPI_Finalize();
+}
+
+const Comm::Group& Comm::group(GroupKind k) const { return *groups_[(int)k]; }
+int Comm::group_rank(GroupKind k) const { return group(k).rank; }
+int Comm::group_size(GroupKind k) const { return group(k).size; }
+
+void Comm::set_groups(const Groups& gr) {
+  const std::vector<int>* lists[] = {nullptr, &gr.tp, &gr.dp, &gr.pp, &gr.ep, &gr.etp, &gr.edp};
+  for (int k = 1; k <= (int)GroupKind::edp; ++k) {
+    const std::vector<int>& members = *lists[k];
+    DSV3_CHECK(!members.empty() && std::find(members.begin(), members.end(), rank_) != members.end(),
+               "rank " << rank_ << " is not a member of its own group " << k);
+    Group* g = groups_[k];
+    if (g->owned) MPI_CHECK(MPI_Comm_free(&g->comm));
+    // colour = the group's first (smallest) world rank: identical on every member, distinct between groups
+    const int colour = *std::min_element(members.begin(), members.end());
+    MPI_CHECK(MPI_Comm_split(MPI_COMM_WORLD, colour, rank_, &g->comm));
+    MPI_CHECK(MPI_Comm_set_errhandler(g->comm, MPI_ERRORS_RETURN));
+    MPI_CHECK(MPI_Comm_rank(g->comm, &g->rank));
+    MPI_CHECK(MPI_Comm_size(g->comm, &g->size));
+    g->owned = true;
+    DSV3_CHECK(g->size == (int)members.size(), "group " << k << " of rank " << rank_ << " has " << g->size
+                                                        << " members, the topology says " << members.size());
+  }
 }
 
 void Comm::barrier() const { MPI_CHECK(MPI_Barrier(MPI_COMM_WORLD)); }
@@ -45,8 +103,7 @@ void Comm::bcast_string(std::string& s, int root) const {
   uint64_t n = s.size();
   MPI_CHECK(MPI_Bcast(&n, 1, MPI_UINT64_T, root, MPI_COMM_WORLD));
   s.resize(n);
-  // large strings in chunks: MPI counts are int
-  for (uint64_t off = 0; off < n; off += (1u << 30)) {
+  for (uint64_t off = 0; off < n; off += (1u << 30)) {  // large strings in chunks: MPI counts are int
     const int len = (int)std::min<uint64_t>(n - off, 1u << 30);
     MPI_CHECK(MPI_Bcast(s.data() + off, len, MPI_CHAR, root, MPI_COMM_WORLD));
   }
@@ -61,6 +118,73 @@ bool Comm::any(bool flag) const {
 void Comm::abort(int code) const {
   MPI_Abort(MPI_COMM_WORLD, code);
   std::exit(code);
+}
+
+void Comm::allreduce_sum(GroupKind k, float* x, int64_t n) const {
+  const Group& g = group(k);
+  if (g.size == 1 || n == 0) return;
+  MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, x, to_int(n, "allreduce"), MPI_FLOAT, MPI_SUM, g.comm));
+}
+
+void Comm::allreduce_sum(GroupKind k, double* x, int64_t n) const {
+  const Group& g = group(k);
+  if (g.size == 1 || n == 0) return;
+  MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, x, to_int(n, "allreduce"), MPI_DOUBLE, MPI_SUM, g.comm));
+}
+
+void Comm::allreduce_sum(GroupKind k, int64_t* x, int64_t n) const {
+  const Group& g = group(k);
+  if (g.size == 1 || n == 0) return;
+  MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, x, to_int(n, "allreduce"), MPI_INT64_T, MPI_SUM, g.comm));
+}
+
+void Comm::reduce_scatter(GroupKind k, const float* in, float* out, int64_t chunk) const {
+  const Group& g = group(k);
+  if (g.size == 1) {
+    std::memcpy(out, in, chunk * sizeof(float));
+    return;
+  }
+  MPI_CHECK(MPI_Reduce_scatter_block(in, out, to_int(chunk, "reduce_scatter"), MPI_FLOAT, MPI_SUM, g.comm));
+}
+
+void Comm::allgather(GroupKind k, const float* in, float* out, int64_t chunk) const {
+  const Group& g = group(k);
+  if (g.size == 1) {
+    std::memmove(out, in, chunk * sizeof(float));
+    return;
+  }
+  MPI_CHECK(MPI_Allgather(in, to_int(chunk, "allgather"), MPI_FLOAT, out, (int)chunk, MPI_FLOAT, g.comm));
+}
+
+void Comm::alltoall(GroupKind k, const int64_t* send, int64_t* recv, int64_t per_rank) const {
+  const Group& g = group(k);
+  if (g.size == 1) {
+    std::memcpy(recv, send, per_rank * sizeof(int64_t));
+    return;
+  }
+  MPI_CHECK(MPI_Alltoall(send, to_int(per_rank, "alltoall"), MPI_INT64_T, recv, (int)per_rank, MPI_INT64_T, g.comm));
+}
+
+void Comm::alltoallv(GroupKind k, const float* send, const std::vector<int64_t>& sc, float* recv,
+                     const std::vector<int64_t>& rc) const {
+  const Group& g = group(k);
+  DSV3_CHECK((int)sc.size() == g.size && (int)rc.size() == g.size, "alltoallv: counts for " << sc.size()
+                                                                      << " ranks in a group of " << g.size);
+  if (g.size == 1) {
+    std::memcpy(recv, send, sc[0] * sizeof(float));
+    return;
+  }
+  std::vector<int> s(g.size), sd(g.size), r(g.size), rd(g.size);
+  int64_t so = 0, ro = 0;
+  for (int i = 0; i < g.size; ++i) {
+    s[i] = to_int(sc[i], "alltoallv");
+    r[i] = to_int(rc[i], "alltoallv");
+    sd[i] = to_int(so, "alltoallv displacement");
+    rd[i] = to_int(ro, "alltoallv displacement");
+    so += sc[i];
+    ro += rc[i];
+  }
+  MPI_CHECK(MPI_Alltoallv(send, s.data(), sd.data(), MPI_FLOAT, recv, r.data(), rd.data(), MPI_FLOAT, g.comm));
 }
 
 }  // namespace dsv3

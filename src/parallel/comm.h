@@ -1,16 +1,23 @@
-// defines: dsv3::Comm — the only code that touches MPI (and later NCCL).
-// Group operations are named by intent; every MPI call is checked and reports file:line. A program started
-// without mpirun is a world of one rank: every operation has its single-rank meaning.
+// defines: dsv3::Comm — the only code that touches MPI (and later NCCL); GroupKind.
+// Group operations are named by intent (ep_alltoallv, dp_reduce_scatter, ...) over communicators built once from
+// the topology (parallel/topology.h); every MPI call is checked and reports file:line. A program started without
+// mpirun is a world of one rank: every operation then has its single-rank meaning (a copy or nothing).
 #pragma once
+#include <cstdint>
 #include <string>
+#include <vector>
 
 namespace dsv3 {
+
+struct Groups;
+
+enum class GroupKind { world, tp, dp, pp, ep, etp, edp };
 
 class Comm {
  public:
   // MPI_Init_thread (FUNNELED) unless already initialised; safe to construct once per process.
   Comm(int* argc, char*** argv);
-  ~Comm();  // MPI_Finalize when this object initialised MPI
+  ~Comm();  // frees the group communicators; MPI_Finalize when this object initialised MPI
   Comm(const Comm&) = delete;
   Comm& operator=(const Comm&) = delete;
 
@@ -23,9 +30,41 @@ class Comm {
   bool any(bool flag) const;
   [[noreturn]] void abort(int code) const;
 
+  // Builds one communicator per group kind from this rank's member lists (collective over the world: every rank
+  // calls it with its own Groups).
+  void set_groups(const Groups& g);
+  int group_rank(GroupKind k) const;
+  int group_size(GroupKind k) const;
+
+  // ---- collectives over a group (sum reductions; counts in elements) ---------------------------------------
+  void allreduce_sum(GroupKind k, float* x, int64_t n) const;
+  void allreduce_sum(GroupKind k, double* x, int64_t n) const;
+  void allreduce_sum(GroupKind k, int64_t* x, int64_t n) const;
+  // in (size * chunk) -> out (chunk): this rank's chunk of the element-wise sum
+  void reduce_scatter(GroupKind k, const float* in, float* out, int64_t chunk) const;
+  // in (chunk) -> out (size * chunk), rank order
+  void allgather(GroupKind k, const float* in, float* out, int64_t chunk) const;
+  // every rank sends `per_rank` int64 to each rank of the group (the counts before an all-to-all)
+  void alltoall(GroupKind k, const int64_t* send, int64_t* recv, int64_t per_rank) const;
+  // variable all-to-all of floats; counts and displacements in elements, one per group rank
+  void alltoallv(GroupKind k, const float* send, const std::vector<int64_t>& send_counts, float* recv,
+                 const std::vector<int64_t>& recv_counts) const;
+
+  // ---- named by intent --------------------------------------------------------------------------------------
+  void dp_allreduce(float* x, int64_t n) const { allreduce_sum(GroupKind::dp, x, n); }
+  void dp_reduce_scatter(const float* in, float* out, int64_t chunk) const { reduce_scatter(GroupKind::dp, in, out, chunk); }
+  void dp_allgather(const float* in, float* out, int64_t chunk) const { allgather(GroupKind::dp, in, out, chunk); }
+  void ep_alltoallv(const float* send, const std::vector<int64_t>& sc, float* recv,
+                    const std::vector<int64_t>& rc) const {
+    alltoallv(GroupKind::ep, send, sc, recv, rc);
+  }
+
  private:
   int rank_ = 0, size_ = 1;
   bool owns_mpi_ = false;
+  struct Group;
+  std::vector<Group*> groups_;  // by GroupKind; world is groups_[0]
+  const Group& group(GroupKind k) const;
 };
 
 }  // namespace dsv3

@@ -4,6 +4,7 @@
 
 #include "core/deck.h"
 #include "core/error.h"
+#include "parallel/comm.h"
 
 namespace dsv3 {
 
@@ -22,12 +23,12 @@ TrainerConfig TrainerConfig::from_deck(const Deck& d) {
   return c;
 }
 
-Trainer::Trainer(Model& m, const TrainerConfig& c)
-    : model_(m), cfg_(c), grads_(m.params().table()), opt_(m.params(), c.adamw) {
+Trainer::Trainer(Model& m, const TrainerConfig& c, const Comm* comm)
+    : model_(m), cfg_(c), comm_(comm), grads_(m.params().table(), m.params().plan()), opt_(m.params(), c.adamw, comm) {
   // BF16 model weights: the working copy starts as the rounded master
   if (cfg_.adamw.bf16_params) {
     for (const ParamSpec& p : m.params().table())
-      if (p.trainable) round_to_bf16(m.params().get(p.name), p.numel());
+      if (p.trainable) round_to_bf16(m.params().get(p.name), m.params().local_numel(p));
   }
 }
 
@@ -36,6 +37,7 @@ StepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t S, double lr, 
   const int64_t mb = cfg_.micro_batch;
   DSV3_CHECK(B % mb == 0, "global batch " << B << " is not a multiple of train.micro_batch " << mb);
   const int64_t M = B / mb;
+  const int dp = comm_ ? comm_->group_size(GroupKind::dp) : 1;
   StepStats st;
   st.lr = lr;
   st.mtp_lambda = mtp_lambda;
@@ -43,8 +45,9 @@ StepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t S, double lr, 
   std::fill(grads_.data(), grads_.data() + grads_.size(), 0.0f);
   for (int64_t i = 0; i < M; ++i) {
     ForwardTrace tr;
-    const Losses l = model_.forward_backward(tokens + i * mb * S, mb, S, mtp_lambda, cfg_.aux_alpha, 1.0 / M, grads_,
-                                             &tr, labels ? labels + i * mb * S : nullptr);
+    // each micro-batch's loss is a mean over its tokens: the global batch's loss is the mean of all dp*M of them
+    const Losses l = model_.forward_backward(tokens + i * mb * S, mb, S, mtp_lambda, cfg_.aux_alpha, 1.0 / (M * dp),
+                                             grads_, &tr, labels ? labels + i * mb * S : nullptr);
     st.loss.lm += l.lm / M;
     st.loss.mtp += l.mtp / M;
     st.loss.aux += l.aux / M;
@@ -55,10 +58,16 @@ StepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t S, double lr, 
       for (size_t e = 0; e < mt.counts.size(); ++e) load[e] += mt.counts[e];
     }
   }
+  if (comm_ && dp > 1) {  // the global batch's losses and expert loads
+    double l[4] = {st.loss.lm, st.loss.mtp, st.loss.aux, st.loss.total};
+    comm_->allreduce_sum(GroupKind::dp, l, 4);
+    st.loss = {l[0] / dp, l[1] / dp, l[2] / dp, l[3] / dp};
+    for (auto& [layer, load] : st.expert_load) comm_->allreduce_sum(GroupKind::dp, load.data(), (int64_t)load.size());
+  }
   if (cfg_.bf16_grads) round_to_bf16(grads_.data(), grads_.size());
-  st.grad_norm = global_grad_norm(grads_);
-  st.clip_coef = clip_grads(grads_, st.grad_norm, cfg_.clip_grad);
-  opt_.step(model_.params(), grads_, lr);
+  st.grad_norm = opt_.reduce_grads(grads_);  // summed over the replicas into this rank's shard (ZeRO-1)
+  st.clip_coef = clip_coefficient(st.grad_norm, cfg_.clip_grad);
+  opt_.step(model_.params(), lr, st.clip_coef);
   // aux-loss-free balancing: b_i += gamma * sign(mean load - load_i), over the whole step's tokens
   for (const auto& [layer, load] : st.expert_load) {
     float* bias = model_.params().get("model.layers." + std::to_string(layer) + ".mlp.gate.e_score_correction_bias");
@@ -74,6 +83,7 @@ StepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t S, double lr, 
 }
 
 Losses Trainer::evaluate(const int64_t* tokens, int64_t B, int64_t S, double mtp_lambda, const int64_t* labels) {
+  const int dp = comm_ ? comm_->group_size(GroupKind::dp) : 1;
   const int64_t mb = std::min(cfg_.micro_batch, B);
   DSV3_CHECK(B % mb == 0, "evaluation batch " << B << " is not a multiple of train.micro_batch " << mb);
   Losses out;
@@ -85,6 +95,11 @@ Losses Trainer::evaluate(const int64_t* tokens, int64_t B, int64_t S, double mtp
     out.mtp += l.mtp / M;
     out.aux += l.aux / M;
     out.total += l.total / M;
+  }
+  if (comm_ && dp > 1) {
+    double l[4] = {out.lm, out.mtp, out.aux, out.total};
+    comm_->allreduce_sum(GroupKind::dp, l, 4);
+    out = {l[0] / dp, l[1] / dp, l[2] / dp, l[3] / dp};
   }
   return out;
 }

@@ -30,9 +30,11 @@ struct StepStats {
 
 class Trainer {
  public:
-  Trainer(Model& m, const TrainerConfig& c);
-  // One step on a global batch of B sequences of S tokens (tokens (B, S), labels (B, S) or null: see
-  // Model::forward); B must divide into micro-batches.
+  // comm: the data-parallel groups (null: one rank). With dp ranks, each rank is given its own share of the global
+  // batch; gradients, losses and expert loads are combined over the data-parallel group (ZeRO-1 optimizer).
+  Trainer(Model& m, const TrainerConfig& c, const Comm* comm = nullptr);
+  // One step on this rank's B sequences of S tokens (tokens (B, S), labels (B, S) or null: see Model::forward);
+  // B must divide into micro-batches. The returned losses and loads are those of the global batch.
   StepStats step(const int64_t* tokens, int64_t B, int64_t S, double lr, double mtp_lambda, double gamma,
                  const int64_t* labels = nullptr);
   // Loss of a batch without any update (validation), averaged over micro-batches.
@@ -44,6 +46,7 @@ class Trainer {
  private:
   Model& model_;
   TrainerConfig cfg_;
+  const Comm* comm_;
   Params grads_;
   AdamW opt_;
 };
