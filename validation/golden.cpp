@@ -25,6 +25,7 @@
 #include "ops/backend.h"
 #include "ops/cpu/blas_preflight.h"
 #include "parallel/comm.h"
+#include "parallel/context.h"
 #include "train/trainer.h"
 
 using namespace dsv3;
@@ -34,10 +35,11 @@ namespace {
 
 struct Report {
   int passed = 0, failed = 0;
+  bool print = true;  // rank 0 prints; the other ranks only take part in the collectives
   void line(const std::string& name, double err, double tol, bool ok, const std::string& note = "") {
-    std::printf("%-58s max_abs_err %-10.3e tol %-8.1e %s%s\n", name.c_str(), err, tol, ok ? "PASS" : "FAIL",
+    if (print) std::printf("%-58s max_abs_err %-10.3e tol %-8.1e %s%s\n", name.c_str(), err, tol, ok ? "PASS" : "FAIL",
                 note.empty() ? "" : ("  " + note).c_str());
-    std::fflush(stdout);
+    if (print) std::fflush(stdout);
     (ok ? passed : failed)++;
   }
   // |a-b| <= tol elementwise (NaN fails)
@@ -67,6 +69,8 @@ struct Golden {
   std::string dir;
   ModelConfig cfg;
   SafetensorsFile gold;
+  const Comm* comm = nullptr;
+  ParallelContext ctx;
   double mtp_lambda = 0.3, aux_alpha = 0.0;
   nlohmann::json train = nlohmann::json::object();  // train.json: the optimizer hyperparameters
   Golden(const std::string& d) : dir(d), cfg(model_config_from_file(d + "/config.json")), gold(d + "/golden.safetensors") {
@@ -83,17 +87,76 @@ struct Golden {
   std::vector<float> f(const std::string& k) const { return gold.to_f32(k); }
   std::vector<int64_t> i(const std::string& k) const { return gold.to_i64(k); }
   std::vector<int64_t> shape(const std::string& k) const { return gold.get(k).shape; }
+
+  // The golden batch is the global batch: this data-parallel rank's sequences of it (dp_slice; maybe none).
+  int64_t B = 0;  // sequences of the batch being checked
+  std::pair<int64_t, int64_t> slice() const { return dp_slice(B, ctx.dp(), ctx.dp_rank()); }
+  int64_t local_B() const { return slice().second - slice().first; }
+  std::vector<int64_t> local_batch(const std::vector<int64_t>& ids, int64_t S) const {
+    const auto [b0, b1] = slice();
+    return std::vector<int64_t>(ids.begin() + b0 * S, ids.begin() + b1 * S);
+  }
+  // Sequence-major per-rank tensors -> the whole batch on every rank, `per_seq` values per sequence
+  std::vector<float> gather(const std::vector<float>& local, int64_t per_seq) const {
+    const int dp = ctx.dp();
+    const int64_t most = (B + dp - 1) / dp;
+    std::vector<float> pad(most * per_seq, 0.0f), all(dp * most * per_seq), full;
+    std::copy(local.begin(), local.end(), pad.begin());
+    comm->allgather(GroupKind::dp, pad.data(), all.data(), most * per_seq);
+    for (int r = 0; r < dp; ++r) {
+      const auto [b0, b1] = dp_slice(B, dp, r);
+      full.insert(full.end(), all.begin() + r * most * per_seq, all.begin() + (r * most + b1 - b0) * per_seq);
+    }
+    return full;
+  }
+  std::vector<float> gather(const std::vector<float>& local, const std::string& key) const {
+    return gather(local, gold.get(key).numel() / B);
+  }
+  template <class T>
+  std::vector<T> gather_ints(const std::vector<T>& local, const std::string& key) const {  // small ids: exact
+    const auto full = gather(std::vector<float>(local.begin(), local.end()), key);
+    return std::vector<T>(full.begin(), full.end());
+  }
+  // a per-rank mean over its sequences -> the batch mean (weighted by the sequences of each rank)
+  double batch_mean(double x) const {
+    x *= (double)local_B() / B;
+    comm->allreduce_sum(GroupKind::dp, &x, 1);
+    return x;
+  }
+  Model model(Backend& be, const HfCheckpoint& ck) const {
+    Model m(cfg, be, ctx.ep);
+    m.load_hf(ck);
+    return m;
+  }
 };
 
 void check_forward(Golden& g, Backend& be, Report& rep) {
-  Model m(g.cfg, be);
-  m.load_hf(HfCheckpoint(g.dir, g.cfg.fp8_block));
-  const auto ids = g.i("input_ids");
+  Model m = g.model(be, HfCheckpoint(g.dir, g.cfg.fp8_block));
   const auto sh = g.shape("input_ids");
-  const int64_t B = sh[0], S = sh[1];
+  const int64_t S = sh[1];
+  g.B = sh[0];
+  const auto ids = g.local_batch(g.i("input_ids"), S);
   ForwardTrace tr;
   tr.keep_hidden = true;
-  const Losses L = m.forward(ids.data(), B, S, g.mtp_lambda, g.aux_alpha, &tr);
+  Losses L = m.forward(ids.data(), g.local_B(), S, g.mtp_lambda, g.aux_alpha, &tr);
+  // the whole batch's view: activations gathered, counts summed, losses averaged over the data-parallel ranks
+  tr.embed = g.gather(tr.embed, "hidden.embed");
+  tr.final_norm = g.gather(tr.final_norm, "hidden.final_norm");
+  tr.logits = g.gather(tr.logits, "logits");
+  if (g.cfg.num_nextn_predict_layers > 0) {
+    tr.mtp_eh_proj = g.gather(tr.mtp_eh_proj, "hidden.mtp_eh_proj");
+    tr.mtp_block = g.gather(tr.mtp_block, "hidden.mtp_block");
+    tr.mtp_logits = g.gather(tr.mtp_logits, "mtp_logits");
+  }
+  for (auto& v : tr.layer_out) v = g.gather(v, "hidden.embed");
+  for (auto& [layer, mt] : tr.moe) {
+    const std::string k = "model.layers." + std::to_string(layer) + ".mlp";
+    mt.idx = g.gather_ints(mt.idx, "routing.topk_idx." + k);
+    mt.weight = g.gather(mt.weight, "routing.topk_weight." + k);
+    g.comm->allreduce_sum(GroupKind::dp, mt.counts.data(), (int64_t)mt.counts.size());
+    mt.balance_loss = g.batch_mean(mt.balance_loss);
+  }
+  L = {g.batch_mean(L.lm), g.batch_mean(L.mtp), g.batch_mean(L.aux), g.batch_mean(L.total)};
   const double th = 1e-4, tl = 1e-5;
   rep.close("hidden.embed", tr.embed, g.f("hidden.embed"), th);
   for (size_t l = 0; l < tr.layer_out.size(); ++l)
@@ -121,12 +184,14 @@ void check_forward(Golden& g, Backend& be, Report& rep) {
 // Gradients of the total loss at the initial weights on input_ids: every trainable parameter (experts one by
 // one under their HF names), |d| <= 1e-4 * max|golden| + 1e-9 as the golden README recommends.
 void check_grads(Golden& g, Backend& be, Report& rep) {
-  Model m(g.cfg, be);
-  m.load_hf(HfCheckpoint(g.dir, g.cfg.fp8_block));
-  Params grads(m.params().table());
-  const auto ids = g.i("input_ids");
+  Model m = g.model(be, HfCheckpoint(g.dir, g.cfg.fp8_block));
+  Params local(m.params().table(), m.params().plan());
   const auto sh = g.shape("input_ids");
-  m.forward_backward(ids.data(), sh[0], sh[1], g.mtp_lambda, g.aux_alpha, 1.0, grads);
+  g.B = sh[0];
+  const auto ids = g.local_batch(g.i("input_ids"), sh[1]);
+  m.forward_backward(ids.data(), g.local_B(), sh[1], g.mtp_lambda, g.aux_alpha, (double)g.local_B() / g.B, local);
+  reduce_grads_over_replicas(local, *g.comm);
+  const Params grads = gather_experts(local, *g.comm);
   for (const ParamSpec& p : grads.table()) {
     if (!p.trainable) continue;
     const int64_t per = p.numel() / p.n_experts();
@@ -146,8 +211,7 @@ void check_grads(Golden& g, Backend& be, Report& rep) {
 // Three full training steps (golden README "Training step"): per-step losses, grad norms and expert loads, then
 // every parameter after step 3 (>= 99.9% of elements within 2e-5, all within 1e-2 = lr) and the updated biases.
 void check_train(Golden& g, Backend& be, Report& rep, int64_t micro_batch) {
-  Model m(g.cfg, be);
-  m.load_hf(HfCheckpoint(g.dir, g.cfg.fp8_block));
+  Model m = g.model(be, HfCheckpoint(g.dir, g.cfg.fp8_block));
   const auto& j = g.train;
   DSV3_CHECK(j.contains("lr"), g.dir << "/train.json: missing (needed by the train check)");
   TrainerConfig tc;
@@ -159,15 +223,16 @@ void check_train(Golden& g, Backend& be, Report& rep, int64_t micro_batch) {
   tc.aux_alpha = g.aux_alpha;
   tc.micro_batch = micro_batch;
   const double lr = j.at("lr"), gamma = j.at("bias_update").at("gamma");
-  Trainer tr(m, tc);
+  Trainer tr(m, tc, g.comm);
   std::vector<float> lm, mtp, aux, total, gn;
   std::map<int64_t, std::vector<int64_t>> loads;
   const auto want_lm = g.f("train.lm_loss");
   for (size_t k = 0; k < want_lm.size(); ++k) {
     const std::string key = "input_ids_step" + std::to_string(k);
-    const auto ids = g.i(key);
     const auto sh = g.shape(key);
-    const StepStats st = tr.step(ids.data(), sh[0], sh[1], lr, g.mtp_lambda, gamma);
+    g.B = sh[0];
+    const auto ids = g.local_batch(g.i(key), sh[1]);
+    const StepStats st = tr.step(ids.data(), g.local_B(), sh[1], lr, g.mtp_lambda, gamma, nullptr, g.B);
     lm.push_back((float)st.loss.lm);
     mtp.push_back((float)st.loss.mtp);
     aux.push_back((float)st.loss.aux);
@@ -191,18 +256,19 @@ void check_train(Golden& g, Backend& be, Report& rep, int64_t micro_batch) {
     rep.exact(k, load, g.i(k));
   }
   // step-3 parameters: the two-level check over all elements together
+  const Params params = gather_experts(m.params(), *g.comm);
   int64_t n = 0, within = 0;
   std::vector<double> diffs;
   double worst = 0;
   std::string worst_name;
-  for (const ParamSpec& p : m.params().table()) {
+  for (const ParamSpec& p : params.table()) {
     const int64_t per = p.numel() / p.n_experts();
     for (int64_t e = 0; e < p.n_experts(); ++e) {
       std::string key = "step3." + p.hf_name_of(e);
       for (const auto& alias : p.hf_aliases)
         if (!g.gold.has(key)) key = "step3." + alias;
       const auto want = g.f(key);
-      const float* got = m.params().get(p.name) + e * per;
+      const float* got = params.get(p.name) + e * per;
       if (!p.trainable) {
         rep.close(key, got, want, 1e-6);
         continue;
@@ -234,8 +300,7 @@ void check_train(Golden& g, Backend& be, Report& rep, int64_t micro_batch) {
 int64_t argmax(const float* v, int64_t n) { return std::max_element(v, v + n) - v; }
 
 void check_generate(Golden& g, Backend& be, Report& rep) {
-  Model m(g.cfg, be);
-  m.load_hf(HfCheckpoint(g.dir, g.cfg.fp8_block));
+  Model m = g.model(be, HfCheckpoint(g.dir, g.cfg.fp8_block));
   const auto prompt = g.i("generate.prompt");
   const auto want = g.i("generate.greedy_tokens");
   const auto want_logits = g.f("generate.step_logits");
@@ -303,8 +368,7 @@ void check_fp8(Golden& g, Backend& be, Report& rep) {
            std::to_string(bad_code) + " codes differ");
   rep.line("fp8.quantize scale_inv bit-exact", (double)bad_scale, 0, bad_scale == 0 && n_tensors > 0,
            std::to_string(bad_scale) + " tensors differ");
-  Model m(g.cfg, be);
-  m.load_hf(q);
+  Model m = g.model(be, q);
   const auto ids = g.i("fp8_check.input_ids");
   const auto sh = g.shape("fp8_check.input_ids");
   rep.close("fp8_check.logits", m.logits(ids.data(), sh[0], sh[1]), g.f("fp8_check.logits"), 1e-4);
@@ -341,9 +405,9 @@ int main(int argc, char** argv) {
     }
     const std::string dir = args[0];
     const Deck deck = Deck::defaults_only(std::vector<std::string>(args.begin() + 1, args.end()));
-    DSV3_CHECK(comm.size() == 1, "dsv3-golden runs on one rank for now (got " << comm.size()
-                                     << "); parallel layouts come with the MPI parallelism");
     Golden g(dir);
+    g.comm = &comm;
+    g.ctx = setup_parallel(comm, deck, g.cfg);
     if (deck.given("train.mtp_lambda")) g.mtp_lambda = deck.get<double>("train.mtp_lambda");
     if (deck.given("train.aux_alpha")) g.aux_alpha = deck.get<double>("train.aux_alpha");
     auto be = make_backend(deck.get<std::string>("run.device"), (int)deck.get<int64_t>("run.threads"));
@@ -354,15 +418,17 @@ int main(int argc, char** argv) {
                  "--checks: unknown check '" << c << "' (forward, grads, train, generate, fp8)");
       checks.insert(c);
     }
-    std::printf("dsv3-golden %s: %s backend, checks %s\n", dir.c_str(), be->name().c_str(),
-                vm["checks"].as<std::string>().c_str());
     Report rep;
+    rep.print = comm.rank() == 0;
+    if (rep.print)
+      std::printf("dsv3-golden %s: %s backend, %s, checks %s\n", dir.c_str(), be->name().c_str(),
+                  format_sizes(g.ctx.sizes).c_str(), vm["checks"].as<std::string>().c_str());
     if (checks.count("forward")) check_forward(g, *be, rep);
     if (checks.count("grads")) check_grads(g, *be, rep);
     if (checks.count("train")) check_train(g, *be, rep, deck.get<int64_t>("train.micro_batch"));
     if (checks.count("generate")) check_generate(g, *be, rep);
     if (checks.count("fp8")) check_fp8(g, *be, rep);
-    std::printf("%d passed, %d failed\n", rep.passed, rep.failed);
+    if (rep.print) std::printf("%d passed, %d failed\n", rep.passed, rep.failed);
     return rep.failed == 0 && rep.passed > 0 ? 0 : 1;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "dsv3-golden: error: %s\n", e.what());

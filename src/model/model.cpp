@@ -163,6 +163,7 @@ void check_tokens(const int64_t* tokens, int64_t n, int64_t V) {
 Losses Model::forward_into(const int64_t* tokens, const int64_t* labels, int64_t B, int64_t S, double mtp_lambda,
                            double aux_alpha, ForwardTrace* tr, Activations& a) {
   DSV3_CHECK(S >= 2, "a training sequence needs at least 2 tokens, got " << S);
+  DSV3_CHECK(B >= 0, "negative batch");
   const int64_t T = B * S, D = cfg_.hidden_size, V = cfg_.vocab_size, L = cfg_.num_hidden_layers;
   const float eps = (float)cfg_.rms_norm_eps;
   check_tokens(tokens, T, V);
@@ -202,7 +203,8 @@ Losses Model::forward_into(const int64_t* tokens, const int64_t* labels, int64_t
     for (int64_t s = 0; s < S; ++s) a.targets[b * S + s] = next(b, s);
   int64_t n = 0;
   a.lse.resize(T);
-  loss.lm = be_.cross_entropy_forward(a.logits.data(), T, V, a.targets.data(), &n, a.lse.data()) / n;
+  const double lm_sum = be_.cross_entropy_forward(a.logits.data(), T, V, a.targets.data(), &n, a.lse.data());
+  loss.lm = n > 0 ? lm_sum / n : 0.0;  // an empty micro-batch (a data-parallel rank without sequences) adds nothing
   if (keep) tr->logits = a.logits;
 
   // ---- MTP depth 1 (HF layer num_hidden_layers): position i combines the embedding of token i+1 (first) with
@@ -315,8 +317,8 @@ Losses Model::forward_backward(const int64_t* tokens, int64_t B, int64_t S, doub
   int64_t n = 0;
   for (int64_t t : a.targets) n += t >= 0;
   std::vector<float> dlog(T * V), dx(T * D, 0.0f);
-  be_.cross_entropy_backward(a.logits.data(), a.lse.data(), T, V, a.targets.data(), (float)(loss_scale / n),
-                             dlog.data());
+  be_.cross_entropy_backward(a.logits.data(), a.lse.data(), T, V, a.targets.data(),
+                             n ? (float)(loss_scale / n) : 0.0f, dlog.data());
   be_.gemm_tn(V, D, T, 1.0f, dlog.data(), V, a.h.data(), D, 1.0f, g_head, D);
   be_.gemm_nn(T, D, V, 1.0f, dlog.data(), V, w_head, D, 1.0f, dh.data(), D);
   be_.rmsnorm_backward(a.x_final.data(), D, params_.get("model.norm.weight"), a.rstd_final.data(), dh.data(), T, D,

@@ -121,7 +121,8 @@ void moe_combine(const Routing& r, const Dispatch& d, int64_t D, float* out) {
 }
 
 double seq_balance_loss(const Routing& r, int64_t B) {
-  DSV3_CHECK(B > 0 && r.T % B == 0, "balance loss: " << r.T << " tokens do not split into " << B << " sequences");
+  if (B == 0) return 0.0;
+  DSV3_CHECK(r.T % B == 0, "balance loss: " << r.T << " tokens do not split into " << B << " sequences");
   const int64_t Ts = r.T / B;
   double total = 0;
   for (int64_t b = 0; b < B; ++b) {
@@ -266,6 +267,7 @@ void moe_backward(Backend& be, const ModelConfig& c, const MoeWeights& w, MoeWei
     for (int64_t j = 0; j < D; ++j) o[j] += s[j];
   }
   // route: gradient into the router logits from the combine weights and from the balance loss's P_i
+  if (T == 0) return;  // a data-parallel rank without sequences: it only took part in the exchanges
   const int64_t B = a.B, Ts = T / B;
   std::vector<int64_t> cnt(B * E, 0);
   for (int64_t t = 0; t < T; ++t)

@@ -33,11 +33,14 @@ Trainer::Trainer(Model& m, const TrainerConfig& c, const Comm* comm)
 }
 
 StepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t S, double lr, double mtp_lambda, double gamma,
-                        const int64_t* labels) {
+                        const int64_t* labels, int64_t B_global) {
   const int64_t mb = cfg_.micro_batch;
-  DSV3_CHECK(B % mb == 0, "global batch " << B << " is not a multiple of train.micro_batch " << mb);
-  const int64_t M = B / mb;
   const int dp = comm_ ? comm_->group_size(GroupKind::dp) : 1;
+  if (B_global < 0) B_global = B * dp;
+  DSV3_CHECK(B_global > 0, "a step needs at least one sequence");
+  // every rank runs the same number of micro-batches (expert parallelism exchanges tokens in each of them); a rank
+  // whose share of the batch is smaller runs some with fewer (or no) sequences
+  const int64_t M = ((B_global + dp - 1) / dp + mb - 1) / mb;
   StepStats st;
   st.lr = lr;
   st.mtp_lambda = mtp_lambda;
@@ -45,13 +48,15 @@ StepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t S, double lr, 
   std::fill(grads_.data(), grads_.data() + grads_.size(), 0.0f);
   for (int64_t i = 0; i < M; ++i) {
     ForwardTrace tr;
-    // each micro-batch's loss is a mean over its tokens: the global batch's loss is the mean of all dp*M of them
-    const Losses l = model_.forward_backward(tokens + i * mb * S, mb, S, mtp_lambda, cfg_.aux_alpha, 1.0 / (M * dp),
-                                             grads_, &tr, labels ? labels + i * mb * S : nullptr);
-    st.loss.lm += l.lm / M;
-    st.loss.mtp += l.mtp / M;
-    st.loss.aux += l.aux / M;
-    st.loss.total += l.total / M;
+    const int64_t n = std::clamp<int64_t>(B - i * mb, 0, mb);
+    // a micro-batch's losses are means over its sequences' tokens: its share of the global batch's is n / B_global
+    const double w = (double)n / B_global;
+    const Losses l = model_.forward_backward(tokens + i * mb * S, n, S, mtp_lambda, cfg_.aux_alpha, w, grads_, &tr,
+                                             labels ? labels + i * mb * S : nullptr);
+    st.loss.lm += l.lm * w;
+    st.loss.mtp += l.mtp * w;
+    st.loss.aux += l.aux * w;
+    st.loss.total += l.total * w;
     for (auto& [layer, mt] : tr.moe) {
       auto& load = st.expert_load[layer];
       load.resize(mt.counts.size(), 0);
@@ -61,7 +66,7 @@ StepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t S, double lr, 
   if (comm_ && dp > 1) {  // the global batch's losses and expert loads
     double l[4] = {st.loss.lm, st.loss.mtp, st.loss.aux, st.loss.total};
     comm_->allreduce_sum(GroupKind::dp, l, 4);
-    st.loss = {l[0] / dp, l[1] / dp, l[2] / dp, l[3] / dp};
+    st.loss = {l[0], l[1], l[2], l[3]};
     for (auto& [layer, load] : st.expert_load) comm_->allreduce_sum(GroupKind::dp, load.data(), (int64_t)load.size());
   }
   if (cfg_.bf16_grads) round_to_bf16(grads_.data(), grads_.size());
@@ -82,26 +87,22 @@ StepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t S, double lr, 
   return st;
 }
 
-Losses Trainer::evaluate(const int64_t* tokens, int64_t B, int64_t S, double mtp_lambda, const int64_t* labels) {
+Losses Trainer::evaluate(const int64_t* tokens, int64_t B, int64_t S, double mtp_lambda, const int64_t* labels,
+                         int64_t B_global) {
+  const int64_t mb = cfg_.micro_batch;
   const int dp = comm_ ? comm_->group_size(GroupKind::dp) : 1;
-  const int64_t mb = std::min(cfg_.micro_batch, B);
-  DSV3_CHECK(B % mb == 0, "evaluation batch " << B << " is not a multiple of train.micro_batch " << mb);
-  Losses out;
-  const int64_t M = B / mb;
+  if (B_global < 0) B_global = B * dp;
+  const int64_t M = ((B_global + dp - 1) / dp + mb - 1) / mb;
+  double l[4] = {0, 0, 0, 0};
   for (int64_t i = 0; i < M; ++i) {
-    const Losses l = model_.forward(tokens + i * mb * S, mb, S, mtp_lambda, cfg_.aux_alpha, nullptr,
+    const int64_t n = std::clamp<int64_t>(B - i * mb, 0, mb);
+    const double w = (double)n / B_global;
+    const Losses x = model_.forward(tokens + i * mb * S, n, S, mtp_lambda, cfg_.aux_alpha, nullptr,
                                     labels ? labels + i * mb * S : nullptr);
-    out.lm += l.lm / M;
-    out.mtp += l.mtp / M;
-    out.aux += l.aux / M;
-    out.total += l.total / M;
+    l[0] += x.lm * w, l[1] += x.mtp * w, l[2] += x.aux * w, l[3] += x.total * w;
   }
-  if (comm_ && dp > 1) {
-    double l[4] = {out.lm, out.mtp, out.aux, out.total};
-    comm_->allreduce_sum(GroupKind::dp, l, 4);
-    out = {l[0] / dp, l[1] / dp, l[2] / dp, l[3] / dp};
-  }
-  return out;
+  if (comm_ && dp > 1) comm_->allreduce_sum(GroupKind::dp, l, 4);
+  return {l[0], l[1], l[2], l[3]};
 }
 
 }  // namespace dsv3

@@ -35,10 +35,13 @@ class Trainer {
   Trainer(Model& m, const TrainerConfig& c, const Comm* comm = nullptr);
   // One step on this rank's B sequences of S tokens (tokens (B, S), labels (B, S) or null: see Model::forward);
   // B must divide into micro-batches. The returned losses and loads are those of the global batch.
+  // B_global: the sequences of the whole step over all data-parallel ranks (default B x dp); a rank's B may be
+  // any share of it (dp_slice), even none.
   StepStats step(const int64_t* tokens, int64_t B, int64_t S, double lr, double mtp_lambda, double gamma,
-                 const int64_t* labels = nullptr);
-  // Loss of a batch without any update (validation), averaged over micro-batches.
-  Losses evaluate(const int64_t* tokens, int64_t B, int64_t S, double mtp_lambda, const int64_t* labels = nullptr);
+                 const int64_t* labels = nullptr, int64_t B_global = -1);
+  // Loss of a batch without any update (validation), the same way.
+  Losses evaluate(const int64_t* tokens, int64_t B, int64_t S, double mtp_lambda, const int64_t* labels = nullptr,
+                  int64_t B_global = -1);
   Params& grads() { return grads_; }
   AdamW& optimizer() { return opt_; }
   const TrainerConfig& config() const { return cfg_; }

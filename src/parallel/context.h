@@ -1,0 +1,44 @@
+// defines: ParallelContext, setup_parallel, gather_experts, reduce_grads_over_replicas
+// The run's layout: the sizes from the deck and the world (parallel/topology.h), this rank's coordinates, the
+// communicators (Comm::set_groups), and the expert group handed to the model. Today dsv3 runs data parallel and
+// expert parallel layouts; tensor and pipeline parallelism are refused here with a clear message.
+#pragma once
+#include <cstdint>
+#include <utility>
+
+#include "model/moe.h"
+#include "model/params.h"
+#include "parallel/comm.h"
+#include "parallel/topology.h"
+
+namespace dsv3 {
+
+class Deck;
+struct ModelConfig;
+
+struct ParallelContext {
+  ParallelSizes sizes;
+  RankCoords coords;
+  ExpertGroup ep;
+  int dp_rank() const { return coords.dp; }
+  int dp() const { return sizes.dp; }
+};
+
+// This data-parallel rank's share of a batch of B sequences: [first, last); shares differ by at most one and may
+// be empty when B < dp.
+inline std::pair<int64_t, int64_t> dp_slice(int64_t B, int dp, int rank) {
+  return {rank * B / dp, (rank + 1) * B / dp};
+}
+
+// Validates the layout against the world and the model (errors name the key and the constraint) and builds the
+// communicators. Collective over the world.
+ParallelContext setup_parallel(Comm& comm, const Deck& deck, const ModelConfig& cfg);
+
+// Every parameter in full on every rank: the routed experts all-gathered over the expert-parallel group.
+Params gather_experts(const Params& local, const Comm& comm);
+
+// Sums gradients over the data-parallel replicas in place (dense over dp, experts over edp): what every rank's
+// ZeRO shard holds, in full (for checks; training reduce-scatters instead).
+void reduce_grads_over_replicas(Params& grads, const Comm& comm);
+
+}  // namespace dsv3
