@@ -21,6 +21,7 @@
 #include "ops/backend.h"
 #include "ops/cpu/blas_preflight.h"
 #include "parallel/comm.h"
+#include "parallel/context.h"
 #include "data/gpt_dataset.h"
 #include "optim/schedule.h"
 #include "train/metrics.h"
@@ -118,26 +119,23 @@ int main(int argc, char** argv) {
     DSV3_LOG(info) << "resolved deck:\n" << deck.resolved_text();
 
     // ---- topology ----------------------------------------------------------------------------------
-    const int64_t tp = deck.get<int64_t>("parallel.tp"), pp = deck.get<int64_t>("parallel.pp"),
-                  ep = deck.get<int64_t>("parallel.ep");
-    DSV3_CHECK(comm.size() == 1 && tp == 1 && pp == 1 && ep == 1,
-               "parallel layouts (here " << comm.size() << " ranks, tp=" << tp << " pp=" << pp << " ep=" << ep
-                                         << ") are not implemented yet: run one rank with parallel.tp=pp=ep=1");
+    const ModelConfig cfg = model_config_from_deck(deck);
+    const ParallelContext par = setup_parallel(comm, deck, cfg);  // errors name the key and the constraint
+    DSV3_LOG(info) << "layout: " << format_sizes(par.sizes);
 
     // ---- model -------------------------------------------------------------------------------------
-    const ModelConfig cfg = model_config_from_deck(deck);
     const ParamCounts pc = count_params(cfg);
     DSV3_LOG(info) << "model " << cfg.source << ": " << cfg.num_hidden_layers << " layers ("
                    << cfg.first_k_dense_replace << " dense), hidden " << cfg.hidden_size << ", " << cfg.n_routed_experts
                    << " routed experts top-" << cfg.num_experts_per_tok << "; parameters: main " << pc.main << " ("
                    << human(pc.main) << "), MTP " << pc.mtp << ", activated/token " << human(pc.activated);
     auto be = make_backend(deck.get<std::string>("run.device"), deck.get<int>("run.threads"));
-    Model model(cfg, *be);
+    Model model(cfg, *be, par.ep);  // this rank's experts only
     if (deck.given("model.hf_weights")) {
       DSV3_LOG(info) << "loading weights from " << deck.path("model.hf_weights");
       model.load_hf(HfCheckpoint(deck.path("model.hf_weights"), cfg.fp8_block));
     } else {
-      model.init_random((uint64_t)deck.get<int64_t>("train.seed"));
+      model.init_random((uint64_t)deck.get<int64_t>("train.seed"));  // the same numbers under any layout
     }
 
     // ---- data ---------------------------------------------------------------------------------------
@@ -156,24 +154,28 @@ int main(int argc, char** argv) {
       valid_data = make_dataset(deck, "valid", eval_iters * sched.global_batch, S, cfg.vocab_size);
 
     // ---- loop --------------------------------------------------------------------------------------
-    Trainer trainer(model, TrainerConfig::from_deck(deck));
+    Trainer trainer(model, TrainerConfig::from_deck(deck), &comm);
     MetricsWriter metrics(comm.rank() == 0 ? deck.path("log.metrics") : "", false);
     const int64_t log_interval = deck.get<int64_t>("log.interval");
     std::vector<int64_t> sample(S + 1), tokens, labels;
-    auto fill = [&](const TokenSource& src, int64_t first, int64_t B) {  // samples first.. -> tokens, labels (B, S)
-      tokens.resize(B * S);
-      labels.resize(B * S);
-      for (int64_t b = 0; b < B; ++b) {
-        src.get(first + b, sample.data());
+    // this data-parallel rank's share of the global batch of samples first..first+B -> tokens, labels (n, S)
+    auto fill = [&](const TokenSource& src, int64_t first, int64_t B) {
+      const auto [b0, b1] = dp_slice(B, par.dp(), par.dp_rank());
+      const int64_t n = b1 - b0;
+      tokens.resize(n * S);
+      labels.resize(n * S);
+      for (int64_t b = 0; b < n; ++b) {
+        src.get(first + b0 + b, sample.data());
         std::copy_n(sample.begin(), S, tokens.begin() + b * S);
         std::copy_n(sample.begin() + 1, S, labels.begin() + b * S);
       }
+      return n;
     };
     auto evaluate = [&](int64_t it) {
       Losses v;
       for (int64_t k = 0; k < eval_iters; ++k) {
-        fill(*valid_data, k * sched.global_batch, sched.global_batch);
-        const Losses l = trainer.evaluate(tokens.data(), sched.global_batch, S, sched.mtp_lambda_at(0), labels.data());
+        const int64_t n = fill(*valid_data, k * sched.global_batch, sched.global_batch);
+        const Losses l = trainer.evaluate(tokens.data(), n, S, sched.mtp_lambda_at(0), labels.data(), sched.global_batch);
         v.lm += l.lm / eval_iters, v.mtp += l.mtp / eval_iters;
       }
       DSV3_LOG(info) << "validation at iteration " << it << ": lm_loss " << v.lm << " (ppl " << std::exp(v.lm)
@@ -188,11 +190,13 @@ int main(int argc, char** argv) {
     for (int64_t it = 0; it < iters; ++it) {
       const double consumed_tokens = (double)consumed_samples * S;
       const int64_t B = sched.batch_at(consumed_tokens);
-      fill(*train_data, consumed_samples, B);
+      const int64_t n_local = fill(*train_data, consumed_samples, B);
       const auto t0 = std::chrono::steady_clock::now();
-      const StepStats st = trainer.step(tokens.data(), B, S, sched.lr_at(it, consumed_tokens),
+      const CommTimes c0 = comm.times();
+      const StepStats st = trainer.step(tokens.data(), n_local, S, sched.lr_at(it, consumed_tokens),
                                         sched.mtp_lambda_at(consumed_tokens), sched.gamma_at(consumed_tokens),
-                                        labels.data());
+                                        labels.data(), B);
+      const CommTimes ct = comm.times() - c0;
       const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       consumed_samples += B;
       const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
@@ -211,7 +215,8 @@ int main(int argc, char** argv) {
         DSV3_LOG(info) << "iter " << it + 1 << "/" << iters << " | lm " << st.loss.lm << " mtp " << st.loss.mtp
                        << " aux " << st.loss.aux << " | lr " << st.lr << " | grad norm " << st.grad_norm
                        << (st.clip_coef < 1 ? " (clipped)" : "") << " | " << (int64_t)tok_s << " tok/s | load max/mean "
-                       << worst << " | ETA " << format_duration(elapsed / (it + 1) * (iters - it - 1));
+                       << worst << " | time compute " << dt - ct.total() << "s ep a2a " << ct.ep << "s dp "
+                       << ct.dp << "s | ETA " << format_duration(elapsed / (it + 1) * (iters - it - 1));
       metrics.write({{"iteration", it + 1},
                      {"lm_loss", st.loss.lm},
                      {"mtp_loss", st.loss.mtp},
@@ -225,6 +230,9 @@ int main(int argc, char** argv) {
                      {"batch_size", B},
                      {"tokens_per_s", tok_s},
                      {"step_s", dt},
+                     {"time_ep_alltoall_s", ct.ep},
+                     {"time_dp_s", ct.dp},
+                     {"time_compute_s", dt - ct.total()},
                      {"consumed_samples", consumed_samples},
                      {"consumed_tokens", (double)consumed_samples * S},
                      {"expert_load_max_over_mean", imbalance},
@@ -233,11 +241,14 @@ int main(int argc, char** argv) {
       if (valid_data && ((it + 1) % eval_interval == 0 || it + 1 == iters)) evaluate(it + 1);
       // checkpoint hook: the HDF5 checkpoint issue saves here every checkpoint.interval iterations
     }
-    if (deck.given("checkpoint.export_hf") && comm.rank() == 0) {
-      const std::string dir = deck.path("checkpoint.export_hf");
-      const int n = write_hf_checkpoint(dir, cfg, model.params(), {deck.get<std::string>("checkpoint.export_dtype")});
-      DSV3_LOG(info) << "exported the model to " << dir << " (" << n << " safetensors shard(s), "
-                     << deck.get<std::string>("checkpoint.export_dtype") << ")";
+    if (deck.given("checkpoint.export_hf") && !deck.get<std::string>("checkpoint.export_hf").empty()) {
+      const Params full = gather_experts(model.params(), comm);  // collective: every rank takes part
+      if (comm.rank() == 0) {
+        const std::string dir = deck.path("checkpoint.export_hf");
+        const int n = write_hf_checkpoint(dir, cfg, full, {deck.get<std::string>("checkpoint.export_dtype")});
+        DSV3_LOG(info) << "exported the model to " << dir << " (" << n << " safetensors shard(s), "
+                       << deck.get<std::string>("checkpoint.export_dtype") << ")";
+      }
     }
     DSV3_LOG(info) << "done: " << iters << " iterations, " << consumed_samples << " samples in "
                    << format_duration(std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count())

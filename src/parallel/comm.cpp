@@ -31,6 +31,18 @@ struct Comm::Group {
   bool owned = false;
 };
 
+// Adds the wall time of one collective to its group kind's total.
+struct CommTimer {
+  double* acc;
+  double t0;
+  CommTimer(const Comm& c, GroupKind k) : acc(&c.seconds_[(int)k]), t0(MPI_Wtime()) {}
+  ~CommTimer() { *acc += MPI_Wtime() - t0; }
+};
+
+CommTimes Comm::times() const {
+  return {seconds_[0], seconds_[1], seconds_[2], seconds_[3], seconds_[4], seconds_[6]};
+}
+
 namespace {
 int to_int(int64_t n, const char* what) {
   DSV3_CHECK(n >= 0 && n <= INT_MAX, what << ": " << n << " elements exceed an MPI count (2^31-1)");
@@ -121,24 +133,28 @@ void Comm::abort(int code) const {
 }
 
 void Comm::allreduce_sum(GroupKind k, float* x, int64_t n) const {
+  CommTimer timer(*this, k);
   const Group& g = group(k);
   if (g.size == 1 || n == 0) return;
   MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, x, to_int(n, "allreduce"), MPI_FLOAT, MPI_SUM, g.comm));
 }
 
 void Comm::allreduce_sum(GroupKind k, double* x, int64_t n) const {
+  CommTimer timer(*this, k);
   const Group& g = group(k);
   if (g.size == 1 || n == 0) return;
   MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, x, to_int(n, "allreduce"), MPI_DOUBLE, MPI_SUM, g.comm));
 }
 
 void Comm::allreduce_sum(GroupKind k, int64_t* x, int64_t n) const {
+  CommTimer timer(*this, k);
   const Group& g = group(k);
   if (g.size == 1 || n == 0) return;
   MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, x, to_int(n, "allreduce"), MPI_INT64_T, MPI_SUM, g.comm));
 }
 
 void Comm::reduce_scatter(GroupKind k, const float* in, float* out, int64_t chunk) const {
+  CommTimer timer(*this, k);
   const Group& g = group(k);
   if (g.size == 1) {
     std::memcpy(out, in, chunk * sizeof(float));
@@ -148,6 +164,7 @@ void Comm::reduce_scatter(GroupKind k, const float* in, float* out, int64_t chun
 }
 
 void Comm::allgather(GroupKind k, const float* in, float* out, int64_t chunk) const {
+  CommTimer timer(*this, k);
   const Group& g = group(k);
   if (g.size == 1) {
     std::memmove(out, in, chunk * sizeof(float));
@@ -157,6 +174,7 @@ void Comm::allgather(GroupKind k, const float* in, float* out, int64_t chunk) co
 }
 
 void Comm::alltoall(GroupKind k, const int64_t* send, int64_t* recv, int64_t per_rank) const {
+  CommTimer timer(*this, k);
   const Group& g = group(k);
   if (g.size == 1) {
     std::memcpy(recv, send, per_rank * sizeof(int64_t));
@@ -167,6 +185,7 @@ void Comm::alltoall(GroupKind k, const int64_t* send, int64_t* recv, int64_t per
 
 void Comm::alltoallv(GroupKind k, const float* send, const std::vector<int64_t>& sc, float* recv,
                      const std::vector<int64_t>& rc) const {
+  CommTimer timer(*this, k);
   const Group& g = group(k);
   DSV3_CHECK((int)sc.size() == g.size && (int)rc.size() == g.size, "alltoallv: counts for " << sc.size()
                                                                       << " ranks in a group of " << g.size);

@@ -13,6 +13,15 @@ struct Groups;
 
 enum class GroupKind { world, tp, dp, pp, ep, etp, edp };
 
+// Seconds spent inside the collectives of each kind of group since the start (the per-phase times of the log).
+struct CommTimes {
+  double world = 0, tp = 0, dp = 0, pp = 0, ep = 0, edp = 0;
+  double total() const { return world + tp + dp + pp + ep + edp; }
+  CommTimes operator-(const CommTimes& o) const {
+    return {world - o.world, tp - o.tp, dp - o.dp, pp - o.pp, ep - o.ep, edp - o.edp};
+  }
+};
+
 class Comm {
  public:
   // MPI_Init_thread (FUNNELED) unless already initialised; safe to construct once per process.
@@ -35,6 +44,7 @@ class Comm {
   void set_groups(const Groups& g);
   int group_rank(GroupKind k) const;
   int group_size(GroupKind k) const;
+  CommTimes times() const;
 
   // ---- collectives over a group (sum reductions; counts in elements) ---------------------------------------
   void allreduce_sum(GroupKind k, float* x, int64_t n) const;
@@ -65,6 +75,8 @@ class Comm {
   struct Group;
   std::vector<Group*> groups_;  // by GroupKind; world is groups_[0]
   const Group& group(GroupKind k) const;
+  mutable double seconds_[7] = {0, 0, 0, 0, 0, 0, 0};
+  friend struct CommTimer;
 };
 
 }  // namespace dsv3
