@@ -39,6 +39,8 @@ struct CommTimer {
   ~CommTimer() { *acc += MPI_Wtime() - t0; }
 };
 
+void* Comm::native_handle(GroupKind k) const { return (void*)&groups_[(int)k]->comm; }
+
 CommTimes Comm::times() const {
   return {seconds_[0], seconds_[1], seconds_[2], seconds_[3], seconds_[4], seconds_[6]};
 }

@@ -45,6 +45,9 @@ class Comm {
   int group_rank(GroupKind k) const;
   int group_size(GroupKind k) const;
   CommTimes times() const;
+  // The MPI communicator of a group as an opaque handle (MPI_Comm), for libraries that take one (parallel HDF5's
+  // MPI-IO driver). Only io/ code that must hand a communicator to such a library uses it.
+  void* native_handle(GroupKind k) const;
 
   // ---- collectives over a group (sum reductions; counts in elements) ---------------------------------------
   void allreduce_sum(GroupKind k, float* x, int64_t n) const;
