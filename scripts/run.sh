@@ -5,7 +5,11 @@
 set -euo pipefail
 BUILD=${1:-build}
 cd "$(dirname "$0")/.."
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)} OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1}
+# one MPI rank per core, one thread per rank (on a shared 2-core machine this is also the fastest: no OpenMP
+# barrier spinning against other processes); NP ranks train data parallel with the experts split NP ways
+NP=${NP:-2}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1}
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 PY=/usr/bin/python3
 
 echo "== 1/5 the tiny model against the golden reference (forward, gradients, 3 AdamW steps, generation, FP8)"
@@ -18,9 +22,10 @@ mkdir -p runs/data
 unigram=$($PY validation/unigram_entropy.py runs/data/corpus)
 echo "unigram entropy of the corpus: $unigram nats/token"
 
-echo "== 3/5 train the tiny DeepSeek-V3 on it (input/tiny.deck)"
+echo "== 3/5 train the tiny DeepSeek-V3 on it (input/tiny.deck) on $NP MPI ranks: data parallel, experts split $NP ways"
 rm -rf runs/tiny
-"$BUILD/dsv3" input/tiny.deck 2>&1 | grep -v "# from" | grep -E "info: (iter|valid|data|model|done|export)|warn|error"
+mpirun --oversubscribe -np "$NP" "$BUILD/dsv3" input/tiny.deck parallel.ep="$NP" 2>&1 | grep -v "# from" \
+  | grep -E "info: (iter|valid|data|model|layout|done|export)|warn|error"
 
 echo "== 4/5 validation loss against the unigram entropy"
 $PY - "$unigram" <<'PY'

@@ -25,6 +25,7 @@
 #include "data/gpt_dataset.h"
 #include "optim/schedule.h"
 #include "train/metrics.h"
+#include "train/checkpointing.h"
 #include "train/trainer.h"
 
 using namespace dsv3;
@@ -182,12 +183,14 @@ int main(int argc, char** argv) {
                      << ") mtp_loss " << v.mtp;
       metrics.write({{"iteration", it}, {"valid_lm_loss", v.lm}, {"valid_mtp_loss", v.mtp}});
     };
-    if (deck.get<int64_t>("checkpoint.interval") > 0)
-      DSV3_LOG(warning) << "checkpoint.interval is set, but checkpoints are not implemented yet: nothing is saved";
+    // ---- checkpoints (train/checkpointing.h): resume per checkpoint.load, save at the hook below --------------
+    Checkpointing ckpt(deck, comm, format_sizes(par.sizes));
+    const TrainState resumed = ckpt.resume(model.params(), trainer.optimizer());
+    // ---- end checkpoints ----------------------------------------------------------------------------------------
 
-    int64_t consumed_samples = 0;
+    int64_t consumed_samples = resumed.consumed_samples;
     const auto t_start = std::chrono::steady_clock::now();
-    for (int64_t it = 0; it < iters; ++it) {
+    for (int64_t it = resumed.iteration; it < iters; ++it) {
       const double consumed_tokens = (double)consumed_samples * S;
       const int64_t B = sched.batch_at(consumed_tokens);
       const int64_t n_local = fill(*train_data, consumed_samples, B);
@@ -216,7 +219,7 @@ int main(int argc, char** argv) {
                        << " aux " << st.loss.aux << " | lr " << st.lr << " | grad norm " << st.grad_norm
                        << (st.clip_coef < 1 ? " (clipped)" : "") << " | " << (int64_t)tok_s << " tok/s | load max/mean "
                        << worst << " | time compute " << dt - ct.total() << "s ep a2a " << ct.ep << "s dp "
-                       << ct.dp << "s | ETA " << format_duration(elapsed / (it + 1) * (iters - it - 1));
+                       << ct.dp << "s | ETA " << format_duration(elapsed / (it + 1 - resumed.iteration) * (iters - it - 1));
       metrics.write({{"iteration", it + 1},
                      {"lm_loss", st.loss.lm},
                      {"mtp_loss", st.loss.mtp},
@@ -239,7 +242,9 @@ int main(int argc, char** argv) {
                      {"memory_rss_bytes", memory_rss_bytes()},
                      {"memory_peak_bytes", memory_peak_bytes()}});
       if (valid_data && ((it + 1) % eval_interval == 0 || it + 1 == iters)) evaluate(it + 1);
-      // checkpoint hook: the HDF5 checkpoint issue saves here every checkpoint.interval iterations
+      // checkpoint hook: every checkpoint.interval iterations and at the end (train/checkpointing.h)
+      ckpt.after_iteration({it + 1, consumed_samples, (double)consumed_samples * S}, it + 1 == iters, model.params(),
+                           trainer.optimizer());
     }
     if (deck.given("checkpoint.export_hf") && !deck.get<std::string>("checkpoint.export_hf").empty()) {
       const Params full = gather_experts(model.params(), comm);  // collective: every rank takes part

@@ -61,6 +61,9 @@ class AdamW {
     int group = 0;                    // GroupKind
   };
   const std::vector<Bucket>& buckets() const { return buckets_; }
+  // checkpoint restore (io/checkpoint.cpp): the shards' master weights and moments, and the step count
+  std::vector<Bucket>& buckets() { return buckets_; }
+  void set_t(int64_t t) { t_ = t; }
 
  private:
   void pack(const Params& src, const Bucket& b, std::vector<float>& flat) const;

@@ -175,6 +175,13 @@ void Comm::allgather(GroupKind k, const float* in, float* out, int64_t chunk) co
   MPI_CHECK(MPI_Allgather(in, to_int(chunk, "allgather"), MPI_FLOAT, out, (int)chunk, MPI_FLOAT, g.comm));
 }
 
+void Comm::broadcast(GroupKind k, int64_t* x, int64_t n, int root) const {
+  const Group& g = group(k);
+  if (g.size == 1 || n == 0) return;
+  CommTimer timer(*this, k);
+  MPI_CHECK(MPI_Bcast(x, to_int(n, "broadcast"), MPI_INT64_T, root, g.comm));
+}
+
 void Comm::alltoall(GroupKind k, const int64_t* send, int64_t* recv, int64_t per_rank) const {
   CommTimer timer(*this, k);
   const Group& g = group(k);

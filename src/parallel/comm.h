@@ -57,6 +57,8 @@ class Comm {
   void reduce_scatter(GroupKind k, const float* in, float* out, int64_t chunk) const;
   // in (chunk) -> out (size * chunk), rank order
   void allgather(GroupKind k, const float* in, float* out, int64_t chunk) const;
+  // root's values to every rank of the group
+  void broadcast(GroupKind k, int64_t* x, int64_t n, int root = 0) const;
   // every rank sends `per_rank` int64 to each rank of the group (the counts before an all-to-all)
   void alltoall(GroupKind k, const int64_t* send, int64_t* recv, int64_t per_rank) const;
   // variable all-to-all of floats; counts and displacements in elements, one per group rank

@@ -21,6 +21,7 @@
 #include "ops/backend.h"
 #include "ops/cpu/blas_preflight.h"
 #include "parallel/comm.h"
+#include "parallel/context.h"
 
 using namespace dsv3;
 namespace po = boost::program_options;
@@ -78,7 +79,6 @@ int main(int argc, char** argv) {
     }
     DSV3_CHECK(vm.count("hf"), "--hf DIR is required (see --help)");
     DSV3_CHECK(vm.count("prompt-ids") + vm.count("prompt") == 1, "give exactly one of --prompt-ids and --prompt");
-    DSV3_CHECK(comm.size() == 1, "dsv3-generate runs on one rank for now (got " << comm.size() << ")");
     const Deck deck = Deck::defaults_only(vm["overrides"].as<std::vector<std::string>>());
     const std::string dir = vm["hf"].as<std::string>();
     std::optional<Tokenizer> tok;
@@ -101,7 +101,10 @@ int main(int argc, char** argv) {
                "prompt + new tokens (" << prompt.size() + n_new << ") exceed max_position_embeddings "
                                        << cfg.max_position_embeddings);
     auto be = make_backend(deck.get<std::string>("run.device"), deck.get<int>("run.threads"));
-    Model model(cfg, *be);
+    // under mpirun: the experts are spread over the ranks (parallel.ep=N); every rank runs the same sequence and
+    // rank 0's choice of each token is broadcast, so the ranks never disagree about what to feed next
+    const ParallelContext par = setup_parallel(comm, deck, cfg);
+    Model model(cfg, *be, par.ep);
     model.load_hf(HfCheckpoint(dir, cfg.fp8_block));
 
     std::mt19937_64 rng(vm["seed"].as<uint64_t>());
@@ -119,13 +122,15 @@ int main(int argc, char** argv) {
         const auto all_lg = model.logits(seq.data(), 1, (int64_t)seq.size());
         lg.assign(all_lg.end() - cfg.vocab_size, all_lg.end());
       }
-      const int64_t tok = sample_token(lg.data(), cfg.vocab_size, so, rng);
+      int64_t tok = sample_token(lg.data(), cfg.vocab_size, so, rng);
+      comm.broadcast(GroupKind::world, &tok, 1);
       out.push_back(tok);
       seq.push_back(tok);
       if (vm["stop-at-eos"].as<bool>() && tok == cfg.eos_token_id) break;
       if (use_cache && s + 1 < n_new) lg = model.forward_cached(&tok, 1, cache);
     }
     const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (comm.rank() != 0) return 0;
     std::printf("prompt:");
     for (auto t : prompt) std::printf(" %lld", (long long)t);
     std::printf("\ngenerated:");

@@ -1,0 +1,834 @@
+#include "io/checkpoint.h"
+
+#include <fcntl.h>
+#include <hdf5.h>
+#include <mpi.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <regex>
+#include <sstream>
+
+#include "core/error.h"
+#include "core/log.h"
+#include "io/safetensors.h"  // float_to_bf16 / bf16_to_float
+#include "parallel/comm.h"
+
+namespace fs = std::filesystem;
+
+namespace dsv3 {
+
+namespace {
+
+constexpr int64_t kFormatVersion = 1;
+const char* const kChecksumAlgorithm =
+    "sum over elements i (global row-major index) of fmix64(fmix64(i + 0x9E3779B97F4A7C15) ^ bits32(x_i)) mod 2^64; "
+    "fmix64 = MurmurHash3 64-bit finalizer";
+const char* const kRngState =
+    "the only random state is rng_seed (train.seed): the initialisation and the data order (the dataset's "
+    "shuffle, a function of the seed and the run's total samples) are pure functions of it; the data position is "
+    "consumed_samples";
+
+int64_t g_io_chunk = int64_t(1) << 28;
+
+// ---- HDF5 error reporting ---------------------------------------------------------------------------------------
+herr_t walk_cb(unsigned n, const H5E_error2_t* e, void* data) {
+  auto* s = static_cast<std::string*>(data);
+  if (n < 3 && e->desc && e->desc[0]) {
+    if (!s->empty()) *s += "; ";
+    *s += e->desc;
+  }
+  return 0;
+}
+// The innermost HDF5 error descriptions (the most specific first), then the stack is cleared.
+std::string h5_error() {
+  std::string s;
+  H5Ewalk2(H5E_DEFAULT, H5E_WALK_UPWARD, walk_cb, &s);
+  H5Eclear2(H5E_DEFAULT);
+  return s.empty() ? std::string("HDF5 error") : s;
+}
+void quiet_hdf5() { H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr); }
+
+}  // namespace
+
+// Every HDF5 call goes through this: a negative return throws, naming the checkpoint file, what was being done
+// (the dataset) and the call; DSV3_FAIL adds this file:line.
+#define H5_CHECK(call, path, what)                                                                   \
+  [&]() {                                                                                            \
+    const auto h5_rc_ = (call);                                                                      \
+    if (h5_rc_ < 0) DSV3_FAIL("checkpoint " << (path) << ": " << what << ": " << #call << " failed: " \
+                                            << h5_error());                                          \
+    return h5_rc_;                                                                                   \
+  }()
+
+namespace {
+
+// An HDF5 identifier closed when it goes out of scope (close errors are ignored there: only on unwinding).
+struct H5Id {
+  hid_t id = -1;
+  herr_t (*closer)(hid_t) = nullptr;
+  H5Id() = default;
+  H5Id(hid_t i, herr_t (*c)(hid_t)) : id(i), closer(c) {}
+  H5Id(const H5Id&) = delete;
+  H5Id& operator=(const H5Id&) = delete;
+  ~H5Id() { reset(); }
+  void reset() {
+    if (id >= 0 && closer) closer(id);
+    id = -1;
+  }
+  hid_t release() {
+    hid_t i = id;
+    id = -1;
+    return i;
+  }
+  operator hid_t() const { return id; }
+};
+
+inline uint64_t fmix64(uint64_t k) {
+  k ^= k >> 33;
+  k *= 0xff51afd7ed558ccdULL;
+  k ^= k >> 33;
+  k *= 0xc4ceb9fe1a85ec53ULL;
+  k ^= k >> 33;
+  return k;
+}
+
+std::string hex(uint64_t x) {
+  char b[24];
+  std::snprintf(b, sizeof b, "0x%016llx", (unsigned long long)x);
+  return b;
+}
+
+// ---- what this rank moves: one contiguous global range of each dataset ------------------------------------------
+struct Job {
+  std::string name;             // "/model/<param>", "/optim/master/<param>", ...
+  std::vector<int64_t> shape;   // global
+  int64_t numel = 0;
+  int64_t global0 = 0, n = 0;   // this rank's elements [global0, global0 + n) in row-major order (n may be 0)
+  float* mem = nullptr;         // n elements here
+  bool hash = false;            // this rank's copy counts for the checksum (exactly one rank per element)
+};
+
+struct Plan {
+  std::vector<Job> jobs;
+  // BF16 moments go through FP32 buffers (per bucket: m, v), converted before a save / after a load
+  std::vector<std::vector<float>> m32, v32;
+};
+
+int group_rank(const Comm* comm, GroupKind k) { return comm ? comm->group_rank(k) : 0; }
+
+// The jobs of every dataset in file order (the same on every rank): /model in table order, then master, exp_avg,
+// exp_avg_sq of the trainable parameters in table order. writer_only: ranks that are not the designated writer of
+// a model tensor move nothing of it (saving); else every rank reads all it holds (loading).
+Plan make_plan(const Params& params, const AdamW* opt, const Comm* comm, bool writer_only, bool with_moments) {
+  Plan plan;
+  const auto& table = params.table();
+  const bool dense_writer = group_rank(comm, GroupKind::dp) == 0;
+  const bool expert_writer = group_rank(comm, GroupKind::edp) == 0;
+  auto per_expert = [](const ParamSpec& p) { return p.expert_stack ? p.numel() / p.shape[0] : 0; };
+  for (const ParamSpec& p : table) {
+    Job j;
+    j.name = "/model/" + p.name;
+    j.shape = p.shape;
+    j.numel = p.numel();
+    j.hash = p.expert_stack ? expert_writer : dense_writer;
+    j.global0 = params.first_expert(p) * per_expert(p);
+    j.n = (writer_only && !j.hash) ? 0 : params.local_numel(p);
+    j.mem = const_cast<float*>(params.get(p.name));
+    plan.jobs.push_back(std::move(j));
+  }
+  if (!opt) return plan;
+  auto& bs = const_cast<AdamW*>(opt)->buckets();
+  const bool m16 = opt->config().bf16_moments;
+  plan.m32.resize(bs.size());
+  plan.v32.resize(bs.size());
+  if (with_moments && m16) {
+    for (size_t bi = 0; bi < bs.size(); ++bi) {
+      plan.m32[bi].resize(bs[bi].shard);
+      plan.v32[bi].resize(bs[bi].shard);
+    }
+  }
+  // param index -> (bucket, position of its shard intersection)
+  struct Slot {
+    int bucket = -1;
+    int64_t global0 = 0, n = 0, shard_off = 0;
+  };
+  std::vector<Slot> slot(table.size());
+  for (size_t bi = 0; bi < bs.size(); ++bi) {
+    const AdamW::Bucket& b = bs[bi];
+    int64_t off = 0;
+    for (int i : b.params) {
+      const ParamSpec& p = table[i];
+      const int64_t nl = params.local_numel(p);
+      const int64_t lo = std::max(off, b.begin), hi = std::min(off + nl, b.begin + b.shard);
+      Slot& s = slot[i];
+      s.bucket = (int)bi;
+      if (lo < hi) {
+        s.global0 = params.first_expert(p) * per_expert(p) + (lo - off);
+        s.n = hi - lo;
+        s.shard_off = lo - b.begin;
+      }
+      off += nl;
+    }
+  }
+  const char* kinds[] = {"master", "exp_avg", "exp_avg_sq"};
+  for (int kind = 0; kind < (with_moments ? 3 : 1); ++kind) {
+    for (size_t i = 0; i < table.size(); ++i) {
+      const ParamSpec& p = table[i];
+      if (!p.trainable) continue;
+      const Slot& s = slot[i];
+      DSV3_CHECK(s.bucket >= 0, "checkpoint: trainable parameter " << p.name << " is in no optimizer bucket");
+      AdamW::Bucket& b = bs[s.bucket];
+      Job j;
+      j.name = std::string("/optim/") + kinds[kind] + "/" + p.name;
+      j.shape = p.shape;
+      j.numel = p.numel();
+      j.global0 = s.global0;
+      j.n = s.n;
+      j.hash = true;
+      if (s.n > 0) {
+        if (kind == 0) j.mem = b.master.data() + s.shard_off;
+        else if (kind == 1) j.mem = (m16 ? plan.m32[s.bucket].data() : b.m.data()) + s.shard_off;
+        else j.mem = (m16 ? plan.v32[s.bucket].data() : b.v.data()) + s.shard_off;
+      }
+      plan.jobs.push_back(std::move(j));
+    }
+  }
+  return plan;
+}
+
+// Selects the row-major element range [a, b) of a dataspace of shape dims as a union of at most 2*rank-1
+// hyperslab blocks (a is aligned coarsest-first: partial rows, whole slabs, partial rows).
+void select_range(hid_t space, const std::vector<int64_t>& dims, int64_t a, int64_t b, const std::string& path,
+                  const std::string& ds) {
+  const int nd = (int)dims.size();
+  std::vector<int64_t> stride(nd, 1);
+  for (int k = nd - 2; k >= 0; --k) stride[k] = stride[k + 1] * dims[k + 1];
+  std::vector<hsize_t> start(nd), count(nd);
+  bool first = true;
+  while (a < b) {
+    int k = 0;
+    while (k < nd - 1 && !(a % stride[k] == 0 && a + stride[k] <= b)) ++k;
+    const int64_t unit = stride[k];
+    const int64_t idx = (a / unit) % dims[k];
+    const int64_t c = std::min((b - a) / unit, dims[k] - idx);
+    for (int j = 0; j < nd; ++j) {
+      start[j] = (hsize_t)((a / stride[j]) % dims[j]);
+      count[j] = j < k ? 1 : j == k ? (hsize_t)c : (hsize_t)dims[j];
+    }
+    H5_CHECK(H5Sselect_hyperslab(space, first ? H5S_SELECT_SET : H5S_SELECT_OR, start.data(), nullptr,
+                                 count.data(), nullptr),
+             path, "dataset " << ds);
+    first = false;
+    a += c * unit;
+  }
+  if (first) H5_CHECK(H5Sselect_none(space), path, "dataset " << ds);
+}
+
+// Moves this rank's part of one dataset in rounds of at most g_io_chunk elements of the global index space (the
+// same number of rounds on every rank: collective transfers need every rank in every call).
+void transfer(bool write, hid_t dset, hid_t dxpl, const Job& j, const std::string& path) {
+  const std::vector<hsize_t> dims(j.shape.begin(), j.shape.end());
+  const int64_t rounds = std::max<int64_t>(1, (j.numel + g_io_chunk - 1) / g_io_chunk);
+  float dummy = 0;
+  for (int64_t r = 0; r < rounds; ++r) {
+    const int64_t lo = std::max(j.global0, r * g_io_chunk);
+    const int64_t hi = std::min(j.global0 + j.n, (r + 1) * g_io_chunk);
+    const int64_t n = std::max<int64_t>(0, hi - lo);
+    H5Id fspace(H5_CHECK(H5Screate_simple((int)dims.size(), dims.data(), nullptr), path, "dataset " << j.name),
+                H5Sclose);
+    const hsize_t mdim = (hsize_t)std::max<int64_t>(n, 1);
+    H5Id mspace(H5_CHECK(H5Screate_simple(1, &mdim, nullptr), path, "dataset " << j.name), H5Sclose);
+    if (n > 0) {
+      select_range(fspace, j.shape, lo, hi, path, j.name);
+    } else {
+      H5_CHECK(H5Sselect_none(fspace), path, "dataset " << j.name);
+      H5_CHECK(H5Sselect_none(mspace), path, "dataset " << j.name);
+    }
+    float* buf = n > 0 ? j.mem + (lo - j.global0) : &dummy;
+    if (write)
+      H5_CHECK(H5Dwrite(dset, H5T_NATIVE_FLOAT, mspace, fspace, dxpl, buf), path, "writing dataset " << j.name);
+    else
+      H5_CHECK(H5Dread(dset, H5T_NATIVE_FLOAT, mspace, fspace, dxpl, buf), path, "reading dataset " << j.name);
+  }
+}
+
+// ---- attributes -----------------------------------------------------------------------------------------------------
+void put_attr_i64(hid_t obj, const char* name, int64_t v, const std::string& path) {
+  H5Id sp(H5_CHECK(H5Screate(H5S_SCALAR), path, "attribute " << name), H5Sclose);
+  H5Id a(H5_CHECK(H5Acreate2(obj, name, H5T_STD_I64LE, sp, H5P_DEFAULT, H5P_DEFAULT), path, "attribute " << name),
+         H5Aclose);
+  H5_CHECK(H5Awrite(a, H5T_NATIVE_INT64, &v), path, "attribute " << name);
+}
+void put_attr_u64(hid_t obj, const char* name, uint64_t v, const std::string& path, const std::string& ds) {
+  H5Id sp(H5_CHECK(H5Screate(H5S_SCALAR), path, "dataset " << ds), H5Sclose);
+  H5Id a(H5_CHECK(H5Acreate2(obj, name, H5T_STD_U64LE, sp, H5P_DEFAULT, H5P_DEFAULT), path,
+                  "dataset " << ds << " attribute " << name),
+         H5Aclose);
+  H5_CHECK(H5Awrite(a, H5T_NATIVE_UINT64, &v), path, "dataset " << ds << " attribute " << name);
+}
+void put_attr_f64(hid_t obj, const char* name, double v, const std::string& path) {
+  H5Id sp(H5_CHECK(H5Screate(H5S_SCALAR), path, "attribute " << name), H5Sclose);
+  H5Id a(H5_CHECK(H5Acreate2(obj, name, H5T_IEEE_F64LE, sp, H5P_DEFAULT, H5P_DEFAULT), path, "attribute " << name),
+         H5Aclose);
+  H5_CHECK(H5Awrite(a, H5T_NATIVE_DOUBLE, &v), path, "attribute " << name);
+}
+void put_attr_str(hid_t obj, const char* name, const std::string& v, const std::string& path) {
+  H5Id t(H5_CHECK(H5Tcopy(H5T_C_S1), path, "attribute " << name), H5Tclose);
+  H5_CHECK(H5Tset_size(t, v.size() + 1), path, "attribute " << name);
+  H5_CHECK(H5Tset_strpad(t, H5T_STR_NULLTERM), path, "attribute " << name);
+  H5Id sp(H5_CHECK(H5Screate(H5S_SCALAR), path, "attribute " << name), H5Sclose);
+  H5Id a(H5_CHECK(H5Acreate2(obj, name, t, sp, H5P_DEFAULT, H5P_DEFAULT), path, "attribute " << name), H5Aclose);
+  H5_CHECK(H5Awrite(a, t, v.c_str()), path, "attribute " << name);
+}
+
+bool has_attr(hid_t obj, const char* name, const std::string& path) {
+  return H5_CHECK(H5Aexists(obj, name), path, "attribute " << name) > 0;
+}
+int64_t get_attr_i64(hid_t obj, const char* name, const std::string& path) {
+  DSV3_CHECK(has_attr(obj, name, path), "checkpoint " << path << ": attribute " << name << " is missing");
+  H5Id a(H5_CHECK(H5Aopen(obj, name, H5P_DEFAULT), path, "attribute " << name), H5Aclose);
+  int64_t v = 0;
+  H5_CHECK(H5Aread(a, H5T_NATIVE_INT64, &v), path, "attribute " << name);
+  return v;
+}
+uint64_t get_attr_u64(hid_t obj, const char* name, const std::string& path, const std::string& ds) {
+  DSV3_CHECK(has_attr(obj, name, path),
+             "checkpoint " << path << ": dataset " << ds << " has no " << name << " attribute");
+  H5Id a(H5_CHECK(H5Aopen(obj, name, H5P_DEFAULT), path, "dataset " << ds << " attribute " << name), H5Aclose);
+  uint64_t v = 0;
+  H5_CHECK(H5Aread(a, H5T_NATIVE_UINT64, &v), path, "dataset " << ds << " attribute " << name);
+  return v;
+}
+double get_attr_f64(hid_t obj, const char* name, const std::string& path) {
+  DSV3_CHECK(has_attr(obj, name, path), "checkpoint " << path << ": attribute " << name << " is missing");
+  H5Id a(H5_CHECK(H5Aopen(obj, name, H5P_DEFAULT), path, "attribute " << name), H5Aclose);
+  double v = 0;
+  H5_CHECK(H5Aread(a, H5T_NATIVE_DOUBLE, &v), path, "attribute " << name);
+  return v;
+}
+std::string get_attr_str(hid_t obj, const char* name, const std::string& path) {
+  if (!has_attr(obj, name, path)) return "";
+  H5Id a(H5_CHECK(H5Aopen(obj, name, H5P_DEFAULT), path, "attribute " << name), H5Aclose);
+  H5Id t(H5_CHECK(H5Aget_type(a), path, "attribute " << name), H5Tclose);
+  DSV3_CHECK(H5_CHECK(H5Tget_class(t), path, "attribute " << name) == H5T_STRING &&
+                 H5_CHECK(H5Tis_variable_str(t), path, "attribute " << name) == 0,
+             "checkpoint " << path << ": attribute " << name << " is not a fixed-length string");
+  const size_t n = H5Tget_size(t);
+  DSV3_CHECK(n > 0, "checkpoint " << path << ": attribute " << name << ": H5Tget_size failed: " << h5_error());
+  std::string s(n, '\0');
+  H5_CHECK(H5Aread(a, t, s.data()), path, "attribute " << name);
+  s.resize(std::strlen(s.c_str()));
+  return s;
+}
+
+// ---- files -------------------------------------------------------------------------------------------------------
+// A file access property list: MPI-IO over the world of comm (collective metadata), or the default driver.
+hid_t make_fapl(const Comm* comm, const std::string& path) {
+  H5Id fapl(H5_CHECK(H5Pcreate(H5P_FILE_ACCESS), path, "file access properties"), H5Pclose);
+  if (comm) {
+    const MPI_Comm world = *static_cast<MPI_Comm*>(comm->native_handle(GroupKind::world));
+    H5_CHECK(H5Pset_fapl_mpio(fapl, world, MPI_INFO_NULL), path, "MPI-IO driver");
+    H5_CHECK(H5Pset_all_coll_metadata_ops(fapl, true), path, "collective metadata");
+    H5_CHECK(H5Pset_coll_metadata_write(fapl, true), path, "collective metadata");
+  }
+  // the 1.8+ object format: attributes larger than 64 KiB (a long resolved deck) go to dense storage
+  H5_CHECK(H5Pset_libver_bounds(fapl, H5F_LIBVER_V18, H5F_LIBVER_LATEST), path, "format bounds");
+  return fapl.release();
+}
+hid_t make_dxpl(const Comm* comm, const std::string& path) {
+  H5Id dxpl(H5_CHECK(H5Pcreate(H5P_DATASET_XFER), path, "transfer properties"), H5Pclose);
+  if (comm) H5_CHECK(H5Pset_dxpl_mpio(dxpl, H5FD_MPIO_COLLECTIVE), path, "collective transfers");
+  return dxpl.release();
+}
+
+void fsync_path(const std::string& p, bool dir) {
+  const int fd = ::open(p.c_str(), dir ? (O_RDONLY | O_DIRECTORY) : O_RDONLY);
+  DSV3_CHECK(fd >= 0, "checkpoint " << p << ": cannot open for fsync: " << std::strerror(errno));
+  const int rc = ::fsync(fd);
+  const int err = errno;
+  ::close(fd);
+  DSV3_CHECK(rc == 0, "checkpoint " << p << ": fsync failed: " << std::strerror(err));
+}
+
+void rename_durable(const std::string& from, const std::string& to) {
+  std::error_code ec;
+  fs::rename(from, to, ec);
+  DSV3_CHECK(!ec, "checkpoint " << from << ": cannot rename to " << to << ": " << ec.message());
+  fsync_path(fs::path(to).parent_path().empty() ? "." : fs::path(to).parent_path().string(), true);
+}
+
+// a partial checksum as two 32-bit halves summed as int64 (no overflow for any number of ranks < 2^31), so that
+// the world sum mod 2^64 is exact
+void allreduce_checksums(const Comm* comm, std::vector<uint64_t>& h) {
+  if (!comm) return;
+  std::vector<int64_t> parts(2 * h.size());
+  for (size_t i = 0; i < h.size(); ++i) {
+    parts[2 * i] = (int64_t)(h[i] & 0xffffffffULL);
+    parts[2 * i + 1] = (int64_t)(h[i] >> 32);
+  }
+  comm->allreduce_sum(GroupKind::world, parts.data(), (int64_t)parts.size());
+  for (size_t i = 0; i < h.size(); ++i) h[i] = (uint64_t)parts[2 * i] + ((uint64_t)parts[2 * i + 1] << 32);
+}
+
+// Throws on every rank when any rank failed: the failing rank's own message, the others a pointer to it.
+void agree(const Comm* comm, const std::string& err, const std::string& what) {
+  const bool failed = comm ? comm->any(!err.empty()) : !err.empty();
+  if (!failed) return;
+  if (!err.empty()) throw Error(err);
+  throw Error(what + " failed on another rank (see its message)");
+}
+
+int64_t iteration_of(const std::string& name) {
+  static const std::regex re(R"(^iter_(\d+)\.h5$)");
+  std::smatch m;
+  if (!std::regex_match(name, m, re)) return -1;
+  return std::stoll(m[1].str());
+}
+
+void prune(const std::string& dir, int64_t keep) {
+  const auto latest = read_latest(dir);
+  if (keep > 0) {
+    const auto all = list_checkpoints(dir);
+    for (size_t i = (size_t)keep; i < all.size(); ++i) {
+      if (latest && fs::equivalent(*latest, all[i])) continue;
+      std::error_code ec;
+      fs::remove(all[i], ec);
+      if (ec) DSV3_LOG(warning) << "checkpoint " << all[i] << ": cannot delete (checkpoint.keep): " << ec.message();
+      else DSV3_LOG(info) << "deleted old checkpoint " << all[i] << " (checkpoint.keep = " << keep << ")";
+    }
+  }
+  // leftovers of saves that crashed before their rename
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string n = e.path().filename().string();
+    if (n.size() > 7 && n.rfind(".h5.tmp") == n.size() - 7) {
+      std::error_code ec2;
+      fs::remove(e.path(), ec2);
+      if (!ec2) DSV3_LOG(info) << "deleted unfinished checkpoint " << e.path().string();
+    }
+  }
+}
+
+}  // namespace
+
+uint64_t checkpoint_checksum(const float* x, int64_t n, int64_t first) {
+  uint64_t s = 0;
+#pragma omp parallel for reduction(+ : s) schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, 4);
+    s += fmix64(fmix64((uint64_t)(first + i) + 0x9E3779B97F4A7C15ULL) ^ (uint64_t)bits);
+  }
+  return s;
+}
+
+void set_checkpoint_io_chunk(int64_t elements) { g_io_chunk = std::max<int64_t>(1, elements); }
+
+std::string checkpoint_file_name(int64_t iteration) {
+  char b[40];
+  std::snprintf(b, sizeof b, "iter_%07lld.h5", (long long)iteration);
+  return b;
+}
+
+std::optional<std::string> read_latest(const std::string& dir) {
+  std::ifstream in(fs::path(dir) / "latest");
+  if (!in) return std::nullopt;
+  std::string name;
+  std::getline(in, name);
+  while (!name.empty() && (name.back() == '\r' || name.back() == ' ')) name.pop_back();
+  if (name.empty()) return std::nullopt;
+  return (fs::path(dir) / name).string();
+}
+
+std::vector<std::string> list_checkpoints(const std::string& dir) {
+  std::vector<std::pair<int64_t, std::string>> found;
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) return {};
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    const int64_t it = iteration_of(e.path().filename().string());
+    if (it >= 0 && e.is_regular_file(ec)) found.emplace_back(it, e.path().string());
+  }
+  std::sort(found.begin(), found.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  std::vector<std::string> out;
+  for (auto& f : found) out.push_back(std::move(f.second));
+  return out;
+}
+
+std::vector<std::string> checkpoint_candidates(const std::string& dir_or_file, bool auto_mode) {
+  std::error_code ec;
+  if (!auto_mode) {
+    if (fs::is_directory(dir_or_file, ec)) {
+      const auto latest = read_latest(dir_or_file);
+      DSV3_CHECK(latest, "checkpoint.load: directory " << dir_or_file << " has no 'latest' file");
+      return {*latest};
+    }
+    DSV3_CHECK(fs::exists(dir_or_file, ec), "checkpoint.load: " << dir_or_file << " does not exist");
+    return {dir_or_file};
+  }
+  std::vector<std::string> out;
+  const auto latest = read_latest(dir_or_file);
+  if (latest) {
+    if (fs::exists(*latest, ec)) out.push_back(*latest);
+    else DSV3_LOG(warning) << "checkpoint: " << dir_or_file << "/latest names " << *latest
+                           << ", which does not exist; trying the other checkpoints";
+  }
+  for (const std::string& p : list_checkpoints(dir_or_file)) {
+    bool dup = false;
+    for (const std::string& q : out) dup |= fs::equivalent(p, q, ec);
+    if (!dup) out.push_back(p);
+  }
+  return out;
+}
+
+// ---- save --------------------------------------------------------------------------------------------------------
+SaveResult save_checkpoint(const std::string& dir, const Comm* comm, const Params& params, const AdamW* opt,
+                           const TrainState& state, const std::string& deck_text_in, const std::string& layout_in,
+                           int64_t keep) {
+  quiet_hdf5();
+  const auto t0 = std::chrono::steady_clock::now();
+  const bool root = !comm || comm->rank() == 0;
+  const std::string final_path = (fs::path(dir) / checkpoint_file_name(state.iteration)).string();
+  const std::string tmp_path = final_path + ".tmp";
+  // every rank must write identical attributes: take rank 0's
+  std::string deck_text = deck_text_in, layout = layout_in;
+  if (comm) {
+    comm->bcast_string(deck_text);
+    comm->bcast_string(layout);
+  }
+  std::string err;
+  if (root) {
+    std::error_code ec;
+    fs::create_directories(dir, ec);
+    if (ec) err = "checkpoint.dir " + dir + ": cannot create: " + ec.message();
+  }
+  agree(comm, err, "creating the checkpoint directory");
+
+  // what each rank writes, and the checksums of the global data (one allreduce for all datasets)
+  Plan plan = make_plan(params, opt, comm, /*writer_only=*/true, /*with_moments=*/true);
+  if (opt && opt->config().bf16_moments) {
+    const auto& bs = opt->buckets();
+    for (size_t bi = 0; bi < bs.size(); ++bi)
+      for (int64_t i = 0; i < bs[bi].shard; ++i) {
+        plan.m32[bi][i] = bf16_to_float(bs[bi].m16[i]);
+        plan.v32[bi][i] = bf16_to_float(bs[bi].v16[i]);
+      }
+  }
+  std::vector<uint64_t> sums(plan.jobs.size(), 0);
+  for (size_t i = 0; i < plan.jobs.size(); ++i)
+    sums[i] = checkpoint_checksum(plan.jobs[i].mem, plan.jobs[i].n, plan.jobs[i].global0);
+  allreduce_checksums(comm, sums);
+
+  try {
+    H5Id fapl(make_fapl(comm, tmp_path), H5Pclose);
+    H5Id dxpl(make_dxpl(comm, tmp_path), H5Pclose);
+    H5Id file(H5_CHECK(H5Fcreate(tmp_path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl), tmp_path, "creating the file"),
+              H5Fclose);
+    put_attr_i64(file, "format_version", kFormatVersion, tmp_path);
+    put_attr_str(file, "dsv3_version", DSV3_VERSION, tmp_path);
+    put_attr_i64(file, "iteration", state.iteration, tmp_path);
+    put_attr_i64(file, "consumed_samples", state.consumed_samples, tmp_path);
+    put_attr_f64(file, "consumed_tokens", state.consumed_tokens, tmp_path);
+    put_attr_i64(file, "adam_t", opt ? opt->t() : 0, tmp_path);
+    put_attr_i64(file, "rng_seed", state.rng_seed, tmp_path);
+    put_attr_str(file, "rng_state", kRngState, tmp_path);
+    put_attr_str(file, "deck", deck_text, tmp_path);
+    put_attr_str(file, "layout", layout, tmp_path);
+    put_attr_str(file, "moment_dtype", opt ? (opt->config().bf16_moments ? "bf16" : "fp32") : "none", tmp_path);
+    put_attr_str(file, "checksum_algorithm", kChecksumAlgorithm, tmp_path);
+    std::vector<std::string> groups = {"/model"};
+    if (opt) groups.insert(groups.end(), {"/optim", "/optim/master", "/optim/exp_avg", "/optim/exp_avg_sq"});
+    for (const std::string& g : groups) {
+      H5Id gid(H5_CHECK(H5Gcreate2(file, g.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), tmp_path, "group " << g),
+               H5Gclose);
+    }
+    for (size_t i = 0; i < plan.jobs.size(); ++i) {
+      const Job& j = plan.jobs[i];
+      const std::vector<hsize_t> dims(j.shape.begin(), j.shape.end());
+      H5Id space(H5_CHECK(H5Screate_simple((int)dims.size(), dims.data(), nullptr), tmp_path, "dataset " << j.name),
+                 H5Sclose);
+      H5Id dcpl(H5_CHECK(H5Pcreate(H5P_DATASET_CREATE), tmp_path, "dataset " << j.name), H5Pclose);
+      H5_CHECK(H5Pset_layout(dcpl, H5D_CONTIGUOUS), tmp_path, "dataset " << j.name);
+      H5_CHECK(H5Pset_fill_time(dcpl, H5D_FILL_TIME_NEVER), tmp_path, "dataset " << j.name);
+      H5Id dset(H5_CHECK(H5Dcreate2(file, j.name.c_str(), H5T_IEEE_F32LE, space, H5P_DEFAULT, dcpl, H5P_DEFAULT),
+                         tmp_path, "creating dataset " << j.name),
+                H5Dclose);
+      put_attr_u64(dset, "checksum", sums[i], tmp_path, j.name);
+      transfer(true, dset, dxpl, j, tmp_path);
+    }
+    H5_CHECK(H5Fflush(file, H5F_SCOPE_GLOBAL), tmp_path, "flushing the file");
+    H5_CHECK(H5Fclose(file.release()), tmp_path, "closing the file");
+    err.clear();
+  } catch (const std::exception& e) {
+    err = e.what();
+  }
+  agree(comm, err, "writing checkpoint " + tmp_path);
+
+  // rank 0: fsync, rename, then `latest`, then prune
+  SaveResult res;
+  res.path = final_path;
+  if (root) {
+    try {
+      fsync_path(tmp_path, false);
+      rename_durable(tmp_path, final_path);
+      const std::string lt = (fs::path(dir) / "latest.tmp").string();
+      {
+        std::ofstream out(lt, std::ios::trunc);
+        out << checkpoint_file_name(state.iteration) << "\n";
+        out.flush();
+        DSV3_CHECK(out.good(), "checkpoint " << lt << ": cannot write");
+      }
+      fsync_path(lt, false);
+      rename_durable(lt, (fs::path(dir) / "latest").string());
+      res.bytes = (int64_t)fs::file_size(final_path);
+      prune(dir, keep);
+    } catch (const std::exception& e) {
+      err = e.what();
+    }
+  }
+  std::string root_err = err;
+  if (comm) comm->bcast_string(root_err);
+  if (!root_err.empty()) throw Error(root_err);
+  res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (root)
+    DSV3_LOG(info) << "saved checkpoint " << final_path << " (iteration " << state.iteration << "): "
+                   << res.bytes / 1048576.0 << " MiB in " << res.seconds << " s, "
+                   << (res.seconds > 0 ? res.bytes / 1048576.0 / res.seconds : 0.0) << " MiB/s";
+  return res;
+}
+
+// ---- load --------------------------------------------------------------------------------------------------------
+namespace {
+
+bool link_exists(hid_t file, const std::string& name, const std::string& path) {
+  // every component must exist for H5Lexists on the full path
+  size_t pos = 0;
+  while ((pos = name.find('/', pos + 1)) != std::string::npos)
+    if (H5_CHECK(H5Lexists(file, name.substr(0, pos).c_str(), H5P_DEFAULT), path, "link " << name) <= 0) return false;
+  return H5_CHECK(H5Lexists(file, name.c_str(), H5P_DEFAULT), path, "link " << name) > 0;
+}
+
+// Opens a dataset and checks it is fp32 of the given global shape.
+hid_t open_dataset(hid_t file, const std::string& name, const std::vector<int64_t>& shape, const std::string& path) {
+  DSV3_CHECK(link_exists(file, name, path), "checkpoint " << path << ": dataset " << name << " is missing");
+  H5Id d(H5_CHECK(H5Dopen2(file, name.c_str(), H5P_DEFAULT), path, "opening dataset " << name), H5Dclose);
+  H5Id t(H5_CHECK(H5Dget_type(d), path, "dataset " << name), H5Tclose);
+  DSV3_CHECK(H5_CHECK(H5Tget_class(t), path, "dataset " << name) == H5T_FLOAT && H5Tget_size(t) == 4,
+             "checkpoint " << path << ": dataset " << name << " is not fp32");
+  H5Id s(H5_CHECK(H5Dget_space(d), path, "dataset " << name), H5Sclose);
+  const int nd = H5_CHECK(H5Sget_simple_extent_ndims(s), path, "dataset " << name);
+  std::vector<hsize_t> dims(std::max(nd, 0));
+  H5_CHECK(H5Sget_simple_extent_dims(s, dims.data(), nullptr), path, "dataset " << name);
+  const std::vector<int64_t> got(dims.begin(), dims.end());
+  if (got != shape) {
+    std::ostringstream a, b;
+    for (auto x : got) a << (a.tellp() ? "," : "") << x;
+    for (auto x : shape) b << (b.tellp() ? "," : "") << x;
+    DSV3_FAIL("checkpoint " << path << ": dataset " << name << " has shape [" << a.str() << "], the model has ["
+                            << b.str() << "]");
+  }
+  return d.release();
+}
+
+TrainState read_state(hid_t file, const std::string& path, int64_t* adam_t) {
+  const int64_t fv = get_attr_i64(file, "format_version", path);
+  DSV3_CHECK(fv == kFormatVersion, "checkpoint " << path << ": format_version " << fv << " (this dsv3 reads "
+                                                 << kFormatVersion << ")");
+  TrainState s;
+  s.iteration = get_attr_i64(file, "iteration", path);
+  s.consumed_samples = get_attr_i64(file, "consumed_samples", path);
+  s.consumed_tokens = get_attr_f64(file, "consumed_tokens", path);
+  s.rng_seed = get_attr_i64(file, "rng_seed", path);
+  if (adam_t) *adam_t = get_attr_i64(file, "adam_t", path);
+  return s;
+}
+
+}  // namespace
+
+TrainState load_checkpoint(const std::string& path, const Comm* comm, Params& params, AdamW* opt, bool weights_only) {
+  quiet_hdf5();
+  H5Id fapl(make_fapl(comm, path), H5Pclose);
+  H5Id dxpl(make_dxpl(comm, path), H5Pclose);
+  H5Id file(H5_CHECK(H5Fopen(path.c_str(), H5F_ACC_RDONLY, fapl), path, "opening the file"), H5Fclose);
+  int64_t adam_t = 0;
+  const TrainState state = read_state(file, path, &adam_t);
+
+  const bool with_master = opt && (!weights_only || link_exists(file, "/optim/master", path));
+  Plan plan = make_plan(params, with_master ? opt : nullptr, comm, /*writer_only=*/false, !weights_only);
+  std::vector<uint64_t> stored(plan.jobs.size()), sums(plan.jobs.size(), 0);
+  // without a communicator a process holding part of a tensor (a ShardPlan with ep_size > 1) cannot complete its
+  // checksum: only whole tensors are checked then
+  std::vector<char> check(plan.jobs.size(), 1);
+  for (size_t i = 0; i < plan.jobs.size(); ++i) {
+    const Job& j = plan.jobs[i];
+    H5Id d(open_dataset(file, j.name, j.shape, path), H5Dclose);
+    stored[i] = get_attr_u64(d, "checksum", path, j.name);
+    transfer(false, d, dxpl, j, path);
+    if (j.hash) sums[i] = checkpoint_checksum(j.mem, j.n, j.global0);
+    if (!comm && j.n != j.numel) check[i] = 0;
+  }
+  allreduce_checksums(comm, sums);
+  for (size_t i = 0; i < plan.jobs.size(); ++i)
+    DSV3_CHECK(!check[i] || sums[i] == stored[i], "checkpoint " << path << ": dataset " << plan.jobs[i].name
+                                                   << ": checksum mismatch (stored " << hex(stored[i]) << ", data "
+                                                   << hex(sums[i]) << "): the file is corrupt");
+  H5_CHECK(H5Fclose(file.release()), path, "closing the file");
+
+  if (opt) {
+    auto& bs = opt->buckets();
+    if (weights_only) {
+      if (!with_master) {  // the master weights from the loaded model weights
+        const auto& table = params.table();
+        for (AdamW::Bucket& b : bs) {
+          int64_t off = 0;
+          for (int i : b.params) {
+            const ParamSpec& p = table[i];
+            const int64_t nl = params.local_numel(p);
+            const int64_t lo = std::max(off, b.begin), hi = std::min(off + nl, b.begin + b.shard);
+            if (lo < hi) std::copy_n(params.get(p.name) + (lo - off), hi - lo, b.master.begin() + (lo - b.begin));
+            off += nl;
+          }
+        }
+      }
+      for (AdamW::Bucket& b : bs) {
+        std::fill(b.m.begin(), b.m.end(), 0.0f);
+        std::fill(b.v.begin(), b.v.end(), 0.0f);
+        std::fill(b.m16.begin(), b.m16.end(), (uint16_t)0);
+        std::fill(b.v16.begin(), b.v16.end(), (uint16_t)0);
+      }
+      opt->set_t(0);
+    } else {
+      if (opt->config().bf16_moments)
+        for (size_t bi = 0; bi < bs.size(); ++bi)
+          for (int64_t i = 0; i < bs[bi].shard; ++i) {
+            bs[bi].m16[i] = float_to_bf16(plan.m32[bi][i]);
+            bs[bi].v16[i] = float_to_bf16(plan.v32[bi][i]);
+          }
+      opt->set_t(adam_t);
+    }
+  }
+  return state;
+}
+
+CheckpointInfo read_checkpoint_info(const std::string& path) {
+  quiet_hdf5();
+  H5Id fapl(make_fapl(nullptr, path), H5Pclose);
+  H5Id file(H5_CHECK(H5Fopen(path.c_str(), H5F_ACC_RDONLY, fapl), path, "opening the file"), H5Fclose);
+  CheckpointInfo info;
+  info.state = read_state(file, path, &info.adam_t);
+  info.format_version = kFormatVersion;
+  info.dsv3_version = get_attr_str(file, "dsv3_version", path);
+  info.deck = get_attr_str(file, "deck", path);
+  info.layout = get_attr_str(file, "layout", path);
+  info.moment_dtype = get_attr_str(file, "moment_dtype", path);
+  return info;
+}
+
+// ---- verification without a model (serial) ----------------------------------------------------------------------
+namespace {
+herr_t collect_datasets(hid_t, const char* name, const H5O_info_t* info, void* data) {
+  if (info->type == H5O_TYPE_DATASET) static_cast<std::vector<std::string>*>(data)->push_back(std::string("/") + name);
+  return 0;
+}
+}  // namespace
+
+std::string verify_checkpoint(const std::string& path) {
+  quiet_hdf5();
+  try {
+    H5Id fapl(make_fapl(nullptr, path), H5Pclose);
+    H5Id file(H5_CHECK(H5Fopen(path.c_str(), H5F_ACC_RDONLY, fapl), path, "opening the file"), H5Fclose);
+    read_state(file, path, nullptr);
+    std::vector<std::string> names;
+    H5_CHECK(H5Ovisit(file, H5_INDEX_NAME, H5_ITER_NATIVE, collect_datasets, &names), path, "listing the datasets");
+    DSV3_CHECK(link_exists(file, "/model", path), "checkpoint " << path << ": group /model is missing");
+    std::vector<float> buf;
+    for (const std::string& name : names) {
+      H5Id d(H5_CHECK(H5Dopen2(file, name.c_str(), H5P_DEFAULT), path, "opening dataset " << name), H5Dclose);
+      H5Id s(H5_CHECK(H5Dget_space(d), path, "dataset " << name), H5Sclose);
+      const int nd = H5_CHECK(H5Sget_simple_extent_ndims(s), path, "dataset " << name);
+      std::vector<hsize_t> dims(std::max(nd, 0));
+      H5_CHECK(H5Sget_simple_extent_dims(s, dims.data(), nullptr), path, "dataset " << name);
+      Job j;
+      j.name = name;
+      j.shape.assign(dims.begin(), dims.end());
+      j.numel = 1;
+      for (auto x : dims) j.numel *= (int64_t)x;
+      const uint64_t stored = get_attr_u64(d, "checksum", path, name);
+      uint64_t sum = 0;
+      // in pieces of at most one I/O chunk
+      for (int64_t a = 0; a < j.numel; a += g_io_chunk) {
+        Job part = j;
+        part.global0 = a;
+        part.n = std::min(g_io_chunk, j.numel - a);
+        buf.resize(part.n);
+        part.mem = buf.data();
+        transfer(false, d, H5P_DEFAULT, part, path);
+        sum += checkpoint_checksum(buf.data(), part.n, a);
+      }
+      DSV3_CHECK(sum == stored, "checkpoint " << path << ": dataset " << name << ": checksum mismatch (stored "
+                                              << hex(stored) << ", data " << hex(sum) << "): the file is corrupt");
+    }
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
+}
+
+std::optional<std::string> find_checkpoint(const std::string& dir_or_file, bool auto_mode) {
+  for (const std::string& c : checkpoint_candidates(dir_or_file, auto_mode)) {
+    const std::string err = verify_checkpoint(c);
+    if (err.empty()) return c;
+    if (!auto_mode) throw Error(err);
+    DSV3_LOG(warning) << "skipping a bad checkpoint: " << err << "; falling back to the previous one";
+  }
+  return std::nullopt;
+}
+
+std::optional<Resumed> resume_checkpoint(const std::string& dir_or_file, bool auto_mode, const Comm* comm,
+                                         Params& params, AdamW* opt, bool weights_only) {
+  // rank 0 lists the candidates (every rank must try the same files in the same order)
+  std::string list, err;
+  if (!comm || comm->rank() == 0) {
+    try {
+      for (const std::string& c : checkpoint_candidates(dir_or_file, auto_mode)) list += c + "\n";
+    } catch (const std::exception& e) {
+      err = e.what();
+    }
+  }
+  if (comm) {
+    comm->bcast_string(err);
+    comm->bcast_string(list);
+  }
+  if (!err.empty()) throw Error(err);
+  std::vector<std::string> cands;
+  std::istringstream in(list);
+  for (std::string l; std::getline(in, l);)
+    if (!l.empty()) cands.push_back(l);
+  for (size_t k = 0; k < cands.size(); ++k) {
+    std::string e;
+    TrainState st;
+    try {
+      st = load_checkpoint(cands[k], comm, params, opt, weights_only);
+    } catch (const std::exception& ex) {
+      e = ex.what();
+    }
+    const bool failed = comm ? comm->any(!e.empty()) : !e.empty();
+    if (!failed) return Resumed{cands[k], st};
+    if (e.empty()) e = "checkpoint " + cands[k] + ": loading failed on another rank (see its message)";
+    if (!auto_mode) throw Error(e);
+    if (k + 1 < cands.size())
+      DSV3_LOG(warning) << "cannot resume from " << cands[k] << ": " << e << "; falling back to " << cands[k + 1];
+    else
+      DSV3_FAIL("checkpoint.load = auto: no usable checkpoint in " << dir_or_file << " (the oldest, " << cands[k]
+                                                                   << ": " << e << ")");
+  }
+  return std::nullopt;
+}
+
+}  // namespace dsv3
