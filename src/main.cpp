@@ -22,6 +22,7 @@
 #include "ops/cpu/blas_preflight.h"
 #include "parallel/comm.h"
 #include "parallel/context.h"
+#include "pipeline/layout.h"
 #include "data/gpt_dataset.h"
 #include "optim/schedule.h"
 #include "train/metrics.h"
@@ -123,6 +124,11 @@ int main(int argc, char** argv) {
     const ModelConfig cfg = model_config_from_deck(deck);
     const ParallelContext par = setup_parallel(comm, deck, cfg);  // errors name the key and the constraint
     DSV3_LOG(info) << "layout: " << format_sizes(par.sizes);
+    if (par.sizes.pp > 1) {
+      DSV3_LOG(info) << "pipeline: "
+                     << format_layout(parse_pp_layout(deck.get<std::string>("parallel.pp_layout"), par.sizes.pp,
+                                                      (int)cfg.num_hidden_layers, (int)cfg.num_nextn_predict_layers));
+    }
 
     // ---- model -------------------------------------------------------------------------------------
     const ParamCounts pc = count_params(cfg);
@@ -131,7 +137,7 @@ int main(int argc, char** argv) {
                    << " routed experts top-" << cfg.num_experts_per_tok << "; parameters: main " << pc.main << " ("
                    << human(pc.main) << "), MTP " << pc.mtp << ", activated/token " << human(pc.activated);
     auto be = make_backend(deck.get<std::string>("run.device"), deck.get<int>("run.threads"));
-    Model model(cfg, *be, par.ep);  // this rank's experts only
+    Model model(cfg, *be, par.ep, par.stage);  // this rank's pipeline stage and experts only
     if (deck.given("model.hf_weights")) {
       DSV3_LOG(info) << "loading weights from " << deck.path("model.hf_weights");
       model.load_hf(HfCheckpoint(deck.path("model.hf_weights"), cfg.fp8_block));

@@ -17,6 +17,7 @@ run() {  # run NAME NP [overrides...]
 run one 1
 run dp4_ep2 4 parallel.ep=2
 run dp8_ep4 8 parallel.ep=4
+run pp2_dp4_ep4 8 parallel.pp=2 parallel.ep=4
 /usr/bin/python3 - "$tmp" <<'PY'
 import json, sys
 d = sys.argv[1]
@@ -25,7 +26,7 @@ def losses(name):
 ref = losses("one")
 assert len(ref) == 20, len(ref)
 ok = True
-for name in ("dp4_ep2", "dp8_ep4"):
+for name in ("dp4_ep2", "dp8_ep4", "pp2_dp4_ep4"):
     got = losses(name)
     worst = max(abs(a - b) / abs(b) for g, r in zip(got, ref) for a, b in zip(g, r))
     print(f"{name}: {len(got)} iterations, worst relative difference to 1 rank {worst:.2e} "

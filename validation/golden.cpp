@@ -26,6 +26,7 @@
 #include "ops/cpu/blas_preflight.h"
 #include "parallel/comm.h"
 #include "parallel/context.h"
+#include "pipeline/executor.h"
 #include "train/trainer.h"
 
 using namespace dsv3;
@@ -118,13 +119,18 @@ struct Golden {
     return std::vector<T>(full.begin(), full.end());
   }
   // a per-rank mean over its sequences -> the batch mean (weighted by the sequences of each rank)
+  // a pipeline stage's piece (empty where another stage computed it) -> the same on every stage of the group
+  void pp_fill(std::vector<float>& v, int64_t n) const {
+    if ((int64_t)v.size() != n) v.assign(n, 0.0f);
+    comm->allreduce_sum(GroupKind::pp, v.data(), n);
+  }
   double batch_mean(double x) const {
     x *= (double)local_B() / B;
     comm->allreduce_sum(GroupKind::dp, &x, 1);
     return x;
   }
   Model model(Backend& be, const HfCheckpoint& ck) const {
-    Model m(cfg, be, ctx.ep);
+    Model m(cfg, be, ctx.ep, ctx.stage);
     m.load_hf(ck);
     return m;
   }
@@ -136,14 +142,44 @@ void check_forward(Golden& g, Backend& be, Report& rep) {
   const int64_t S = sh[1];
   g.B = sh[0];
   const auto ids = g.local_batch(g.i("input_ids"), S);
-  ForwardTrace tr;
-  tr.keep_hidden = true;
-  Losses L = m.forward(ids.data(), g.local_B(), S, g.mtp_lambda, g.aux_alpha, &tr);
-  // the whole batch's view: activations gathered, counts summed, losses averaged over the data-parallel ranks
+  // through the pipeline stages (one micro-batch of this rank's sequences)
+  PipelineResult pr = run_pipeline(m, g.comm, {{ids.data(), nullptr, g.local_B(), (double)g.local_B() / g.B}}, S,
+                                   g.mtp_lambda, g.aux_alpha, nullptr, true);
+  ForwardTrace& tr = pr.traces[0];
+  // pipeline stages: each quantity from the stage that computed it (the others add zeros)
+  const int64_t Bl = g.local_B(), D = g.cfg.hidden_size, V = g.cfg.vocab_size, K = g.cfg.num_experts_per_tok;
+  const bool mtp = g.cfg.num_nextn_predict_layers > 0;
+  g.pp_fill(tr.embed, Bl * S * D);
+  g.pp_fill(tr.final_norm, Bl * S * D);
+  g.pp_fill(tr.logits, Bl * S * V);
+  if (mtp) {
+    g.pp_fill(tr.mtp_eh_proj, Bl * (S - 1) * D);
+    g.pp_fill(tr.mtp_block, Bl * (S - 1) * D);
+    g.pp_fill(tr.mtp_logits, Bl * (S - 1) * V);
+  }
+  tr.layer_out.resize(g.cfg.num_hidden_layers);
+  for (auto& v : tr.layer_out) g.pp_fill(v, Bl * S * D);
+  for (int64_t l = 0; l < g.cfg.total_layers(); ++l) {
+    if (!g.cfg.is_moe_layer(l)) continue;
+    MoeTrace& mt = tr.moe[l];
+    const int64_t Tl = Bl * (l < g.cfg.num_hidden_layers ? S : S - 1);
+    std::vector<float> idx(mt.idx.begin(), mt.idx.end());
+    g.pp_fill(idx, Tl * K);
+    mt.idx.assign(idx.begin(), idx.end());
+    g.pp_fill(mt.weight, Tl * K);
+    if (mt.counts.empty()) mt.counts.assign(g.cfg.n_routed_experts, 0);
+    g.comm->allreduce_sum(GroupKind::pp, mt.counts.data(), (int64_t)mt.counts.size());
+    g.comm->allreduce_sum(GroupKind::pp, &mt.balance_loss, 1);
+  }
+  double l4[4] = {pr.loss.lm, pr.loss.mtp, pr.loss.aux, pr.loss.total};  // already weighted by this rank's share
+  g.comm->allreduce_sum(GroupKind::pp, l4, 4);
+  g.comm->allreduce_sum(GroupKind::dp, l4, 4);
+  Losses L{l4[0], l4[1], l4[2], l4[3]};
+  // the whole batch's view: activations gathered over the data-parallel ranks, counts summed
   tr.embed = g.gather(tr.embed, "hidden.embed");
   tr.final_norm = g.gather(tr.final_norm, "hidden.final_norm");
   tr.logits = g.gather(tr.logits, "logits");
-  if (g.cfg.num_nextn_predict_layers > 0) {
+  if (mtp) {
     tr.mtp_eh_proj = g.gather(tr.mtp_eh_proj, "hidden.mtp_eh_proj");
     tr.mtp_block = g.gather(tr.mtp_block, "hidden.mtp_block");
     tr.mtp_logits = g.gather(tr.mtp_logits, "mtp_logits");
@@ -156,7 +192,6 @@ void check_forward(Golden& g, Backend& be, Report& rep) {
     g.comm->allreduce_sum(GroupKind::dp, mt.counts.data(), (int64_t)mt.counts.size());
     mt.balance_loss = g.batch_mean(mt.balance_loss);
   }
-  L = {g.batch_mean(L.lm), g.batch_mean(L.mtp), g.batch_mean(L.aux), g.batch_mean(L.total)};
   const double th = 1e-4, tl = 1e-5;
   rep.close("hidden.embed", tr.embed, g.f("hidden.embed"), th);
   for (size_t l = 0; l < tr.layer_out.size(); ++l)
@@ -189,7 +224,8 @@ void check_grads(Golden& g, Backend& be, Report& rep) {
   const auto sh = g.shape("input_ids");
   g.B = sh[0];
   const auto ids = g.local_batch(g.i("input_ids"), sh[1]);
-  m.forward_backward(ids.data(), g.local_B(), sh[1], g.mtp_lambda, g.aux_alpha, (double)g.local_B() / g.B, local);
+  run_pipeline(m, g.comm, {{ids.data(), nullptr, g.local_B(), (double)g.local_B() / g.B}}, sh[1], g.mtp_lambda,
+               g.aux_alpha, &local);
   reduce_grads_over_replicas(local, *g.comm);
   const Params grads = gather_experts(local, *g.comm);
   for (const ParamSpec& p : grads.table()) {
@@ -425,6 +461,9 @@ int main(int argc, char** argv) {
                   format_sizes(g.ctx.sizes).c_str(), vm["checks"].as<std::string>().c_str());
     if (checks.count("forward")) check_forward(g, *be, rep);
     if (checks.count("grads")) check_grads(g, *be, rep);
+    DSV3_CHECK(g.ctx.sizes.pp == 1 || (!checks.count("generate") && !checks.count("fp8")),
+               "--checks generate/fp8 under pipeline parallelism (parallel.pp=" << g.ctx.sizes.pp
+                                                                            << ") are not implemented yet");
     if (checks.count("train")) check_train(g, *be, rep, deck.get<int64_t>("train.micro_batch"));
     if (checks.count("generate")) check_generate(g, *be, rep);
     if (checks.count("fp8")) check_fp8(g, *be, rep);

@@ -137,10 +137,13 @@ Plan make_plan(const Params& params, const AdamW* opt, const Comm* comm, bool wr
     j.name = "/model/" + p.name;
     j.shape = p.shape;
     j.numel = p.numel();
-    j.hash = p.expert_stack ? expert_writer : dense_writer;
+    // pipeline parallelism: a stage has only its own parameters, and maybe a copy of one another stage owns (the
+    // MTP's embedding): the copy is read on loading but neither written nor counted in the checksum
+    const bool held = params.held(p), owner = held && !params.is_copy(p);
+    j.hash = owner && (p.expert_stack ? expert_writer : dense_writer);
     j.global0 = params.first_expert(p) * per_expert(p);
-    j.n = (writer_only && !j.hash) ? 0 : params.local_numel(p);
-    j.mem = const_cast<float*>(params.get(p.name));
+    j.n = !held || (writer_only && !j.hash) ? 0 : params.local_numel(p);
+    j.mem = held ? const_cast<float*>(params.get(p.name)) : nullptr;
     plan.jobs.push_back(std::move(j));
   }
   if (!opt) return plan;
@@ -183,8 +186,6 @@ Plan make_plan(const Params& params, const AdamW* opt, const Comm* comm, bool wr
       const ParamSpec& p = table[i];
       if (!p.trainable) continue;
       const Slot& s = slot[i];
-      DSV3_CHECK(s.bucket >= 0, "checkpoint: trainable parameter " << p.name << " is in no optimizer bucket");
-      AdamW::Bucket& b = bs[s.bucket];
       Job j;
       j.name = std::string("/optim/") + kinds[kind] + "/" + p.name;
       j.shape = p.shape;
@@ -192,7 +193,8 @@ Plan make_plan(const Params& params, const AdamW* opt, const Comm* comm, bool wr
       j.global0 = s.global0;
       j.n = s.n;
       j.hash = true;
-      if (s.n > 0) {
+      if (s.n > 0) {  // (a parameter of another pipeline stage, or a copy, is in no bucket here: nothing to move)
+        AdamW::Bucket& b = bs[s.bucket];
         if (kind == 0) j.mem = b.master.data() + s.shard_off;
         else if (kind == 1) j.mem = (m16 ? plan.m32[s.bucket].data() : b.m.data()) + s.shard_off;
         else j.mem = (m16 ? plan.v32[s.bucket].data() : b.v.data()) + s.shard_off;
@@ -377,12 +379,16 @@ void allreduce_checksums(const Comm* comm, std::vector<uint64_t>& h) {
   for (size_t i = 0; i < h.size(); ++i) h[i] = (uint64_t)parts[2 * i] + ((uint64_t)parts[2 * i + 1] << 32);
 }
 
-// Throws on every rank when any rank failed: the failing rank's own message, the others a pointer to it.
+// Throws on every rank when any rank failed. One message is printed: rank 0's when it failed (the others throw an
+// empty Error, which main() does not print), else each failing rank's own (and rank 0 points to them).
 void agree(const Comm* comm, const std::string& err, const std::string& what) {
   const bool failed = comm ? comm->any(!err.empty()) : !err.empty();
   if (!failed) return;
-  if (!err.empty()) throw Error(err);
-  throw Error(what + " failed on another rank (see its message)");
+  if (!comm) throw Error(err);
+  std::string root_err = err;
+  comm->bcast_string(root_err);
+  if (comm->rank() == 0) throw Error(err.empty() ? what + " failed on another rank (see its message)" : err);
+  throw Error(root_err.empty() ? err : "");
 }
 
 int64_t iteration_of(const std::string& name) {
@@ -544,8 +550,10 @@ SaveResult save_checkpoint(const std::string& dir, const Comm* comm, const Param
     put_attr_str(file, "checksum_algorithm", kChecksumAlgorithm, tmp_path);
     std::vector<std::string> groups = {"/model"};
     if (opt) groups.insert(groups.end(), {"/optim", "/optim/master", "/optim/exp_avg", "/optim/exp_avg_sq"});
+    H5Id gcpl(H5_CHECK(H5Pcreate(H5P_GROUP_CREATE), tmp_path, "group properties"), H5Pclose);
+    H5_CHECK(H5Pset_obj_track_times(gcpl, false), tmp_path, "group properties");
     for (const std::string& g : groups) {
-      H5Id gid(H5_CHECK(H5Gcreate2(file, g.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), tmp_path, "group " << g),
+      H5Id gid(H5_CHECK(H5Gcreate2(file, g.c_str(), H5P_DEFAULT, gcpl, H5P_DEFAULT), tmp_path, "group " << g),
                H5Gclose);
     }
     for (size_t i = 0; i < plan.jobs.size(); ++i) {
@@ -556,6 +564,7 @@ SaveResult save_checkpoint(const std::string& dir, const Comm* comm, const Param
       H5Id dcpl(H5_CHECK(H5Pcreate(H5P_DATASET_CREATE), tmp_path, "dataset " << j.name), H5Pclose);
       H5_CHECK(H5Pset_layout(dcpl, H5D_CONTIGUOUS), tmp_path, "dataset " << j.name);
       H5_CHECK(H5Pset_fill_time(dcpl, H5D_FILL_TIME_NEVER), tmp_path, "dataset " << j.name);
+      H5_CHECK(H5Pset_obj_track_times(dcpl, false), tmp_path, "dataset " << j.name);  // same data, same bytes
       H5Id dset(H5_CHECK(H5Dcreate2(file, j.name.c_str(), H5T_IEEE_F32LE, space, H5P_DEFAULT, dcpl, H5P_DEFAULT),
                          tmp_path, "creating dataset " << j.name),
                 H5Dclose);
@@ -594,7 +603,7 @@ SaveResult save_checkpoint(const std::string& dir, const Comm* comm, const Param
   }
   std::string root_err = err;
   if (comm) comm->bcast_string(root_err);
-  if (!root_err.empty()) throw Error(root_err);
+  if (!root_err.empty()) throw Error(root ? root_err : "");  // rank 0 reports
   res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (root)
     DSV3_LOG(info) << "saved checkpoint " << final_path << " (iteration " << state.iteration << "): "
@@ -821,12 +830,19 @@ std::optional<Resumed> resume_checkpoint(const std::string& dir_or_file, bool au
     const bool failed = comm ? comm->any(!e.empty()) : !e.empty();
     if (!failed) return Resumed{cands[k], st};
     if (e.empty()) e = "checkpoint " + cands[k] + ": loading failed on another rank (see its message)";
-    if (!auto_mode) throw Error(e);
+    if (!auto_mode) agree(comm, e, "loading checkpoint " + cands[k]);
     if (k + 1 < cands.size())
       DSV3_LOG(warning) << "cannot resume from " << cands[k] << ": " << e << "; falling back to " << cands[k + 1];
-    else
-      DSV3_FAIL("checkpoint.load = auto: no usable checkpoint in " << dir_or_file << " (the oldest, " << cands[k]
-                                                                   << ": " << e << ")");
+    else {
+      std::string msg;
+      try {
+        DSV3_FAIL("checkpoint.load = auto: no usable checkpoint in " << dir_or_file << " (the oldest, " << cands[k]
+                                                                     << ": " << e << ")");
+      } catch (const Error& x) {
+        msg = x.what();
+      }
+      agree(comm, msg, "resuming");
+    }
   }
   return std::nullopt;
 }

@@ -1,6 +1,8 @@
 #include "model/config.h"
 
+#include <cmath>
 #include <fstream>
+#include <limits>
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
@@ -11,6 +13,20 @@ namespace {
 
 using nlohmann::json;
 
+// Fuzzing fix: error messages used to print an offending value with dump(), which recurses once per nesting
+// level: a deeply nested value ([[[[...]]]], a few hundred KB) overflowed the stack. Scalars and short arrays
+// of scalars are printed, anything deeper only named.
+std::string json_brief(const json& v) {
+  if (v.is_object()) return "an object";
+  if (v.is_array()) {
+    if (v.size() > 16) return "an array of " + std::to_string(v.size());
+    for (const json& e : v)
+      if (e.is_structured()) return "a nested array";
+  }
+  std::string s = v.dump();
+  return s.size() > 200 ? s.substr(0, 200) + "..." : s;
+}
+
 // Reads j[key] into out when present; null means "absent" (HF writes q_lora_rank: null for V2-Lite).
 template <class T>
 void read_key(const json& j, const char* key, T& out, const std::string& src) {
@@ -18,19 +34,32 @@ void read_key(const json& j, const char* key, T& out, const std::string& src) {
   if (it == j.end() || it->is_null()) return;
   try {
     if constexpr (std::is_same_v<T, bool>) {
-      DSV3_CHECK(it->is_boolean(), src << ": config key '" << key << "' must be a boolean, got " << it->dump());
+      DSV3_CHECK(it->is_boolean(), src << ": config key '" << key << "' must be a boolean, got " << json_brief(*it));
     } else if constexpr (std::is_integral_v<T>) {
-      DSV3_CHECK(it->is_number_integer() || (it->is_number_float() && it->get<double>() == (double)(int64_t)it->get<double>()),
-                 src << ": config key '" << key << "' must be an integer, got " << it->dump());
+      // Fuzzing fix: integers used to go through double ((T)get<double>()), which is undefined behaviour for
+      // values outside int64 (1e30, 18446744073709551615) and rounds values above 2^53. Integers are now read
+      // exactly; a float must be integral and inside int64 ("4.0" as HF sometimes writes).
+      static_assert(std::is_same_v<T, int64_t>);
+      if (it->is_number_unsigned()) {
+        DSV3_CHECK(it->get<uint64_t>() <= (uint64_t)std::numeric_limits<int64_t>::max(),
+                   src << ": config key '" << key << "' = " << it->get<uint64_t>() << " does not fit in int64");
+        out = (T)it->get<uint64_t>();
+      } else if (it->is_number_integer()) {
+        out = it->get<int64_t>();
+      } else {
+        const double x = it->is_number_float() ? it->get<double>() : 0.5;
+        // [-2^63, 2^63): the doubles that convert to int64 without overflow
+        DSV3_CHECK(it->is_number_float() && x == std::trunc(x) && x >= -9223372036854775808.0 && x < 9223372036854775808.0,
+                   src << ": config key '" << key << "' must be an integer (fitting in int64), got " << json_brief(*it));
+        out = (T)x;
+      }
+      return;
     } else if constexpr (std::is_floating_point_v<T>) {
-      DSV3_CHECK(it->is_number(), src << ": config key '" << key << "' must be a number, got " << it->dump());
+      DSV3_CHECK(it->is_number(), src << ": config key '" << key << "' must be a number, got " << json_brief(*it));
     } else {
-      DSV3_CHECK(it->is_string(), src << ": config key '" << key << "' must be a string, got " << it->dump());
+      DSV3_CHECK(it->is_string(), src << ": config key '" << key << "' must be a string, got " << json_brief(*it));
     }
-    if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>)
-      out = (T)it->get<double>();
-    else
-      out = it->get<T>();
+    out = it->get<T>();
   } catch (const json::exception& e) {
     DSV3_FAIL(src << ": config key '" << key << "': " << e.what());
   }
@@ -90,9 +119,14 @@ ModelConfig model_config_from_json(const json& j, const std::string& src) {
   }
   if (auto it = j.find("quantization_config"); it != j.end() && it->is_object()) {
     if (auto b = it->find("weight_block_size"); b != it->end()) {
-      DSV3_CHECK(b->is_array() && b->size() == 2 && (*b)[0].is_number_integer() && (*b)[1].is_number_integer() &&
-                     (*b)[0].get<int>() > 0 && (*b)[1].get<int>() > 0,
-                 src << ": quantization_config.weight_block_size must be two positive integers, got " << b->dump());
+      // Fuzzing fix: get<int>() truncated 2^32+16 to 16; the sizes are now range-checked as int64 first.
+      auto positive_int = [](const json& x) {
+        return x.is_number_integer() && (x.is_number_unsigned() ? x.get<uint64_t>() <= (uint64_t)std::numeric_limits<int>::max()
+                                                                : x.get<int64_t>() > 0 && x.get<int64_t>() <= std::numeric_limits<int>::max());
+      };
+      DSV3_CHECK(b->is_array() && b->size() == 2 && positive_int((*b)[0]) && positive_int((*b)[1]) &&
+                     (*b)[0].get<int64_t>() > 0 && (*b)[1].get<int64_t>() > 0,
+                 src << ": quantization_config.weight_block_size must be two positive integers, got " << json_brief(*b));
       c.fp8_block = {(*b)[0].get<int>(), (*b)[1].get<int>()};
     }
   }

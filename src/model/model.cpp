@@ -10,11 +10,45 @@
 
 namespace dsv3 {
 
-Model::Model(const ModelConfig& cfg, Backend& be, const ExpertGroup& ep)
+PipelineStage PipelineStage::whole(const ModelConfig& c) {
+  PipelineStage s;
+  s.count = 1;
+  s.layout.embedding = s.layout.mtp = s.layout.loss = true;
+  for (int l = 0; l < (int)c.num_hidden_layers; ++l) s.layout.layers.push_back(l);
+  return s;
+}
+
+namespace {
+// What a stage holds: its layers (+ the MTP layer on the last stage), the embedding on the first stage (and a copy
+// on the last stage when MTP needs it), the final norm and the head on the last stage.
+ShardPlan plan_for(const ModelConfig& c, const std::vector<ParamSpec>& table, const ExpertGroup& ep,
+                   const PipelineStage& st) {
+  ShardPlan plan{ep.size, ep.rank, {}};
+  if (st.count == 1) return plan;
+  std::vector<bool> has_layer(c.total_layers(), false);
+  for (int l : st.layout.layers) has_layer[l] = true;
+  if (st.layout.mtp)
+    for (int64_t k = 0; k < c.num_nextn_predict_layers; ++k) has_layer[c.num_hidden_layers + k] = true;
+  for (const ParamSpec& p : table) {
+    uint8_t h = ShardPlan::kNotHeld;
+    if (p.layer >= 0) h = has_layer[p.layer] ? ShardPlan::kOwner : ShardPlan::kNotHeld;
+    else if (p.name == "model.embed_tokens.weight")
+      h = st.layout.embedding ? ShardPlan::kOwner
+                              : (st.layout.mtp && c.num_nextn_predict_layers > 0 ? ShardPlan::kCopy : ShardPlan::kNotHeld);
+    else  // model.norm, lm_head
+      h = st.layout.loss ? ShardPlan::kOwner : ShardPlan::kNotHeld;
+    plan.held.push_back(h);
+  }
+  return plan;
+}
+}  // namespace
+
+Model::Model(const ModelConfig& cfg, Backend& be, const ExpertGroup& ep, const PipelineStage& stage)
     : cfg_(cfg),
       be_(be),
       ep_(ep),
-      params_(build_param_table(cfg), ShardPlan{ep.size, ep.rank}),
+      stage_(stage.count == 0 ? PipelineStage::whole(cfg) : stage),
+      params_(build_param_table(cfg), plan_for(cfg, build_param_table(cfg), ep, stage_)),
       rope_(make_rope_table(cfg, cfg.max_position_embeddings)) {}
 
 namespace {
@@ -29,7 +63,7 @@ void Model::load_hf(const HfCheckpoint& ck) {
   std::set<std::string> known;
   for (const ParamSpec& p : params_.table()) {
     const int64_t per = p.numel() / p.n_experts();
-    const int64_t first = params_.first_expert(p), count = params_.local_experts(p);
+    const int64_t first = params_.first_expert(p), count = params_.held(p) ? params_.local_experts(p) : 0;
     for (int64_t e = 0; e < p.n_experts(); ++e) {
       const std::string hf = p.hf_name_of(e);
       DSV3_CHECK(ck.has(hf), "HF checkpoint has no tensor '" << hf << "' (the model config expects it)");
@@ -58,6 +92,7 @@ uint64_t splitmix64(uint64_t x) {
 
 void Model::init_random(uint64_t seed) {
   for (const ParamSpec& p : params_.table()) {
+    if (!params_.held(p)) continue;
     float* w = params_.get(p.name);
     const int64_t n = params_.local_numel(p);
     // the global index of the first element held here (experts sharded over expert-parallel ranks)
@@ -161,7 +196,7 @@ void check_tokens(const int64_t* tokens, int64_t n, int64_t V) {
 }  // namespace
 
 Losses Model::forward_into(const int64_t* tokens, const int64_t* labels, int64_t B, int64_t S, double mtp_lambda,
-                           double aux_alpha, ForwardTrace* tr, Activations& a) {
+                           double aux_alpha, ForwardTrace* tr, Activations& a, const float* x_in) {
   DSV3_CHECK(S >= 2, "a training sequence needs at least 2 tokens, got " << S);
   DSV3_CHECK(B >= 0, "negative batch");
   const int64_t T = B * S, D = cfg_.hidden_size, V = cfg_.vocab_size, L = cfg_.num_hidden_layers;
@@ -183,13 +218,27 @@ Losses Model::forward_into(const int64_t* tokens, const int64_t* labels, int64_t
   a.layers.resize(cfg_.total_layers());
   Losses loss;
 
-  // ---- main model: embedding -> layers -> final norm -> LM head
+  // ---- main model: embedding -> layers -> final norm -> LM head (this pipeline stage's part of it)
   std::vector<float> x(T * D);
-  be_.embedding_forward(tokens, T, params_.get("model.embed_tokens.weight"), D, x.data());
-  if (keep) tr->embed = x, tr->layer_out.clear();
-  for (int64_t l = 0; l < L; ++l) {
+  if (stage_.layout.embedding) {
+    be_.embedding_forward(tokens, T, params_.get("model.embed_tokens.weight"), D, x.data());
+  } else {
+    DSV3_CHECK(x_in || T == 0, "pipeline stage " << stage_.index << " needs the previous stage's activations");
+    std::copy(x_in, x_in + T * D, x.begin());
+  }
+  if (keep) {
+    if (stage_.layout.embedding) tr->embed = x;
+    tr->layer_out.resize(L);
+  }
+  for (int l : stage_.layout.layers) {
     layer_forward(l, x.data(), B, S, nullptr, cfg_.is_moe_layer(l) ? &tr->moe[l] : nullptr, &a.layers[l]);
-    if (keep) tr->layer_out.push_back(x);
+    if (keep) tr->layer_out[l] = x;
+  }
+  if (!stage_.layout.loss) {  // an inner stage: its output goes to the next stage
+    a.x_final = std::move(x);
+    for (const auto& [layer, m] : tr->moe) loss.aux += m.balance_loss;
+    loss.total = aux_alpha * loss.aux;
+    return loss;
   }
   a.x_final = std::move(x);
   a.rstd_final.resize(T);
@@ -263,70 +312,93 @@ Losses Model::forward_into(const int64_t* tokens, const int64_t* labels, int64_t
 
 Losses Model::forward(const int64_t* tokens, int64_t B, int64_t S, double mtp_lambda, double aux_alpha,
                       ForwardTrace* tr, const int64_t* labels) {
+  DSV3_CHECK(stage_.count == 1, "Model::forward runs the whole model; a pipeline stage uses forward_stage");
   Activations a;
-  return forward_into(tokens, labels, B, S, mtp_lambda, aux_alpha, tr, a);
+  return forward_into(tokens, labels, B, S, mtp_lambda, aux_alpha, tr, a, nullptr);
 }
 
 Losses Model::forward_backward(const int64_t* tokens, int64_t B, int64_t S, double mtp_lambda, double aux_alpha,
                                double loss_scale, Params& grads, ForwardTrace* tr, const int64_t* labels) {
-  DSV3_CHECK(grads.size() == params_.size(), "gradient store does not match the model's parameter table");
+  DSV3_CHECK(stage_.count == 1, "Model::forward_backward runs the whole model; a pipeline stage uses the stage calls");
   Activations a;
-  const Losses loss = forward_into(tokens, labels, B, S, mtp_lambda, aux_alpha, tr, a);
+  const Losses loss = forward_into(tokens, labels, B, S, mtp_lambda, aux_alpha, tr, a, nullptr);
+  backward_stage(a, mtp_lambda, aux_alpha, loss_scale, grads, nullptr, nullptr);
+  return loss;
+}
+
+Losses Model::forward_stage(const int64_t* tokens, const int64_t* labels, int64_t B, int64_t S, double mtp_lambda,
+                            double aux_alpha, ForwardTrace* tr, Activations& a, const float* x_in) {
+  return forward_into(tokens, labels, B, S, mtp_lambda, aux_alpha, tr, a, x_in);
+}
+
+void Model::backward_stage(const Activations& a, double mtp_lambda, double aux_alpha, double loss_scale,
+                           Params& grads, const float* dx_out, std::vector<float>* dx_in) {
+  DSV3_CHECK(grads.size() == params_.size(), "gradient store does not match the model's parameter table");
+  const int64_t B = a.B, S = a.S;
   const int64_t T = B * S, D = cfg_.hidden_size, V = cfg_.vocab_size, L = cfg_.num_hidden_layers;
   const double aux_coef = aux_alpha * loss_scale;
-  float* g_emb = grads.get("model.embed_tokens.weight");
-  float* g_head = grads.get("lm_head.weight");
-  const float* w_head = params_.get("lm_head.weight");
-  std::vector<float> dh(T * D, 0.0f);  // gradient w.r.t. the final-norm output h (LM head + MTP input)
+  std::vector<float> dx(T * D, 0.0f);  // gradient w.r.t. the residual stream at this stage's output
 
-  // ---- MTP module (reverse order of the forward)
-  if (cfg_.num_nextn_predict_layers > 0) {
-    const int64_t Sm = S - 1, Tm = B * Sm;
-    const std::string pre = "model.layers." + std::to_string(L) + ".";
-    int64_t nm = 0;
-    for (int64_t t : a.mtp_targets) nm += t >= 0;
-    std::vector<float> dlog(Tm * V), dhn(Tm * D), dx(Tm * D, 0.0f);
-    be_.cross_entropy_backward(a.mtp_logits.data(), a.mtp_lse.data(), Tm, V, a.mtp_targets.data(),
-                               nm ? (float)(loss_scale * mtp_lambda / nm) : 0.0f, dlog.data());
-    be_.gemm_tn(V, D, Tm, 1.0f, dlog.data(), V, a.mtp_hn.data(), D, 1.0f, g_head, D);  // tied head: grads add up
-    be_.gemm_nn(Tm, D, V, 1.0f, dlog.data(), V, w_head, D, 0.0f, dhn.data(), D);
-    be_.rmsnorm_backward(a.mtp_x.data(), D, params_.get(pre + "shared_head.norm.weight"), a.mtp_rstd_out.data(),
-                         dhn.data(), Tm, D, dx.data(), D, grads.get(pre + "shared_head.norm.weight"));
-    layer_backward(L, a.layers[L], dx.data(), aux_coef, grads);
-    // eh_proj: x = cat Weh^T
-    std::vector<float> dcat(Tm * 2 * D);
-    be_.gemm_tn(D, 2 * D, Tm, 1.0f, dx.data(), D, a.mtp_cat.data(), 2 * D, 1.0f, grads.get(pre + "eh_proj.weight"),
-                2 * D);
-    be_.gemm_nn(Tm, 2 * D, D, 1.0f, dx.data(), D, params_.get(pre + "eh_proj.weight"), 2 * D, 0.0f, dcat.data(), 2 * D);
-    std::vector<float> den(Tm * D), dhn2(Tm * D), de(Tm * D, 0.0f), dhin(Tm * D, 0.0f);
-    for (int64_t t = 0; t < Tm; ++t) {
-      std::copy_n(dcat.data() + t * 2 * D, D, den.data() + t * D);
-      std::copy_n(dcat.data() + t * 2 * D + D, D, dhn2.data() + t * D);
+  if (stage_.layout.loss) {
+    float* g_head = grads.get("lm_head.weight");
+    const float* w_head = params_.get("lm_head.weight");
+    std::vector<float> dh(T * D, 0.0f);  // gradient w.r.t. the final-norm output h (LM head + MTP input)
+    // ---- MTP module (reverse order of the forward)
+    if (cfg_.num_nextn_predict_layers > 0) {
+      float* g_emb = grads.get("model.embed_tokens.weight");  // the tied copy: summed with the first stage's
+      const int64_t Sm = S - 1, Tm = B * Sm;
+      const std::string pre = "model.layers." + std::to_string(L) + ".";
+      int64_t nm = 0;
+      for (int64_t t : a.mtp_targets) nm += t >= 0;
+      std::vector<float> dlog(Tm * V), dhn(Tm * D), dxm(Tm * D, 0.0f);
+      be_.cross_entropy_backward(a.mtp_logits.data(), a.mtp_lse.data(), Tm, V, a.mtp_targets.data(),
+                                 nm ? (float)(loss_scale * mtp_lambda / nm) : 0.0f, dlog.data());
+      be_.gemm_tn(V, D, Tm, 1.0f, dlog.data(), V, a.mtp_hn.data(), D, 1.0f, g_head, D);  // tied head: grads add up
+      be_.gemm_nn(Tm, D, V, 1.0f, dlog.data(), V, w_head, D, 0.0f, dhn.data(), D);
+      be_.rmsnorm_backward(a.mtp_x.data(), D, params_.get(pre + "shared_head.norm.weight"), a.mtp_rstd_out.data(),
+                           dhn.data(), Tm, D, dxm.data(), D, grads.get(pre + "shared_head.norm.weight"));
+      layer_backward(L, a.layers[L], dxm.data(), aux_coef, grads);
+      // eh_proj: x = cat Weh^T
+      std::vector<float> dcat(Tm * 2 * D);
+      be_.gemm_tn(D, 2 * D, Tm, 1.0f, dxm.data(), D, a.mtp_cat.data(), 2 * D, 1.0f, grads.get(pre + "eh_proj.weight"),
+                  2 * D);
+      be_.gemm_nn(Tm, 2 * D, D, 1.0f, dxm.data(), D, params_.get(pre + "eh_proj.weight"), 2 * D, 0.0f, dcat.data(),
+                  2 * D);
+      std::vector<float> den(Tm * D), dhn2(Tm * D), de(Tm * D, 0.0f), dhin(Tm * D, 0.0f);
+      for (int64_t t = 0; t < Tm; ++t) {
+        std::copy_n(dcat.data() + t * 2 * D, D, den.data() + t * D);
+        std::copy_n(dcat.data() + t * 2 * D + D, D, dhn2.data() + t * D);
+      }
+      be_.rmsnorm_backward(a.mtp_e.data(), D, params_.get(pre + "enorm.weight"), a.mtp_e_rstd.data(), den.data(), Tm,
+                           D, de.data(), D, grads.get(pre + "enorm.weight"));
+      be_.embedding_backward(a.mtp_next.data(), Tm, de.data(), D, g_emb);  // tied embedding
+      be_.rmsnorm_backward(a.mtp_hin.data(), D, params_.get(pre + "hnorm.weight"), a.mtp_h_rstd.data(), dhn2.data(),
+                           Tm, D, dhin.data(), D, grads.get(pre + "hnorm.weight"));
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t i = 0; i < Sm; ++i)
+          for (int64_t j = 0; j < D; ++j) dh[(b * S + i) * D + j] += dhin[(b * Sm + i) * D + j];
     }
-    be_.rmsnorm_backward(a.mtp_e.data(), D, params_.get(pre + "enorm.weight"), a.mtp_e_rstd.data(), den.data(), Tm, D,
-                         de.data(), D, grads.get(pre + "enorm.weight"));
-    be_.embedding_backward(a.mtp_next.data(), Tm, de.data(), D, g_emb);  // tied embedding
-    be_.rmsnorm_backward(a.mtp_hin.data(), D, params_.get(pre + "hnorm.weight"), a.mtp_h_rstd.data(), dhn2.data(), Tm,
-                         D, dhin.data(), D, grads.get(pre + "hnorm.weight"));
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t i = 0; i < Sm; ++i)
-        for (int64_t j = 0; j < D; ++j) dh[(b * S + i) * D + j] += dhin[(b * Sm + i) * D + j];
+    // ---- LM head and final norm
+    int64_t n = 0;
+    for (int64_t t : a.targets) n += t >= 0;
+    std::vector<float> dlog(T * V);
+    be_.cross_entropy_backward(a.logits.data(), a.lse.data(), T, V, a.targets.data(),
+                               n ? (float)(loss_scale / n) : 0.0f, dlog.data());
+    be_.gemm_tn(V, D, T, 1.0f, dlog.data(), V, a.h.data(), D, 1.0f, g_head, D);
+    be_.gemm_nn(T, D, V, 1.0f, dlog.data(), V, w_head, D, 1.0f, dh.data(), D);
+    be_.rmsnorm_backward(a.x_final.data(), D, params_.get("model.norm.weight"), a.rstd_final.data(), dh.data(), T, D,
+                         dx.data(), D, grads.get("model.norm.weight"));
+  } else {
+    DSV3_CHECK(dx_out || T == 0, "pipeline stage " << stage_.index << " needs the next stage's gradient");
+    std::copy(dx_out, dx_out + T * D, dx.begin());
   }
-
-  // ---- LM head and final norm
-  int64_t n = 0;
-  for (int64_t t : a.targets) n += t >= 0;
-  std::vector<float> dlog(T * V), dx(T * D, 0.0f);
-  be_.cross_entropy_backward(a.logits.data(), a.lse.data(), T, V, a.targets.data(),
-                             n ? (float)(loss_scale / n) : 0.0f, dlog.data());
-  be_.gemm_tn(V, D, T, 1.0f, dlog.data(), V, a.h.data(), D, 1.0f, g_head, D);
-  be_.gemm_nn(T, D, V, 1.0f, dlog.data(), V, w_head, D, 1.0f, dh.data(), D);
-  be_.rmsnorm_backward(a.x_final.data(), D, params_.get("model.norm.weight"), a.rstd_final.data(), dh.data(), T, D,
-                       dx.data(), D, grads.get("model.norm.weight"));
-  // ---- decoder layers in reverse, then the embedding
-  for (int64_t l = L - 1; l >= 0; --l) layer_backward(l, a.layers[l], dx.data(), aux_coef, grads);
-  be_.embedding_backward(a.tokens.data(), T, dx.data(), D, g_emb);
-  return loss;
+  // ---- this stage's decoder layers in reverse, then the embedding (or the gradient for the previous stage)
+  const auto& layers = stage_.layout.layers;
+  for (auto it = layers.rbegin(); it != layers.rend(); ++it) layer_backward(*it, a.layers[*it], dx.data(), aux_coef, grads);
+  if (stage_.layout.embedding)
+    be_.embedding_backward(a.tokens.data(), T, dx.data(), D, grads.get("model.embed_tokens.weight"));
+  else if (dx_in)
+    *dx_in = std::move(dx);
 }
 
 std::vector<float> Model::logits(const int64_t* tokens, int64_t B, int64_t S) {

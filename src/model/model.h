@@ -12,10 +12,18 @@
 #include "model/params.h"
 #include "model/rope.h"
 #include "ops/backend.h"
+#include "pipeline/layout.h"
 
 namespace dsv3 {
 
 class HfCheckpoint;
+
+// The part of the model one pipeline stage runs (pipeline/layout.h): count 1 = the whole model.
+struct PipelineStage {
+  int index = 0, count = 0;  // count 0: not set (the whole model)
+  StageLayout layout;
+  static PipelineStage whole(const ModelConfig& c);
+};
 
 struct MoeTrace {
   std::vector<int32_t> idx;      // (T, K)
@@ -71,8 +79,10 @@ struct KvCache {
 class Model {
  public:
   // ep: the expert-parallel group this rank belongs to (default: none; the model holds every expert)
-  Model(const ModelConfig& cfg, Backend& be, const ExpertGroup& ep = {});
+  // stage: the pipeline stage this rank runs (default: the whole model); it holds only that stage's parameters.
+  Model(const ModelConfig& cfg, Backend& be, const ExpertGroup& ep = {}, const PipelineStage& stage = {});
   const ExpertGroup& expert_group() const { return ep_; }
+  const PipelineStage& stage() const { return stage_; }
   const ModelConfig& config() const { return cfg_; }
   Params& params() { return params_; }
   const Params& params() const { return params_; }
@@ -98,6 +108,16 @@ class Model {
                           double loss_scale, Params& grads, ForwardTrace* trace = nullptr,
                           const int64_t* labels = nullptr);
 
+  // One pipeline stage of forward_backward: forward takes the previous stage's output x_in (B*S, D) unless the
+  // stage embeds the tokens, and leaves its own output in a.x_final for the next stage unless it computes the
+  // losses (which it then returns; inner stages return only their layers' balance losses). backward takes the
+  // next stage's gradient dx_out unless it holds the losses, and returns the gradient for the previous stage in
+  // dx_in unless it holds the embedding.
+  Losses forward_stage(const int64_t* tokens, const int64_t* labels, int64_t B, int64_t S, double mtp_lambda,
+                       double aux_alpha, ForwardTrace* trace, Activations& a, const float* x_in);
+  void backward_stage(const Activations& a, double mtp_lambda, double aux_alpha, double loss_scale, Params& grads,
+                      const float* dx_out, std::vector<float>* dx_in);
+
   // Main-model logits (B, S, V) without the losses or MTP (generation without a cache).
   std::vector<float> logits(const int64_t* tokens, int64_t B, int64_t S);
 
@@ -115,11 +135,12 @@ class Model {
   // The forward pass of the whole model into `a` (losses and trace filled); the shared path of forward() and
   // forward_backward().
   Losses forward_into(const int64_t* tokens, const int64_t* labels, int64_t B, int64_t S, double mtp_lambda,
-                      double aux_alpha, ForwardTrace* tr, Activations& a);
+                      double aux_alpha, ForwardTrace* tr, Activations& a, const float* x_in);
 
   ModelConfig cfg_;
   Backend& be_;
   ExpertGroup ep_;
+  PipelineStage stage_;
   Params params_;
   RopeTable rope_;
 };

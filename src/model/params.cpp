@@ -140,6 +140,8 @@ ParamCounts count_params(const ModelConfig& c) {
 Params::Params(std::vector<ParamSpec> table, ShardPlan plan) : table_(std::move(table)), plan_(plan) {
   DSV3_CHECK(plan_.ep_size >= 1 && plan_.ep_rank >= 0 && plan_.ep_rank < plan_.ep_size,
              "bad expert-parallel shard " << plan_.ep_rank << " of " << plan_.ep_size);
+  DSV3_CHECK(plan_.held.empty() || plan_.held.size() == table_.size(), "shard plan does not match the table");
+
   int64_t off = 0;
   for (size_t i = 0; i < table_.size(); ++i) {
     DSV3_CHECK(index_.emplace(table_[i].name, i).second, "duplicate parameter name " << table_[i].name);
@@ -152,7 +154,13 @@ Params::Params(std::vector<ParamSpec> table, ShardPlan plan) : table_(std::move(
   data_.assign(off, 0.0f);
 }
 
+uint8_t Params::holding(const ParamSpec& p) const {
+  if (plan_.held.empty()) return ShardPlan::kOwner;
+  return plan_.held[index_.at(p.name)];
+}
+
 int64_t Params::local_numel(const ParamSpec& p) const {
+  if (!held(p)) return 0;
   return p.expert_stack ? p.numel() / plan_.ep_size : p.numel();
 }
 
@@ -168,7 +176,13 @@ int64_t Params::offset(const std::string& name) const {
   return offset_[it->second];
 }
 
-float* Params::get(const std::string& name) { return data_.data() + offset(name); }
-const float* Params::get(const std::string& name) const { return data_.data() + offset(name); }
+float* Params::get(const std::string& name) {
+  DSV3_CHECK(held(spec(name)), "parameter '" << name << "' is not held on this pipeline stage");
+  return data_.data() + offset(name);
+}
+const float* Params::get(const std::string& name) const {
+  DSV3_CHECK(held(spec(name)), "parameter '" << name << "' is not held on this pipeline stage");
+  return data_.data() + offset(name);
+}
 
 }  // namespace dsv3

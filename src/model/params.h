@@ -45,8 +45,12 @@ ParamCounts count_params(const ModelConfig& c);
 
 // Which part of the parameters this rank holds. Expert parallelism: the routed experts of every MoE layer are
 // split into ep contiguous ranges; rank ep_rank holds experts [ep_rank*E/ep, (ep_rank+1)*E/ep).
+// Pipeline parallelism: a stage holds only its own parameters (held, by table index; empty = all) and possibly a
+// copy of one it shares with another stage (the word embedding, used by the MTP module on the last stage).
 struct ShardPlan {
   int ep_size = 1, ep_rank = 0;
+  std::vector<uint8_t> held;
+  static constexpr uint8_t kNotHeld = 0, kOwner = 1, kCopy = 2;
 };
 
 // FP32 storage of the parameters this rank holds, addressed by name (contiguous, in table order).
@@ -55,8 +59,10 @@ class Params {
   Params() = default;
   explicit Params(std::vector<ParamSpec> table, ShardPlan plan = {});
   const ShardPlan& plan() const { return plan_; }
-  // elements held here of a parameter (all of it unless its experts are sharded)
+  // elements held here of a parameter (all of it unless its experts are sharded; 0 on other pipeline stages)
   int64_t local_numel(const ParamSpec& p) const;
+  bool held(const ParamSpec& p) const { return holding(p) != ShardPlan::kNotHeld; }
+  bool is_copy(const ParamSpec& p) const { return holding(p) == ShardPlan::kCopy; }
   // the experts held here of a stacked expert tensor: [first, first + count); (0, 1) for other parameters
   int64_t first_expert(const ParamSpec& p) const { return p.expert_stack ? plan_.ep_rank * local_experts(p) : 0; }
   int64_t local_experts(const ParamSpec& p) const { return p.expert_stack ? p.shape[0] / plan_.ep_size : 1; }
@@ -71,6 +77,7 @@ class Params {
   int64_t offset(const std::string& name) const;
 
  private:
+  uint8_t holding(const ParamSpec& p) const;
   std::vector<ParamSpec> table_;
   ShardPlan plan_;
   std::unordered_map<std::string, size_t> index_;

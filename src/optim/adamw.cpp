@@ -29,7 +29,7 @@ double sum_squares(const float* g, int64_t n) {
 double global_grad_norm(const Params& grads) {
   double ss = 0;
   for (const ParamSpec& p : grads.table())
-    if (p.trainable) ss += sum_squares(grads.get(p.name), grads.local_numel(p));
+    if (p.trainable && grads.held(p) && !grads.is_copy(p)) ss += sum_squares(grads.get(p.name), grads.local_numel(p));
   return std::sqrt(ss);
 }
 
@@ -61,7 +61,9 @@ AdamW::AdamW(const Params& params, const AdamWConfig& cfg, const Comm* comm) : c
   buckets_[1].group = (int)GroupKind::edp;  // routed experts: replicated over expert data parallel
   const auto& table = params.table();
   for (size_t i = 0; i < table.size(); ++i) {
-    if (!table[i].trainable) continue;
+    // the copy of a parameter another pipeline stage owns (the embedding for MTP) is not optimized here: its
+    // gradient goes to the owner and the owner's weights come back after the step
+    if (!table[i].trainable || !params.held(table[i]) || params.is_copy(table[i])) continue;
     Bucket& b = buckets_[table[i].expert_stack ? 1 : 0];
     b.params.push_back((int)i);
     b.size += params.local_numel(table[i]);
@@ -128,7 +130,8 @@ double AdamW::reduce_grads(const Params& grads) {
       std::copy(flat.begin(), flat.end(), b.g.begin());
     ss += sum_squares(b.g.data(), b.shard);
   }
-  // every unique element lives in exactly one shard of one rank (tp = pp = 1): the world sum is the global norm
+  // every unique element lives in exactly one shard of one rank (tp = 1; pipeline copies excluded): the world sum
+  // is the global norm
   if (comm_) comm_->allreduce_sum(GroupKind::world, &ss, 1);
   return std::sqrt(ss);
 }

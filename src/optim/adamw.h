@@ -27,7 +27,7 @@ struct AdamWConfig {
   bool bf16_moments = false;  // Adam m and v stored in BF16 (the "precision-aware optimizer")
 };
 
-// Global L2 norm over the trainable parameters held in `grads` (one rank's view), accumulated in double.
+// Global L2 norm over the trainable parameters held in `grads` (one rank's view, pipeline copies excluded).
 double global_grad_norm(const Params& grads);
 // coef = max_norm / (norm + 1e-6); if coef < 1 every gradient is scaled by it. Returns the coefficient applied
 // (1 when not clipping; max_norm <= 0 disables clipping).

@@ -65,7 +65,7 @@ Comm::Comm(int* argc, char*** argv) {
   MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &rank_));
   MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &size_));
   // until set_groups(): every group is this rank alone, except the world
-  for (int k = 0; k <= (int)GroupKind::edp; ++k) {
+  for (int k = 0; k <= (int)GroupKind::embd; ++k) {
     auto* g = new Group;
     if (k == 0) {
       g->comm = MPI_COMM_WORLD;
@@ -91,15 +91,20 @@ int Comm::group_rank(GroupKind k) const { return group(k).rank; }
 int Comm::group_size(GroupKind k) const { return group(k).size; }
 
 void Comm::set_groups(const Groups& gr) {
-  const std::vector<int>* lists[] = {nullptr, &gr.tp, &gr.dp, &gr.pp, &gr.ep, &gr.etp, &gr.edp};
-  for (int k = 1; k <= (int)GroupKind::edp; ++k) {
+  const std::vector<int> self = {rank_};
+  const std::vector<int>* lists[] = {nullptr, &gr.tp, &gr.dp, &gr.pp, &gr.ep, &gr.etp, &gr.edp,
+                                     gr.embedding.empty() ? &self : &gr.embedding};
+  for (int k = 1; k <= (int)GroupKind::embd; ++k) {
     const std::vector<int>& members = *lists[k];
     DSV3_CHECK(!members.empty() && std::find(members.begin(), members.end(), rank_) != members.end(),
                "rank " << rank_ << " is not a member of its own group " << k);
     Group* g = groups_[k];
     if (g->owned) MPI_CHECK(MPI_Comm_free(&g->comm));
     // colour = the group's first (smallest) world rank: identical on every member, distinct between groups
-    const int colour = *std::min_element(members.begin(), members.end());
+    // (a singleton embedding group of a middle stage gets a colour no real group uses)
+    const int colour = (k == (int)GroupKind::embd && gr.embedding.empty())
+                           ? size_ + rank_
+                           : *std::min_element(members.begin(), members.end());
     MPI_CHECK(MPI_Comm_split(MPI_COMM_WORLD, colour, rank_, &g->comm));
     MPI_CHECK(MPI_Comm_set_errhandler(g->comm, MPI_ERRORS_RETURN));
     MPI_CHECK(MPI_Comm_rank(g->comm, &g->rank));
@@ -180,6 +185,37 @@ void Comm::broadcast(GroupKind k, int64_t* x, int64_t n, int root) const {
   if (g.size == 1 || n == 0) return;
   CommTimer timer(*this, k);
   MPI_CHECK(MPI_Bcast(x, to_int(n, "broadcast"), MPI_INT64_T, root, g.comm));
+}
+
+void Comm::broadcast(GroupKind k, float* x, int64_t n, int root) const {
+  const Group& g = group(k);
+  if (g.size == 1 || n == 0) return;
+  CommTimer timer(*this, k);
+  MPI_CHECK(MPI_Bcast(x, to_int(n, "broadcast"), MPI_FLOAT, root, g.comm));
+}
+
+void Comm::pp_send(const float* x, int64_t n, int to, int tag) const {
+  const Group& g = group(GroupKind::pp);
+  CommTimer timer(*this, GroupKind::pp);
+  auto* req = new MPI_Request;
+  MPI_CHECK(MPI_Isend(x, to_int(n, "pp_send"), MPI_FLOAT, to, tag, g.comm, req));
+  pending_.push_back(req);
+}
+
+void Comm::pp_recv(float* x, int64_t n, int from, int tag) const {
+  const Group& g = group(GroupKind::pp);
+  CommTimer timer(*this, GroupKind::pp);
+  MPI_CHECK(MPI_Recv(x, to_int(n, "pp_recv"), MPI_FLOAT, from, tag, g.comm, MPI_STATUS_IGNORE));
+}
+
+void Comm::pp_wait_sends() const {
+  CommTimer timer(*this, GroupKind::pp);
+  for (void* p : pending_) {
+    auto* req = static_cast<MPI_Request*>(p);
+    MPI_CHECK(MPI_Wait(req, MPI_STATUS_IGNORE));
+    delete req;
+  }
+  pending_.clear();
 }
 
 void Comm::alltoall(GroupKind k, const int64_t* send, int64_t* recv, int64_t per_rank) const {

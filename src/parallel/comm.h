@@ -11,7 +11,8 @@ namespace dsv3 {
 
 struct Groups;
 
-enum class GroupKind { world, tp, dp, pp, ep, etp, edp };
+// embd: the first and the last pipeline stage of a (tp, dp) position, which both hold the word embedding
+enum class GroupKind { world, tp, dp, pp, ep, etp, edp, embd };
 
 // Seconds spent inside the collectives of each kind of group since the start (the per-phase times of the log).
 struct CommTimes {
@@ -59,6 +60,14 @@ class Comm {
   void allgather(GroupKind k, const float* in, float* out, int64_t chunk) const;
   // root's values to every rank of the group
   void broadcast(GroupKind k, int64_t* x, int64_t n, int root = 0) const;
+  void broadcast(GroupKind k, float* x, int64_t n, int root = 0) const;
+
+  // ---- pipeline point-to-point (stage = rank in the pp group). Sends are non-blocking: the buffer must stay
+  // untouched until pp_wait_sends(); receives block. Activations and gradients use separate tags, so each link
+  // delivers them in the order they were sent (what the 1F1B schedule relies on).
+  void pp_send(const float* x, int64_t n, int to_stage, int tag) const;
+  void pp_recv(float* x, int64_t n, int from_stage, int tag) const;
+  void pp_wait_sends() const;
   // every rank sends `per_rank` int64 to each rank of the group (the counts before an all-to-all)
   void alltoall(GroupKind k, const int64_t* send, int64_t* recv, int64_t per_rank) const;
   // variable all-to-all of floats; counts and displacements in elements, one per group rank
@@ -80,7 +89,8 @@ class Comm {
   struct Group;
   std::vector<Group*> groups_;  // by GroupKind; world is groups_[0]
   const Group& group(GroupKind k) const;
-  mutable double seconds_[7] = {0, 0, 0, 0, 0, 0, 0};
+  mutable double seconds_[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  mutable std::vector<void*> pending_;  // MPI_Request* of pp sends in flight
   friend struct CommTimer;
 };
 

@@ -13,12 +13,15 @@ ParallelContext setup_parallel(Comm& comm, const Deck& deck, const ModelConfig& 
   ctx.sizes = resolve_sizes(deck, comm.size(), cfg);
   DSV3_CHECK(ctx.sizes.tp == 1, "parallel.tp=" << ctx.sizes.tp << ": tensor parallelism is not implemented yet "
                                                 << "(data and expert parallel layouts are)");
-  DSV3_CHECK(ctx.sizes.pp == 1, "parallel.pp=" << ctx.sizes.pp << ": pipeline parallelism is not implemented yet "
-                                                << "(data and expert parallel layouts are)");
   DSV3_CHECK(ctx.sizes.etp == 1, "parallel.etp=" << ctx.sizes.etp << ": expert tensor parallelism is not implemented yet");
   ctx.coords = coords_of(ctx.sizes, comm.rank());
   comm.set_groups(groups_of(ctx.sizes, comm.rank()));
   ctx.ep = ExpertGroup{&comm, ctx.sizes.ep, ctx.coords.ep};
+  const auto layout = parse_pp_layout(deck.get<std::string>("parallel.pp_layout"), ctx.sizes.pp,
+                                      (int)cfg.num_hidden_layers, (int)cfg.num_nextn_predict_layers);
+  ctx.stage.index = ctx.coords.pp;
+  ctx.stage.count = ctx.sizes.pp;
+  ctx.stage.layout = layout[ctx.coords.pp];
   DSV3_CHECK(comm.group_size(GroupKind::ep) == ctx.sizes.ep && comm.group_rank(GroupKind::ep) == ctx.coords.ep,
              "the expert-parallel communicator disagrees with the topology (rank " << comm.rank() << ")");
   return ctx;
@@ -27,19 +30,40 @@ ParallelContext setup_parallel(Comm& comm, const Deck& deck, const ModelConfig& 
 Params gather_experts(const Params& local, const Comm& comm) {
   Params full(local.table());
   const int ep = local.plan().ep_size;
+  const bool staged = !local.plan().held.empty();
   for (const ParamSpec& p : local.table()) {
+    float* dst = full.get(p.name);
     const int64_t n = local.local_numel(p);
-    if (p.expert_stack && ep > 1)
-      comm.allgather(GroupKind::ep, local.get(p.name), full.get(p.name), n);  // rank order = expert order
-    else
-      std::memcpy(full.get(p.name), local.get(p.name), n * sizeof(float));
+    if (local.held(p) && !local.is_copy(p)) {
+      if (p.expert_stack && ep > 1)
+        comm.allgather(GroupKind::ep, local.get(p.name), dst, n);  // rank order = expert order
+      else
+        std::memcpy(dst, local.get(p.name), n * sizeof(float));
+    }
+    // pipeline stages: the owner stage has it, the others contribute zeros
+    if (staged) comm.allreduce_sum(GroupKind::pp, dst, p.numel());
   }
   return full;
 }
 
 void reduce_grads_over_replicas(Params& grads, const Comm& comm) {
-  for (const ParamSpec& p : grads.table())
+  for (const ParamSpec& p : grads.table()) {
+    if (!grads.held(p)) continue;
     comm.allreduce_sum(p.expert_stack ? GroupKind::edp : GroupKind::dp, grads.get(p.name), grads.local_numel(p));
+  }
+  sync_tied_grads(grads, comm);
+}
+
+void sync_tied_grads(Params& grads, const Comm& comm) {
+  for (const ParamSpec& p : grads.table())
+    if (grads.held(p) && !grads.plan().held.empty() && p.name == "model.embed_tokens.weight")
+      comm.allreduce_sum(GroupKind::embd, grads.get(p.name), grads.local_numel(p));
+}
+
+void sync_tied_weights(Params& params, const Comm& comm) {
+  for (const ParamSpec& p : params.table())
+    if (params.held(p) && !params.plan().held.empty() && p.name == "model.embed_tokens.weight")
+      comm.broadcast(GroupKind::embd, params.get(p.name), params.local_numel(p), 0);  // from the first stage
 }
 
 }  // namespace dsv3

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <utility>
 
+#include "model/model.h"
 #include "model/moe.h"
 #include "model/params.h"
 #include "parallel/comm.h"
@@ -20,6 +21,7 @@ struct ParallelContext {
   ParallelSizes sizes;
   RankCoords coords;
   ExpertGroup ep;
+  PipelineStage stage;  // count 1 without pipeline parallelism
   int dp_rank() const { return coords.dp; }
   int dp() const { return sizes.dp; }
 };
@@ -34,11 +36,17 @@ inline std::pair<int64_t, int64_t> dp_slice(int64_t B, int dp, int rank) {
 // communicators. Collective over the world.
 ParallelContext setup_parallel(Comm& comm, const Deck& deck, const ModelConfig& cfg);
 
-// Every parameter in full on every rank: the routed experts all-gathered over the expert-parallel group.
+// Every parameter in full on every rank: the routed experts all-gathered over the expert-parallel group, and the
+// parameters of the other pipeline stages summed in from their owners (collective over the world).
 Params gather_experts(const Params& local, const Comm& comm);
 
 // Sums gradients over the data-parallel replicas in place (dense over dp, experts over edp): what every rank's
 // ZeRO shard holds, in full (for checks; training reduce-scatters instead).
 void reduce_grads_over_replicas(Params& grads, const Comm& comm);
+
+// Pipeline stages that share the word embedding (first stage: the owner; last stage: the MTP's copy): the copy's
+// gradient is summed into both (before the optimizer), and the owner's updated weights overwrite the copy (after).
+void sync_tied_grads(Params& grads, const Comm& comm);
+void sync_tied_weights(Params& params, const Comm& comm);
 
 }  // namespace dsv3

@@ -5,6 +5,8 @@
 #include "core/deck.h"
 #include "core/error.h"
 #include "parallel/comm.h"
+#include "parallel/context.h"
+#include "pipeline/executor.h"
 
 namespace dsv3 {
 
@@ -28,7 +30,7 @@ Trainer::Trainer(Model& m, const TrainerConfig& c, const Comm* comm)
   // BF16 model weights: the working copy starts as the rounded master
   if (cfg_.adamw.bf16_params) {
     for (const ParamSpec& p : m.params().table())
-      if (p.trainable) round_to_bf16(m.params().get(p.name), m.params().local_numel(p));
+      if (p.trainable && m.params().held(p)) round_to_bf16(m.params().get(p.name), m.params().local_numel(p));
   }
 }
 
@@ -46,36 +48,28 @@ StepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t S, double lr, 
   st.mtp_lambda = mtp_lambda;
   st.gamma = gamma;
   std::fill(grads_.data(), grads_.data() + grads_.size(), 0.0f);
+  // micro-batch i: sequences [i*mb, i*mb + n) of this rank's share; its losses are means over its sequences'
+  // tokens, so its share of the global batch's loss (and the scale of its gradients) is n / B_global
+  std::vector<MicroBatch> mbs(M);
   for (int64_t i = 0; i < M; ++i) {
-    ForwardTrace tr;
     const int64_t n = std::clamp<int64_t>(B - i * mb, 0, mb);
-    // a micro-batch's losses are means over its sequences' tokens: its share of the global batch's is n / B_global
-    const double w = (double)n / B_global;
-    const Losses l = model_.forward_backward(tokens + i * mb * S, n, S, mtp_lambda, cfg_.aux_alpha, w, grads_, &tr,
-                                             labels ? labels + i * mb * S : nullptr);
-    st.loss.lm += l.lm * w;
-    st.loss.mtp += l.mtp * w;
-    st.loss.aux += l.aux * w;
-    st.loss.total += l.total * w;
-    for (auto& [layer, mt] : tr.moe) {
-      auto& load = st.expert_load[layer];
-      load.resize(mt.counts.size(), 0);
-      for (size_t e = 0; e < mt.counts.size(); ++e) load[e] += mt.counts[e];
-    }
+    mbs[i] = {tokens + i * mb * S, labels ? labels + i * mb * S : nullptr, n, (double)n / B_global};
   }
-  if (comm_ && dp > 1) {  // the global batch's losses and expert loads
-    double l[4] = {st.loss.lm, st.loss.mtp, st.loss.aux, st.loss.total};
-    comm_->allreduce_sum(GroupKind::dp, l, 4);
-    st.loss = {l[0], l[1], l[2], l[3]};
-    for (auto& [layer, load] : st.expert_load) comm_->allreduce_sum(GroupKind::dp, load.data(), (int64_t)load.size());
-  }
+  PipelineResult pr = run_pipeline(model_, comm_, mbs, S, mtp_lambda, cfg_.aux_alpha, &grads_);
+  st.loss = pr.loss;
+  st.expert_load = std::move(pr.expert_load);
+  combine_over_ranks(st.loss, st.expert_load);
+  if (comm_) sync_tied_grads(grads_, *comm_);  // the MTP's use of the embedding on the last pipeline stage
   if (cfg_.bf16_grads) round_to_bf16(grads_.data(), grads_.size());
   st.grad_norm = opt_.reduce_grads(grads_);  // summed over the replicas into this rank's shard (ZeRO-1)
   st.clip_coef = clip_coefficient(st.grad_norm, cfg_.clip_grad);
   opt_.step(model_.params(), lr, st.clip_coef);
+  if (comm_) sync_tied_weights(model_.params(), *comm_);
   // aux-loss-free balancing: b_i += gamma * sign(mean load - load_i), over the whole step's tokens
   for (const auto& [layer, load] : st.expert_load) {
-    float* bias = model_.params().get("model.layers." + std::to_string(layer) + ".mlp.gate.e_score_correction_bias");
+    const std::string name = "model.layers." + std::to_string(layer) + ".mlp.gate.e_score_correction_bias";
+    if (!model_.params().held(model_.params().spec(name))) continue;  // another pipeline stage's layer
+    float* bias = model_.params().get(name);
     double mean = 0;
     for (int64_t c : load) mean += (double)c;
     mean /= (double)load.size();
@@ -93,16 +87,38 @@ Losses Trainer::evaluate(const int64_t* tokens, int64_t B, int64_t S, double mtp
   const int dp = comm_ ? comm_->group_size(GroupKind::dp) : 1;
   if (B_global < 0) B_global = B * dp;
   const int64_t M = ((B_global + dp - 1) / dp + mb - 1) / mb;
-  double l[4] = {0, 0, 0, 0};
+  std::vector<MicroBatch> mbs(M);
   for (int64_t i = 0; i < M; ++i) {
     const int64_t n = std::clamp<int64_t>(B - i * mb, 0, mb);
-    const double w = (double)n / B_global;
-    const Losses x = model_.forward(tokens + i * mb * S, n, S, mtp_lambda, cfg_.aux_alpha, nullptr,
-                                    labels ? labels + i * mb * S : nullptr);
-    l[0] += x.lm * w, l[1] += x.mtp * w, l[2] += x.aux * w, l[3] += x.total * w;
+    mbs[i] = {tokens + i * mb * S, labels ? labels + i * mb * S : nullptr, n, (double)n / B_global};
   }
-  if (comm_ && dp > 1) comm_->allreduce_sum(GroupKind::dp, l, 4);
-  return {l[0], l[1], l[2], l[3]};
+  PipelineResult pr = run_pipeline(model_, comm_, mbs, S, mtp_lambda, cfg_.aux_alpha, nullptr);
+  combine_over_ranks(pr.loss, pr.expert_load);
+  return pr.loss;
+}
+
+void Trainer::combine_over_ranks(Losses& loss, std::map<int64_t, std::vector<int64_t>>& loads) const {
+  if (!comm_) return;
+  // losses: each pipeline stage holds its part (lm/mtp on the last, the balance losses of its own layers), each
+  // data-parallel rank its share of the batch: sums over both
+  double l[4] = {loss.lm, loss.mtp, loss.aux, loss.total};
+  comm_->allreduce_sum(GroupKind::pp, l, 4);
+  comm_->allreduce_sum(GroupKind::dp, l, 4);
+  loss = {l[0], l[1], l[2], l[3]};
+  // expert loads of every MoE layer (from the stage that holds it), summed over the data-parallel ranks
+  const ModelConfig& c = model_.config();
+  const int64_t E = c.n_routed_experts;
+  std::vector<int64_t> all;
+  std::vector<int64_t> moe_layers;
+  for (int64_t l2 = 0; l2 < c.total_layers(); ++l2)
+    if (c.is_moe_layer(l2)) moe_layers.push_back(l2);
+  all.assign(moe_layers.size() * E, 0);
+  for (size_t k = 0; k < moe_layers.size(); ++k)
+    if (auto it = loads.find(moe_layers[k]); it != loads.end()) std::copy(it->second.begin(), it->second.end(), all.begin() + k * E);
+  comm_->allreduce_sum(GroupKind::pp, all.data(), (int64_t)all.size());
+  comm_->allreduce_sum(GroupKind::dp, all.data(), (int64_t)all.size());
+  loads.clear();
+  for (size_t k = 0; k < moe_layers.size(); ++k) loads[moe_layers[k]].assign(all.begin() + k * E, all.begin() + (k + 1) * E);
 }
 
 }  // namespace dsv3

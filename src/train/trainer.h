@@ -47,6 +47,8 @@ class Trainer {
   const TrainerConfig& config() const { return cfg_; }
 
  private:
+  // losses and expert loads of this rank's stage and data -> those of the whole model and the global batch
+  void combine_over_ranks(Losses& loss, std::map<int64_t, std::vector<int64_t>>& loads) const;
   Model& model_;
   TrainerConfig cfg_;
   const Comm* comm_;

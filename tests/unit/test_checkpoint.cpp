@@ -51,11 +51,11 @@ std::vector<int64_t> tokens() {
 }
 
 // A tiny model trained a few steps: parameters, optimizer state and expert biases all non-trivial.
-struct Run {
+struct TinyRun {
   CpuBackend be{1};
   Model model;
   Trainer trainer;
-  explicit Run(bool bf16_moments = false, uint64_t seed = 11)
+  explicit TinyRun(bool bf16_moments = false, uint64_t seed = 11)
       : model(tiny(), be), trainer((model.init_random(seed), model), config(bf16_moments)) {}
   static TrainerConfig config(bool bf16_moments) {
     TrainerConfig tc;
@@ -71,7 +71,7 @@ struct Run {
 
 bool same_bits(const float* a, const float* b, size_t n) { return std::memcmp(a, b, n * sizeof(float)) == 0; }
 
-void expect_same_state(Run& a, Run& b) {
+void expect_same_state(TinyRun& a, TinyRun& b) {
   ASSERT_EQ(a.model.params().size(), b.model.params().size());
   EXPECT_TRUE(same_bits(a.model.params().data(), b.model.params().data(), a.model.params().size()));
   const auto& ba = a.trainer.optimizer().buckets();
@@ -130,11 +130,11 @@ TEST(Checkpoint, ChecksumIsLayoutIndependent) {
 
 TEST(Checkpoint, RoundTripIsBitIdenticalAndTrainingContinuesIdentically) {
   for (bool bf16 : {false, true}) {
-    for (int64_t chunk : {int64_t(1) << 28, int64_t(77)}) {  // one transfer per tensor, and odd-sized pieces
+    for (int64_t chunk : {int64_t(1) << 28, int64_t(4099)}) {  // one transfer per tensor, and odd-sized pieces
       SCOPED_TRACE(std::string(bf16 ? "bf16" : "fp32") + " moments, chunk " + std::to_string(chunk));
       set_checkpoint_io_chunk(chunk);
       TmpDir dir;
-      Run a(bf16);
+      TinyRun a(bf16);
       a.step();
       a.step();
       const SaveResult r = save_checkpoint(dir.path, nullptr, a.model.params(), &a.trainer.optimizer(), state_at(2),
@@ -143,7 +143,7 @@ TEST(Checkpoint, RoundTripIsBitIdenticalAndTrainingContinuesIdentically) {
       EXPECT_GT(r.bytes, 4 * a.model.params().size() * 4 - 1);  // model + master + 2 moments
       EXPECT_EQ(verify_checkpoint(r.path), "");
 
-      Run b(bf16, /*seed=*/99);  // other weights, fresh optimizer
+      TinyRun b(bf16, /*seed=*/99);  // other weights, fresh optimizer
       const TrainState s = load_checkpoint(r.path, nullptr, b.model.params(), &b.trainer.optimizer());
       EXPECT_EQ(s.iteration, 2);
       EXPECT_EQ(s.consumed_samples, 8);
@@ -168,10 +168,10 @@ TEST(Checkpoint, RoundTripIsBitIdenticalAndTrainingContinuesIdentically) {
 
 TEST(Checkpoint, WeightsOnlyGivesAFreshOptimizer) {
   TmpDir dir;
-  Run a;
+  TinyRun a;
   a.step();
   const auto r = save_checkpoint(dir.path, nullptr, a.model.params(), &a.trainer.optimizer(), state_at(1), "", "", 0);
-  Run b(false, 99);
+  TinyRun b(false, 99);
   load_checkpoint(r.path, nullptr, b.model.params(), &b.trainer.optimizer(), /*weights_only=*/true);
   EXPECT_TRUE(same_bits(a.model.params().data(), b.model.params().data(), a.model.params().size()));
   EXPECT_EQ(b.trainer.optimizer().t(), 0);
@@ -185,12 +185,15 @@ TEST(Checkpoint, WeightsOnlyGivesAFreshOptimizer) {
 
 TEST(Checkpoint, ExpertParallelRankReadsItsSliceOfTheGlobalFile) {
   TmpDir dir;
-  Run a;
+  TinyRun a;
   a.step();
   const auto r = save_checkpoint(dir.path, nullptr, a.model.params(), &a.trainer.optimizer(), state_at(1), "", "", 0);
   const Params& full = a.model.params();
   for (int ep_rank : {0, 1}) {
-    Params part(full.table(), ShardPlan{2, ep_rank});
+    ShardPlan plan;
+    plan.ep_size = 2;
+    plan.ep_rank = ep_rank;
+    Params part(full.table(), plan);
     AdamW opt(part, AdamWConfig{});
     load_checkpoint(r.path, nullptr, part, &opt);
     for (const ParamSpec& p : full.table()) {
@@ -217,12 +220,12 @@ TEST(Checkpoint, ExpertParallelRankReadsItsSliceOfTheGlobalFile) {
 
 TEST(Checkpoint, FlippedByteIsNamedByFileAndDataset) {
   TmpDir dir;
-  Run a;
+  TinyRun a;
   a.step();
   const auto r = save_checkpoint(dir.path, nullptr, a.model.params(), &a.trainer.optimizer(), state_at(1), "", "", 0);
   flip_byte(r.path, dataset_offset(r.path, kExpert) + 123);
   const std::string e = error_of([&] {
-    Run b;
+    TinyRun b;
     load_checkpoint(r.path, nullptr, b.model.params(), &b.trainer.optimizer());
   });
   EXPECT_THAT(e, HasSubstr(r.path));
@@ -241,12 +244,12 @@ TEST(Checkpoint, FlippedByteIsNamedByFileAndDataset) {
 
 TEST(Checkpoint, TruncatedFileIsRejectedWithItsName) {
   TmpDir dir;
-  Run a;
+  TinyRun a;
   a.step();
   const auto r = save_checkpoint(dir.path, nullptr, a.model.params(), &a.trainer.optimizer(), state_at(1), "", "", 0);
   fs::resize_file(r.path, fs::file_size(r.path) / 2);
   const std::string e = error_of([&] {
-    Run b;
+    TinyRun b;
     load_checkpoint(r.path, nullptr, b.model.params(), &b.trainer.optimizer());
   });
   EXPECT_THAT(e, HasSubstr(r.path));
@@ -257,7 +260,7 @@ TEST(Checkpoint, TruncatedFileIsRejectedWithItsName) {
 
 TEST(Checkpoint, LatestAndKeepPruning) {
   TmpDir dir;
-  Run a;
+  TinyRun a;
   EXPECT_FALSE(read_latest(dir.path));
   EXPECT_TRUE(checkpoint_candidates(dir.path, true).empty());
   for (int64_t it = 1; it <= 4; ++it) {
@@ -285,10 +288,10 @@ TEST(Checkpoint, LatestAndKeepPruning) {
 
 TEST(Checkpoint, AutoFallsBackToThePreviousGoodCheckpoint) {
   TmpDir dir;
-  Run a;
+  TinyRun a;
   a.step();
   save_checkpoint(dir.path, nullptr, a.model.params(), &a.trainer.optimizer(), state_at(1), "", "", 0);
-  Run good;  // the state of iteration 2
+  TinyRun good;  // the state of iteration 2
   good.step();
   good.step();
   a.step();
@@ -298,7 +301,7 @@ TEST(Checkpoint, AutoFallsBackToThePreviousGoodCheckpoint) {
   flip_byte(r3.path, dataset_offset(r3.path, kExpert) + 7);
 
   EXPECT_EQ(find_checkpoint(dir.path, true).value(), dir.path + "/iter_0000002.h5");
-  Run b(false, 99);
+  TinyRun b(false, 99);
   const auto res = resume_checkpoint(dir.path, true, nullptr, b.model.params(), &b.trainer.optimizer());
   ASSERT_TRUE(res);
   EXPECT_EQ(res->path, dir.path + "/iter_0000002.h5");
@@ -306,7 +309,7 @@ TEST(Checkpoint, AutoFallsBackToThePreviousGoodCheckpoint) {
   expect_same_state(good, b);
   // an explicit path does not fall back: the error names the file and the dataset
   const std::string e = error_of([&] {
-    Run c;
+    TinyRun c;
     resume_checkpoint(r3.path, false, nullptr, c.model.params(), &c.trainer.optimizer());
   });
   EXPECT_THAT(e, HasSubstr(r3.path));
@@ -325,7 +328,7 @@ TEST(Checkpoint, AutoFallsBackToThePreviousGoodCheckpoint) {
 
 TEST(Checkpoint, WrongModelShapeIsNamed) {
   TmpDir dir;
-  Run a;
+  TinyRun a;
   const auto r = save_checkpoint(dir.path, nullptr, a.model.params(), &a.trainer.optimizer(), state_at(0), "", "", 0);
   ModelConfig c = tiny();
   c.moe_intermediate_size *= 2;
