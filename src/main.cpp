@@ -162,7 +162,7 @@ int main(int argc, char** argv) {
 
     // ---- loop --------------------------------------------------------------------------------------
     Trainer trainer(model, TrainerConfig::from_deck(deck), &comm);
-    MetricsWriter metrics(comm.rank() == 0 ? deck.path("log.metrics") : "", false);
+    MetricsWriter metrics;  // opened once we know whether the run resumes
     const int64_t log_interval = deck.get<int64_t>("log.interval");
     std::vector<int64_t> sample(S + 1), tokens, labels;
     // this data-parallel rank's share of the global batch of samples first..first+B -> tokens, labels (n, S)
@@ -192,6 +192,8 @@ int main(int argc, char** argv) {
     // ---- checkpoints (train/checkpointing.h): resume per checkpoint.load, save at the hook below --------------
     Checkpointing ckpt(deck, comm, format_sizes(par.sizes));
     const TrainState resumed = ckpt.resume(model.params(), trainer.optimizer());
+    // a resumed run continues its metrics file; a fresh one starts it anew
+    metrics = MetricsWriter(comm.rank() == 0 ? deck.path("log.metrics") : "", resumed.iteration > 0);
     // ---- end checkpoints ----------------------------------------------------------------------------------------
 
     int64_t consumed_samples = resumed.consumed_samples;
@@ -224,8 +226,9 @@ int main(int argc, char** argv) {
         DSV3_LOG(info) << "iter " << it + 1 << "/" << iters << " | lm " << st.loss.lm << " mtp " << st.loss.mtp
                        << " aux " << st.loss.aux << " | lr " << st.lr << " | grad norm " << st.grad_norm
                        << (st.clip_coef < 1 ? " (clipped)" : "") << " | " << (int64_t)tok_s << " tok/s | load max/mean "
-                       << worst << " | time compute " << dt - ct.total() << "s ep a2a " << ct.ep << "s dp "
-                       << ct.dp << "s | ETA " << format_duration(elapsed / (it + 1 - resumed.iteration) * (iters - it - 1));
+                       << worst << " | time compute " << dt - ct.total() << "s ep a2a " << ct.ep << "s pp wait "
+                       << ct.pp << "s dp " << ct.dp + ct.edp << "s | ETA "
+                       << format_duration(elapsed / (it + 1 - resumed.iteration) * (iters - it - 1));
       metrics.write({{"iteration", it + 1},
                      {"lm_loss", st.loss.lm},
                      {"mtp_loss", st.loss.mtp},
@@ -240,7 +243,8 @@ int main(int argc, char** argv) {
                      {"tokens_per_s", tok_s},
                      {"step_s", dt},
                      {"time_ep_alltoall_s", ct.ep},
-                     {"time_dp_s", ct.dp},
+                     {"time_dp_s", ct.dp + ct.edp},
+                     {"time_pp_wait_s", ct.pp},
                      {"time_compute_s", dt - ct.total()},
                      {"consumed_samples", consumed_samples},
                      {"consumed_tokens", (double)consumed_samples * S},

@@ -12,7 +12,7 @@ run() {  # run NAME NP [overrides...]
   local name=$1 np=$2; shift 2
   mpirun -np "$np" --oversubscribe "$BIN/dsv3" "$SRC/input/tiny.deck" train.iters=20 optim.decay_iters=600 \
     data.paths="$tmp/corpus" data.cache_dir="$tmp" log.metrics="$tmp/$name.jsonl" log.level=warning \
-    train.eval_interval=0 checkpoint.export_hf="" "$@"
+    train.eval_interval=0 checkpoint.export_hf="" checkpoint.dir="" checkpoint.load="" "$@"
 }
 run one 1
 run dp4_ep2 4 parallel.ep=2

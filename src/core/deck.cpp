@@ -247,7 +247,8 @@ std::string get_field(const std::string& in, size_t& pos) {
   } catch (const std::exception&) {
     DSV3_FAIL("corrupt serialized deck (field length at byte " << pos << ")");
   }
-  DSV3_CHECK(colon + 1 + n <= in.size(), "corrupt serialized deck (truncated at byte " << pos << ")");
+  // Fuzzing fix: stoul accepts "-1" (= 2^64-1), and colon + 1 + n then wrapped around and passed this check.
+  DSV3_CHECK(n <= in.size() - (colon + 1), "corrupt serialized deck (truncated at byte " << pos << ")");
   pos = colon + 1 + n;
   return in.substr(colon + 1, n);
 }
@@ -556,9 +557,10 @@ Deck Deck::deserialize(const std::string& s) {
   DSV3_CHECK(s.compare(0, magic.size(), magic) == 0, "corrupt serialized deck (bad header)");
   size_t pos = magic.size();
   size_t n = 0;
+  const std::string count = get_field(s, pos);
   try {
-    n = std::stoul(get_field(s, pos));
-  } catch (const std::invalid_argument&) {
+    n = std::stoul(count);
+  } catch (const std::exception&) {  // fuzzing fix: std::out_of_range ("99999999999999999999") escaped as well
     DSV3_FAIL("corrupt serialized deck (bad entry count)");
   }
   Deck d;

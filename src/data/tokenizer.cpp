@@ -433,6 +433,20 @@ Tokenizer Tokenizer::from_json_text(const std::string& text, const std::string& 
     bad(name, std::string("not valid JSON (") + e.what() + ")");
   }
   if (!j.is_object()) bad(name, "not a tokenizer.json object");
+  // Fuzzing fix: the loader copies sub-objects (json::value()) and prints them (dump()) in errors, both recursive
+  // per nesting level: a value nested a few hundred thousand deep overflowed the stack. Real tokenizer.json files
+  // nest 5 levels; deeper ones are rejected here, by an iterative walk.
+  {
+    constexpr size_t kMaxDepth = 64;
+    std::vector<std::pair<const json*, size_t>> todo{{&j, 0}};
+    while (!todo.empty()) {
+      const auto [p, depth] = todo.back();
+      todo.pop_back();
+      if (!p->is_structured()) continue;
+      if (depth >= kMaxDepth) bad(name, "arrays/objects nested more than " + std::to_string(kMaxDepth) + " levels deep");
+      for (const json& e : *p) todo.emplace_back(&e, depth + 1);
+    }
+  }
   auto t = std::make_unique<Impl>();
   t->name = name;
   try {
@@ -470,6 +484,12 @@ Tokenizer Tokenizer::from_json_text(const std::string& text, const std::string& 
       t->added.push_back({a["content"].get<std::string>(), a["id"].get<int64_t>(), a.value("special", false)});
       max_id = std::max(max_id, a["id"].get<int64_t>());
     }
+    // Fuzzing fix: the id tables below are dense (max_id + 1 entries), so a single id of 2^31-1 allocated 64 GB.
+    // Unused ids are allowed (HF tokenizers have a few), up to 2^20 more than there are tokens.
+    const int64_t n_tokens = (int64_t)m["vocab"].size() + (int64_t)t->added.size();
+    if (max_id >= n_tokens + (int64_t(1) << 20))
+      bad(name, "largest token id " + std::to_string(max_id) + " is far beyond the " + std::to_string(n_tokens) +
+                    " tokens (more than 2^20 unused ids): sparse vocabularies are not supported");
     t->id_tok.assign(max_id + 1, std::string());
     t->id_special.assign(max_id + 1, 0);
     t->id_added.assign(max_id + 1, 0);

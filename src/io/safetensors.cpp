@@ -14,6 +14,7 @@
 #include <fstream>
 #include <limits>
 #include <nlohmann/json.hpp>
+#include <utility>
 
 #include "core/error.h"
 
@@ -108,6 +109,22 @@ bool checked_nbytes(const std::vector<int64_t>& shape, size_t elem, uint64_t* ou
   return true;
 }
 
+// Fuzzing fix: nlohmann's dump() (in the error messages below) recurses once per nesting level, so a header nesting
+// arrays a few hundred thousand deep ("shape": [[[[...]]]]) overflowed the stack. Real headers nest 3 levels deep;
+// deeper ones are rejected right after parsing. Iterative, so the check itself cannot overflow.
+constexpr size_t kMaxJsonDepth = 64;
+bool nested_deeper_than(const nlohmann::json& j, size_t limit) {
+  std::vector<std::pair<const nlohmann::json*, size_t>> todo{{&j, 0}};
+  while (!todo.empty()) {
+    const auto [p, depth] = todo.back();
+    todo.pop_back();
+    if (!p->is_structured()) continue;
+    if (depth >= limit) return true;
+    for (const auto& e : *p) todo.emplace_back(&e, depth + 1);
+  }
+  return false;
+}
+
 }  // namespace
 
 // ---- SafetensorsFile -------------------------------------------------------------------------------
@@ -155,6 +172,8 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
       DSV3_FAIL(path << ": header is not valid JSON: " << e.what());
     }
     if (!header.is_object()) DSV3_FAIL(path << ": header is not a JSON object (it is " << header.type_name() << ")");
+    if (nested_deeper_than(header, kMaxJsonDepth))
+      DSV3_FAIL(path << ": header nests arrays/objects more than " << kMaxJsonDepth << " levels deep");
 
     struct Range {
       uint64_t begin, end;

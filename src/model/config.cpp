@@ -2,8 +2,10 @@
 
 #include <cmath>
 #include <fstream>
+#include <initializer_list>
 #include <limits>
 #include <nlohmann/json.hpp>
+#include <sstream>
 
 #include "core/error.h"
 
@@ -228,6 +230,12 @@ void ModelConfig::validate() const {
   DSV3_CHECK(rope_theta > 0, s << ": model key 'rope_theta' must be > 0");
   DSV3_CHECK(bos_token_id >= 0 && bos_token_id < vocab_size && eos_token_id >= 0 && eos_token_id < vocab_size,
              s << ": model keys 'bos_token_id'/'eos_token_id' must be < vocab_size=" << vocab_size);
+  // Fuzzing fix: a config.json with num_hidden_layers = 10^12 hung here (this loop) and then in build_param_table.
+  // No real model is near the bound (DeepSeek-V3: 61 layers); it keeps every per-layer loop and table finite.
+  constexpr int64_t kMaxLayers = 4096;
+  DSV3_CHECK(num_hidden_layers <= kMaxLayers,
+             s << ": model key 'num_hidden_layers' = " << num_hidden_layers << " is larger than dsv3 supports (" << kMaxLayers
+               << ")");
   bool any_dense = false;
   for (int64_t i = 0; i < total_layers(); ++i) any_dense |= !is_moe_layer(i);
   if (any_dense) positive(intermediate_size, "intermediate_size");
@@ -259,6 +267,45 @@ void ModelConfig::validate() const {
     DSV3_CHECK(rope_scaling.beta_fast > rope_scaling.beta_slow,
                s << ": model keys 'rope_scaling.beta_fast' must exceed 'rope_scaling.beta_slow'");
   }
+  // Fuzzing fix: the derived sizes (qk_head_dim, heads x head dims, ...) and every parameter tensor's element
+  // count (build_param_table) used to overflow int64 -- undefined behaviour -- for sizes like hidden_size = 2^32.
+  // Each product is checked here, so everything downstream can use plain int64 arithmetic.
+  auto add = [&](int64_t a, int64_t b, const char* what) {
+    int64_t r = 0;
+    DSV3_CHECK(!__builtin_add_overflow(a, b, &r), s << ": model sizes overflow int64: " << what << " = " << a << " + " << b);
+    return r;
+  };
+  auto fits = [&](std::initializer_list<int64_t> dims, const char* what) {
+    int64_t n = 1;
+    bool overflow = false;
+    for (int64_t d : dims) overflow |= __builtin_mul_overflow(n, d, &n);
+    if (!overflow) return;
+    std::ostringstream shape;
+    for (int64_t d : dims) shape << (shape.tellp() > 0 ? " x " : "") << d;
+    DSV3_FAIL(s << ": model sizes overflow int64: " << what << " has " << shape.str() << " elements");
+  };
+  const int64_t qk = add(qk_nope_head_dim, qk_rope_head_dim, "qk_head_dim (qk_nope_head_dim + qk_rope_head_dim)");
+  const int64_t H = num_attention_heads, D = hidden_size;
+  fits({H, qk}, "num_attention_heads x qk_head_dim");
+  if (q_lora_rank > 0) {
+    fits({q_lora_rank, D}, "q_a_proj (q_lora_rank x hidden_size)");
+    fits({H, qk, q_lora_rank}, "q_b_proj (num_attention_heads x qk_head_dim x q_lora_rank)");
+  } else {
+    fits({H, qk, D}, "q_proj (num_attention_heads x qk_head_dim x hidden_size)");
+  }
+  fits({add(kv_lora_rank, qk_rope_head_dim, "kv_lora_rank + qk_rope_head_dim"), D},
+       "kv_a_proj_with_mqa ((kv_lora_rank + qk_rope_head_dim) x hidden_size)");
+  fits({H, add(qk_nope_head_dim, v_head_dim, "qk_nope_head_dim + v_head_dim"), kv_lora_rank},
+       "kv_b_proj (num_attention_heads x (qk_nope_head_dim + v_head_dim) x kv_lora_rank)");
+  fits({D, H, v_head_dim}, "o_proj (hidden_size x num_attention_heads x v_head_dim)");
+  fits({vocab_size, D}, "embed_tokens / lm_head (vocab_size x hidden_size)");
+  fits({D, 2, D}, "eh_proj (hidden_size x 2 hidden_size)");
+  if (any_dense) fits({intermediate_size, D}, "dense MLP (intermediate_size x hidden_size)");
+  if (n_routed_experts > 0) {
+    fits({n_routed_experts, moe_intermediate_size, D}, "routed experts (n_routed_experts x moe_intermediate_size x hidden_size)");
+    fits({moe_intermediate_size, n_shared_experts, D}, "shared experts (moe_intermediate_size x n_shared_experts x hidden_size)");
+  }
+  fits({max_position_embeddings, qk_rope_head_dim}, "RoPE table (max_position_embeddings x qk_rope_head_dim)");
   DSV3_CHECK(!tie_word_embeddings, s << ": model key 'tie_word_embeddings' = true is not supported (DeepSeek-V3: false)");
   DSV3_CHECK(rope_interleave, s << ": model key 'rope_interleave' = false is not supported: dsv3 applies the "
                                    "interleaved RoPE of the released weights as stored");

@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "io/hf_checkpoint.h"
+#include "parallel/comm.h"
 
 namespace dsv3 {
 
@@ -401,15 +402,42 @@ void Model::backward_stage(const Activations& a, double mtp_lambda, double aux_a
     *dx_in = std::move(dx);
 }
 
-std::vector<float> Model::logits(const int64_t* tokens, int64_t B, int64_t S) {
+// Inference through this rank's pipeline stage: the first stage embeds, each stage runs its layers and hands the
+// residual (rows, D) to the next; the last stage applies the final norm and the head to the rows `head_rows`
+// selects and broadcasts the logits to every stage, so that all ranks choose the same next token.
+std::vector<float> Model::infer(const int64_t* tokens, int64_t B, int64_t S, KvCache* cache, bool last_only) {
   const int64_t T = B * S, D = cfg_.hidden_size, V = cfg_.vocab_size;
   check_tokens(tokens, T, V);
-  std::vector<float> x(T * D), h(T * D), out(T * V);
-  be_.embedding_forward(tokens, T, params_.get("model.embed_tokens.weight"), D, x.data());
-  for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) layer_forward(l, x.data(), B, S, nullptr, nullptr, nullptr);
-  be_.rmsnorm_forward(x.data(), D, params_.get("model.norm.weight"), (float)cfg_.rms_norm_eps, T, D, h.data(), nullptr);
-  be_.gemm_nt(T, V, D, 1.0f, h.data(), D, params_.get("lm_head.weight"), D, 0.0f, out.data(), V);
+  const Comm* comm = ep_.comm;
+  const bool staged = stage_.count > 1;
+  std::vector<float> x(T * D);
+  if (stage_.layout.embedding)
+    be_.embedding_forward(tokens, T, params_.get("model.embed_tokens.weight"), D, x.data());
+  else
+    comm->pp_recv(x.data(), T * D, stage_.index - 1, 3);
+  for (int l : stage_.layout.layers)
+    layer_forward(l, x.data(), B, S, cache ? &cache->layers[l] : nullptr, nullptr, nullptr);
+  const int64_t rows = last_only ? B : T;
+  std::vector<float> out(rows * V);
+  if (stage_.layout.loss) {
+    std::vector<float> h(rows * D);
+    for (int64_t r = 0; r < rows; ++r)  // last_only: the last position of each sequence
+      std::copy_n(x.data() + (last_only ? (r * S + S - 1) : r) * D, D, h.data() + r * D);
+    be_.rmsnorm_forward(h.data(), D, params_.get("model.norm.weight"), (float)cfg_.rms_norm_eps, rows, D, h.data(),
+                        nullptr);
+    be_.gemm_nt(rows, V, D, 1.0f, h.data(), D, params_.get("lm_head.weight"), D, 0.0f, out.data(), V);
+  } else {
+    comm->pp_send(x.data(), T * D, stage_.index + 1, 3);
+  }
+  if (staged) {
+    comm->pp_wait_sends();
+    comm->broadcast(GroupKind::pp, out.data(), rows * V, stage_.count - 1);
+  }
   return out;
+}
+
+std::vector<float> Model::logits(const int64_t* tokens, int64_t B, int64_t S) {
+  return infer(tokens, B, S, nullptr, false);
 }
 
 KvCache Model::make_cache(int64_t capacity) const {
@@ -420,17 +448,7 @@ KvCache Model::make_cache(int64_t capacity) const {
 }
 
 std::vector<float> Model::forward_cached(const int64_t* tokens, int64_t n, KvCache& cache) {
-  const int64_t D = cfg_.hidden_size, V = cfg_.vocab_size;
-  for (int64_t i = 0; i < n; ++i)
-    DSV3_CHECK(tokens[i] >= 0 && tokens[i] < V, "token id " << tokens[i] << " is outside the vocabulary [0, " << V << ")");
-  std::vector<float> x(n * D), h(D), out(V);
-  be_.embedding_forward(tokens, n, params_.get("model.embed_tokens.weight"), D, x.data());
-  for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l)
-    layer_forward(l, x.data(), 1, n, &cache.layers[l], nullptr, nullptr);
-  be_.rmsnorm_forward(x.data() + (n - 1) * D, D, params_.get("model.norm.weight"), (float)cfg_.rms_norm_eps, 1, D,
-                      h.data(), nullptr);
-  be_.gemm_nt(1, V, D, 1.0f, h.data(), D, params_.get("lm_head.weight"), D, 0.0f, out.data(), V);
-  return out;
+  return infer(tokens, 1, n, &cache, true);
 }
 
 }  // namespace dsv3

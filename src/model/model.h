@@ -128,6 +128,8 @@ class Model {
  private:
   // One decoder layer on the residual stream x (B*S, D), updated in place. With `cache` (B = 1), attention uses and
   // extends the latent cache instead of attending within the S tokens only.
+  // logits of every position (last_only: of each sequence's last), through the pipeline stages
+  std::vector<float> infer(const int64_t* tokens, int64_t B, int64_t S, KvCache* cache, bool last_only);
   // `la` keeps what backward needs (null: inference, nothing kept beyond the call).
   void layer_forward(int64_t layer, float* x, int64_t B, int64_t S, MlaCache* cache, MoeTrace* mt, LayerActs* la);
   // dx (T, D): gradient w.r.t. the layer's output residual in, w.r.t. its input out (in place).

@@ -122,16 +122,27 @@ std::vector<ParamSpec> build_param_table(const ModelConfig& c) {
 }
 
 ParamCounts count_params(const ModelConfig& c) {
+  // Fuzzing fix: the sums used to overflow int64 (undefined behaviour) for configs whose tensors each fit but
+  // whose total does not; ModelConfig::validate() bounds each tensor and the layer count, the sums are checked here.
+  auto acc = [&](int64_t& sum, int64_t k, const char* what) {
+    DSV3_CHECK(!__builtin_add_overflow(sum, k, &sum),
+               c.source << ": the model's " << what << " parameter count overflows int64");
+  };
+  auto times = [&](int64_t a, int64_t b) {
+    int64_t r = 0;
+    DSV3_CHECK(!__builtin_mul_overflow(a, b, &r), c.source << ": the model's parameter count overflows int64");
+    return r;
+  };
   ParamCounts n;
   const auto table = build_param_table(c);
   int64_t routed_unused = 0;
   for (const auto& p : table) {
     const bool mtp = p.layer >= c.num_hidden_layers;
     const int64_t k = p.numel();
-    if (!p.trainable) n.biases += k;
-    (mtp ? n.mtp : n.main) += k;
-    n.hf_total += k * (1 + (int64_t)p.hf_aliases.size());
-    if (!mtp && p.expert_stack) routed_unused += k / p.shape[0] * (p.shape[0] - c.num_experts_per_tok);
+    if (!p.trainable) acc(n.biases, k, "bias");
+    acc(mtp ? n.mtp : n.main, k, mtp ? "MTP" : "main");
+    acc(n.hf_total, times(k, 1 + (int64_t)p.hf_aliases.size()), "total");
+    if (!mtp && p.expert_stack) acc(routed_unused, k / p.shape[0] * (p.shape[0] - c.num_experts_per_tok), "routed");
   }
   n.activated = n.main - routed_unused;
   return n;

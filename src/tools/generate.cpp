@@ -104,7 +104,7 @@ int main(int argc, char** argv) {
     // under mpirun: the experts are spread over the ranks (parallel.ep=N); every rank runs the same sequence and
     // rank 0's choice of each token is broadcast, so the ranks never disagree about what to feed next
     const ParallelContext par = setup_parallel(comm, deck, cfg);
-    Model model(cfg, *be, par.ep);
+    Model model(cfg, *be, par.ep, par.stage);
     model.load_hf(HfCheckpoint(dir, cfg.fp8_block));
 
     std::mt19937_64 rng(vm["seed"].as<uint64_t>());
