@@ -34,6 +34,11 @@ namespace po = boost::program_options;
 
 namespace {
 
+// A deck error: raised on every rank at once (before any collective work), so the ranks simply exit.
+struct DeckFailure : Error {
+  using Error::Error;
+};
+
 std::string human(double n) {
   char buf[32];
   if (n >= 1e9) std::snprintf(buf, sizeof buf, "%.2fB", n / 1e9);
@@ -55,10 +60,7 @@ Deck read_deck(const Comm& comm, const std::string& path, const std::vector<std:
     }
   }
   const bool failed = comm.any(!error.empty());
-  if (failed) {
-    if (comm.rank() == 0) throw Error(error);
-    throw Error("");  // rank 0 reports
-  }
+  if (failed) throw DeckFailure(comm.rank() == 0 ? error : "");  // every rank stops; rank 0 reports
   comm.bcast_string(text);
   return Deck::deserialize(text);
 }
@@ -121,8 +123,16 @@ int main(int argc, char** argv) {
     DSV3_LOG(info) << "resolved deck:\n" << deck.resolved_text();
 
     // ---- topology ----------------------------------------------------------------------------------
-    const ModelConfig cfg = model_config_from_deck(deck);
-    const ParallelContext par = setup_parallel(comm, deck, cfg);  // errors name the key and the constraint
+    // The model and the layout are checked on every rank alike (pure functions of the deck and the world size):
+    // their errors stop every rank at once, reported by rank 0.
+    ModelConfig cfg;
+    ParallelContext par;
+    try {
+      cfg = model_config_from_deck(deck);
+      par = setup_parallel(comm, deck, cfg);  // errors name the key and the constraint
+    } catch (const Error& e) {
+      throw DeckFailure(comm.rank() == 0 ? e.what() : "");
+    }
     DSV3_LOG(info) << "layout: " << format_sizes(par.sizes);
     if (par.sizes.pp > 1) {
       DSV3_LOG(info) << "pipeline: "
@@ -196,7 +206,7 @@ int main(int argc, char** argv) {
     metrics = MetricsWriter(comm.rank() == 0 ? deck.path("log.metrics") : "", resumed.iteration > 0);
     // ---- end checkpoints ----------------------------------------------------------------------------------------
 
-    int64_t consumed_samples = resumed.consumed_samples;
+    int64_t consumed_samples = resumed.consumed_samples, skipped_steps = 0;
     const auto t_start = std::chrono::steady_clock::now();
     for (int64_t it = resumed.iteration; it < iters; ++it) {
       const double consumed_tokens = (double)consumed_samples * S;
@@ -208,6 +218,25 @@ int main(int argc, char** argv) {
                                         sched.mtp_lambda_at(consumed_tokens), sched.gamma_at(consumed_tokens),
                                         labels.data(), B);
       const CommTimes ct = comm.times() - c0;
+      if (st.skipped) {  // train.on_nan: skip the step (up to a limit) or stop with the last good state saved
+        ++skipped_steps;
+        const bool stop = deck.get<std::string>("train.on_nan") == "stop" ||
+                          skipped_steps > deck.get<int64_t>("train.max_skipped_steps");
+        DSV3_LOG(warning) << "iteration " << it + 1 << ": NaN/Inf in the loss (" << st.loss.total
+                          << ") or the gradients (norm " << st.grad_norm << "): step skipped (" << skipped_steps
+                          << " so far)" << (stop ? "; stopping" : "");
+        metrics.write({{"iteration", it + 1}, {"skipped", true}, {"skipped_steps", skipped_steps}});
+        if (stop) {
+          ckpt.after_iteration({it, consumed_samples, (double)consumed_samples * S}, true, model.params(),
+                               trainer.optimizer());  // the last good state (the update was not made)
+          DSV3_FAIL("stopped at iteration " << it + 1 << " after a NaN/Inf (train.on_nan = "
+                                            << deck.get<std::string>("train.on_nan") << ", " << skipped_steps
+                                            << " step(s) skipped); the last good state is checkpointed if "
+                                               "checkpoint.dir is set");
+        }
+        consumed_samples += B;  // the batch is consumed: a skipped step does not replay it
+        continue;
+      }
       const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       consumed_samples += B;
       const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
@@ -269,8 +298,17 @@ int main(int argc, char** argv) {
                    << format_duration(std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count())
                    << "; peak memory " << memory_peak_bytes() / (1 << 20) << " MiB";
     return 0;
-  } catch (const std::exception& e) {
+  } catch (const DeckFailure& e) {
     if (e.what()[0]) std::fprintf(stderr, "dsv3: error: %s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    if (e.what()[0]) std::fprintf(stderr, "dsv3: error on rank %d: %s\n", comm.rank(), e.what());
+    // Other ranks may be waiting in a collective for this one: take the whole job down instead of leaving them
+    // blocked (the deck is checked on every rank before any collective work, so its errors never get here alone).
+    if (comm.size() > 1) {
+      std::fflush(stderr);
+      comm.abort(1);
+    }
     return 1;
   }
 }

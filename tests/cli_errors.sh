@@ -15,6 +15,17 @@ expect_error() {  # expect_error "what" "needle" cmd...
     echo "ok: $what: $(cat "$tmp/err")"
   fi
 }
+# under mpirun: exactly one line from dsv3 (mpirun adds its own banner about the exit code)
+expect_mpi_error() {
+  local what=$1 needle=$2; shift 2
+  "$@" >"$tmp/out" 2>"$tmp/err"; local rc=$?
+  local lines; lines=$(grep -c "^dsv3" "$tmp/err")
+  if [ $rc -eq 0 ] || ! grep -qF -- "$needle" "$tmp/err" || [ "$lines" -ne 1 ]; then
+    echo "FAIL: $what (rc=$rc, $lines dsv3 lines, wanted '$needle'):"; cat "$tmp/err"; fail=1
+  else
+    echo "ok: $what: $(grep "^dsv3" "$tmp/err")"
+  fi
+}
 cp "$TESTS/golden/tiny/config.json" "$tmp/config.json"
 cat > "$tmp/good.deck" <<DECK
 [model]
@@ -42,6 +53,23 @@ expect_error "bad prompt ids" "prompt-ids" "$BIN/dsv3-generate" --hf "$TESTS/gol
 expect_error "golden dir missing" "config.json" "$BIN/dsv3-golden" "$tmp/none"
 "$BIN/dsv3" --help | grep -q "train.iters" || { echo "FAIL: dsv3 --help lacks train.iters"; fail=1; }
 "$BIN/dsv3-generate" --help | grep -q -- "--max-new-tokens" || { echo "FAIL: dsv3-generate --help"; fail=1; }
+# NaN/Inf: train.on_nan = skip skips the step and goes on; stop saves the last good state and exits non-zero
+nan_run() { "$BIN/dsv3" "$tmp/good.deck" train.iters=5 data.paths=synthetic train.global_batch=2 \
+  debug.inject_nan_at=3 log.metrics="$tmp/nan.jsonl" "$@"; }
+if nan_run train.on_nan=skip > "$tmp/out" 2>&1 && grep -q "iteration 3: NaN/Inf" "$tmp/out" \
+   && grep -q '"skipped":true' "$tmp/nan.jsonl" && grep -q '"iteration":5' "$tmp/nan.jsonl"; then
+  echo "ok: on_nan=skip skips iteration 3 and finishes"
+else echo "FAIL: on_nan=skip"; cat "$tmp/out"; fail=1; fi
+expect_error "on_nan=stop" "stopped at iteration 3" nan_run train.on_nan=stop checkpoint.dir="$tmp/ck" log.level=error
+[ -f "$tmp/ck/iter_0000002.h5" ] && echo "ok: on_nan=stop saved iteration 2" \
+  || { echo "FAIL: on_nan=stop left no checkpoint of iteration 2"; ls "$tmp/ck" 2>&1; fail=1; }
+# layouts that do not fit stop at start, naming the constraint
+expect_mpi_error "ep not dividing the experts" "n_routed_experts" mpirun --oversubscribe -np 3 "$BIN/dsv3" "$tmp/good.deck" \
+  parallel.ep=3
+expect_mpi_error "pp larger than the layers" "parallel.pp" mpirun --oversubscribe -np 8 "$BIN/dsv3" "$tmp/good.deck" parallel.pp=8
+expect_mpi_error "dp disagreeing with the world" "parallel.dp" mpirun --oversubscribe -np 2 "$BIN/dsv3" "$tmp/good.deck" \
+  parallel.dp=4
+
 # the planner reports the real model's exact size (the public count, tests/data/deepseek-v3-counts.json)
 want=$(/usr/bin/python3 -c "import json; print(json.load(open('$TESTS/data/deepseek-v3-counts.json'))['main'])")
 "$BIN/dsv3" --plan "$TESTS/../input/pretrain.deck" | grep -q "main model *$want" \

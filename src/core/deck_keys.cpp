@@ -108,6 +108,10 @@ const std::vector<KeySpec>& deck_keys() {
        .help = "MTP loss weight after train.mtp_lambda_switch_tokens (paper: 0.1)"},
       {.name = "train.mtp_lambda_switch_tokens", .type = T::Float, .def = "0", .min = 0,
        .help = "tokens after which train.mtp_lambda_final applies (0: never; paper: 10e12)"},
+      {.name = "train.on_nan", .type = T::String, .def = "stop", .choices = {"stop", "skip"},
+       .help = "a NaN/Inf loss or gradient: stop (after saving the last good state) or skip the step"},
+      {.name = "train.max_skipped_steps", .type = T::Int, .def = "10", .min = 0,
+       .help = "with on_nan = skip: stop once this many steps were skipped"},
       {.name = "train.eval_interval", .type = T::Int, .def = "0", .min = 0,
        .help = "evaluate every n iterations (0: never)"},
       {.name = "train.eval_iters", .type = T::Int, .def = "0", .min = 0,
@@ -155,6 +159,10 @@ const std::vector<KeySpec>& deck_keys() {
        .help = "aux-loss-free balancing: expert bias update speed"},
       {.name = "moe.bias_update_stop_tokens", .type = T::Float, .def = "0", .min = 0,
        .help = "tokens after which the expert-bias update rate is 0 (0: never; paper: 14.3e12)"},
+
+      // ---- [debug] ---------------------------------------------------------------------------------
+      {.name = "debug.inject_nan_at", .type = T::Int, .def = "0", .min = 0,
+       .help = "fault injection for tests: a NaN in the gradients of this iteration (1-based; 0: never)"},
 
       // ---- [parallel] ------------------------------------------------------------------------
       {.name = "parallel.tp", .type = T::Int, .def = "1", .min = 1, .help = "tensor-parallel size"},

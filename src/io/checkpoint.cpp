@@ -847,4 +847,259 @@ std::optional<Resumed> resume_checkpoint(const std::string& dir_or_file, bool au
   return std::nullopt;
 }
 
+
+// ---- streaming access for the converters ----------------------------------------------------------------------------
+static_assert(sizeof(hid_t) == sizeof(int64_t), "CheckpointFileWriter/Reader keep hid_t in int64_t");
+
+namespace {
+// Moves elements [first, first + n) of an open dataset of shape `shape` in rounds of at most g_io_chunk (independent).
+void transfer_range(bool write, hid_t dset, hid_t dxpl, const std::string& name, const std::vector<int64_t>& shape,
+                    int64_t first, int64_t n, float* mem, const std::string& path) {
+  const std::vector<hsize_t> dims(shape.begin(), shape.end());
+  for (int64_t a = 0; a < n; a += g_io_chunk) {
+    const int64_t m = std::min(g_io_chunk, n - a);
+    H5Id fspace(H5_CHECK(H5Screate_simple((int)dims.size(), dims.data(), nullptr), path, "dataset " << name),
+                H5Sclose);
+    const hsize_t mdim = (hsize_t)m;
+    H5Id mspace(H5_CHECK(H5Screate_simple(1, &mdim, nullptr), path, "dataset " << name), H5Sclose);
+    select_range(fspace, shape, first + a, first + a + m, path, name);
+    if (write)
+      H5_CHECK(H5Dwrite(dset, H5T_NATIVE_FLOAT, mspace, fspace, dxpl, mem + a), path, "writing dataset " << name);
+    else
+      H5_CHECK(H5Dread(dset, H5T_NATIVE_FLOAT, mspace, fspace, dxpl, mem + a), path, "reading dataset " << name);
+  }
+}
+}  // namespace
+
+CheckpointFileWriter::CheckpointFileWriter(const std::string& dir, const Comm* comm,
+                                           const std::vector<CheckpointDataset>& datasets, const TrainState& state,
+                                           const std::string& deck_text_in, const std::string& layout_in,
+                                           const std::vector<std::pair<std::string, std::string>>& extra_attrs)
+    : comm_(comm), dir_(dir), iteration_(state.iteration), datasets_(datasets) {
+  quiet_hdf5();
+  t0_ = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  final_path_ = (fs::path(dir) / checkpoint_file_name(state.iteration)).string();
+  tmp_path_ = final_path_ + ".tmp";
+  std::string deck_text = deck_text_in, layout = layout_in;
+  if (comm) {
+    comm->bcast_string(deck_text);
+    comm->bcast_string(layout);
+  }
+  std::string err;
+  if (!comm || comm->rank() == 0) {
+    std::error_code ec;
+    fs::create_directories(dir, ec);
+    if (ec) err = "checkpoint directory " + dir + ": cannot create: " + ec.message();
+  }
+  agree(comm, err, "creating the checkpoint directory");
+  sums_.assign(datasets_.size(), 0);
+  dsets_.assign(datasets_.size(), -1);
+  try {
+    H5Id fapl(make_fapl(comm, tmp_path_), H5Pclose);
+    file_ = H5_CHECK(H5Fcreate(tmp_path_.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl), tmp_path_, "creating the file");
+    H5Id dxpl(H5_CHECK(H5Pcreate(H5P_DATASET_XFER), tmp_path_, "transfer properties"), H5Pclose);
+    if (comm) H5_CHECK(H5Pset_dxpl_mpio(dxpl, H5FD_MPIO_INDEPENDENT), tmp_path_, "independent transfers");
+    dxpl_ = dxpl.release();
+    const std::string& p = tmp_path_;
+    put_attr_i64(file_, "format_version", kFormatVersion, p);
+    put_attr_str(file_, "dsv3_version", DSV3_VERSION, p);
+    put_attr_i64(file_, "iteration", state.iteration, p);
+    put_attr_i64(file_, "consumed_samples", state.consumed_samples, p);
+    put_attr_f64(file_, "consumed_tokens", state.consumed_tokens, p);
+    put_attr_i64(file_, "adam_t", 0, p);
+    put_attr_i64(file_, "rng_seed", state.rng_seed, p);
+    put_attr_str(file_, "rng_state", kRngState, p);
+    put_attr_str(file_, "deck", deck_text, p);
+    put_attr_str(file_, "layout", layout, p);
+    put_attr_str(file_, "moment_dtype", "none", p);
+    put_attr_str(file_, "checksum_algorithm", kChecksumAlgorithm, p);
+    for (const auto& [k, v] : extra_attrs) put_attr_str(file_, k.c_str(), v, p);
+    H5Id gcpl(H5_CHECK(H5Pcreate(H5P_GROUP_CREATE), p, "group properties"), H5Pclose);
+    H5_CHECK(H5Pset_obj_track_times(gcpl, false), p, "group properties");
+    std::vector<std::string> made;
+    for (const CheckpointDataset& d : datasets_) {
+      DSV3_CHECK(d.name.size() > 1 && d.name[0] == '/', "checkpoint " << p << ": dataset name '" << d.name
+                                                                      << "' is not absolute");
+      for (size_t pos = d.name.find('/', 1); pos != std::string::npos; pos = d.name.find('/', pos + 1)) {
+        const std::string g = d.name.substr(0, pos);
+        if (std::find(made.begin(), made.end(), g) != made.end()) continue;
+        H5Id gid(H5_CHECK(H5Gcreate2(file_, g.c_str(), H5P_DEFAULT, gcpl, H5P_DEFAULT), p, "group " << g), H5Gclose);
+        made.push_back(g);
+      }
+    }
+    for (size_t i = 0; i < datasets_.size(); ++i) {
+      const CheckpointDataset& d = datasets_[i];
+      const std::vector<hsize_t> dims(d.shape.begin(), d.shape.end());
+      H5Id space(H5_CHECK(H5Screate_simple((int)dims.size(), dims.data(), nullptr), p, "dataset " << d.name), H5Sclose);
+      H5Id dcpl(H5_CHECK(H5Pcreate(H5P_DATASET_CREATE), p, "dataset " << d.name), H5Pclose);
+      H5_CHECK(H5Pset_layout(dcpl, H5D_CONTIGUOUS), p, "dataset " << d.name);
+      H5_CHECK(H5Pset_alloc_time(dcpl, H5D_ALLOC_TIME_EARLY), p, "dataset " << d.name);
+      H5_CHECK(H5Pset_fill_time(dcpl, H5D_FILL_TIME_NEVER), p, "dataset " << d.name);
+      H5_CHECK(H5Pset_obj_track_times(dcpl, false), p, "dataset " << d.name);
+      dsets_[i] = H5_CHECK(H5Dcreate2(file_, d.name.c_str(), H5T_IEEE_F32LE, space, H5P_DEFAULT, dcpl, H5P_DEFAULT),
+                           p, "creating dataset " << d.name);
+    }
+  } catch (const std::exception& e) {
+    err = e.what();
+  }
+  if (!err.empty()) close_all();
+  agree(comm, err, "creating checkpoint " + tmp_path_);
+}
+
+void CheckpointFileWriter::close_all() noexcept {
+  for (int64_t& d : dsets_)
+    if (d >= 0) H5Dclose(d), d = -1;
+  if (dxpl_ >= 0) H5Pclose(dxpl_), dxpl_ = -1;
+  if (file_ >= 0) H5Fclose(file_), file_ = -1;
+}
+
+CheckpointFileWriter::~CheckpointFileWriter() { close_all(); }
+
+void CheckpointFileWriter::write(size_t i, int64_t first, int64_t n, const float* x) {
+  DSV3_CHECK(i < datasets_.size() && file_ >= 0, "checkpoint " << tmp_path_ << ": write to dataset #" << i
+                                                               << " of a closed or unknown dataset");
+  const CheckpointDataset& d = datasets_[i];
+  int64_t numel = 1;
+  for (int64_t s : d.shape) numel *= s;
+  DSV3_CHECK(first >= 0 && n >= 0 && first + n <= numel, "checkpoint " << tmp_path_ << ": dataset " << d.name
+                                                                       << ": elements [" << first << ", " << first + n
+                                                                       << ") are outside its " << numel);
+  if (n == 0) return;
+  transfer_range(true, dsets_[i], dxpl_, d.name, d.shape, first, n, const_cast<float*>(x), tmp_path_);
+  sums_[i] += checkpoint_checksum(x, n, first);
+}
+
+SaveResult CheckpointFileWriter::finish(const std::string& local_error) {
+  const bool root = !comm_ || comm_->rank() == 0;
+  try {
+    agree(comm_, local_error, "writing checkpoint " + tmp_path_);
+  } catch (...) {
+    close_all();
+    throw;
+  }
+  allreduce_checksums(comm_, sums_);
+  std::string err;
+  try {
+    DSV3_CHECK(file_ >= 0, "checkpoint " << tmp_path_ << ": finish() called twice");
+    for (size_t i = 0; i < datasets_.size(); ++i) put_attr_u64(dsets_[i], "checksum", sums_[i], tmp_path_,
+                                                               datasets_[i].name);
+    for (int64_t& d : dsets_) H5_CHECK(H5Dclose(d), tmp_path_, "closing a dataset"), d = -1;
+    H5_CHECK(H5Fflush(file_, H5F_SCOPE_GLOBAL), tmp_path_, "flushing the file");
+    const hid_t f = file_;
+    file_ = -1;
+    H5_CHECK(H5Fclose(f), tmp_path_, "closing the file");
+  } catch (const std::exception& e) {
+    err = e.what();
+  }
+  close_all();
+  agree(comm_, err, "writing checkpoint " + tmp_path_);
+  SaveResult res;
+  res.path = final_path_;
+  if (root) {
+    try {
+      fsync_path(tmp_path_, false);
+      rename_durable(tmp_path_, final_path_);
+      const std::string lt = (fs::path(dir_) / "latest.tmp").string();
+      {
+        std::ofstream out(lt, std::ios::trunc);
+        out << checkpoint_file_name(iteration_) << "\n";
+        out.flush();
+        DSV3_CHECK(out.good(), "checkpoint " << lt << ": cannot write");
+      }
+      fsync_path(lt, false);
+      rename_durable(lt, (fs::path(dir_) / "latest").string());
+      res.bytes = (int64_t)fs::file_size(final_path_);
+    } catch (const std::exception& e) {
+      err = e.what();
+    }
+  }
+  std::string root_err = err;
+  if (comm_) comm_->bcast_string(root_err);
+  if (!root_err.empty()) throw Error(root ? root_err : "");
+  res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count() - t0_;
+  return res;
+}
+
+CheckpointFileReader::CheckpointFileReader(const std::string& file_or_dir) {
+  quiet_hdf5();
+  std::error_code ec;
+  path_ = file_or_dir;
+  if (fs::is_directory(file_or_dir, ec)) {
+    const auto latest = read_latest(file_or_dir);
+    DSV3_CHECK(latest, "checkpoint directory " << file_or_dir << " has no 'latest' file");
+    path_ = *latest;
+  }
+  DSV3_CHECK(fs::exists(path_, ec), "checkpoint " << path_ << " does not exist");
+  H5Id fapl(make_fapl(nullptr, path_), H5Pclose);
+  file_ = H5_CHECK(H5Fopen(path_.c_str(), H5F_ACC_RDONLY, fapl), path_, "opening the file");
+  try {
+    read_state(file_, path_, nullptr);
+  } catch (...) {
+    H5Fclose(file_);
+    throw;
+  }
+}
+
+CheckpointFileReader::~CheckpointFileReader() {
+  if (open_ >= 0) H5Dclose(open_);
+  if (file_ >= 0) H5Fclose(file_);
+}
+
+CheckpointInfo CheckpointFileReader::info() const {
+  CheckpointInfo info;
+  info.state = read_state(file_, path_, &info.adam_t);
+  info.format_version = kFormatVersion;
+  info.dsv3_version = get_attr_str(file_, "dsv3_version", path_);
+  info.deck = get_attr_str(file_, "deck", path_);
+  info.layout = get_attr_str(file_, "layout", path_);
+  info.moment_dtype = get_attr_str(file_, "moment_dtype", path_);
+  return info;
+}
+
+std::string CheckpointFileReader::attr(const std::string& name) const { return get_attr_str(file_, name.c_str(), path_); }
+
+std::vector<std::string> CheckpointFileReader::datasets() const {
+  std::vector<std::string> names;
+  H5_CHECK(H5Ovisit(file_, H5_INDEX_NAME, H5_ITER_NATIVE, collect_datasets, &names), path_, "listing the datasets");
+  return names;
+}
+
+bool CheckpointFileReader::has(const std::string& dataset) const { return link_exists(file_, dataset, path_); }
+
+int64_t CheckpointFileReader::open_dataset(const std::string& dataset) const {
+  if (open_ >= 0 && open_name_ == dataset) return open_;
+  if (open_ >= 0) H5Dclose(open_), open_ = -1;
+  DSV3_CHECK(link_exists(file_, dataset, path_), "checkpoint " << path_ << ": dataset " << dataset << " is missing");
+  open_ = H5_CHECK(H5Dopen2(file_, dataset.c_str(), H5P_DEFAULT), path_, "opening dataset " << dataset);
+  open_name_ = dataset;
+  return open_;
+}
+
+std::vector<int64_t> CheckpointFileReader::shape(const std::string& dataset) const {
+  const hid_t d = open_dataset(dataset);
+  H5Id t(H5_CHECK(H5Dget_type(d), path_, "dataset " << dataset), H5Tclose);
+  DSV3_CHECK(H5_CHECK(H5Tget_class(t), path_, "dataset " << dataset) == H5T_FLOAT && H5Tget_size(t) == 4,
+             "checkpoint " << path_ << ": dataset " << dataset << " is not fp32");
+  H5Id s(H5_CHECK(H5Dget_space(d), path_, "dataset " << dataset), H5Sclose);
+  const int nd = H5_CHECK(H5Sget_simple_extent_ndims(s), path_, "dataset " << dataset);
+  std::vector<hsize_t> dims(std::max(nd, 0));
+  H5_CHECK(H5Sget_simple_extent_dims(s, dims.data(), nullptr), path_, "dataset " << dataset);
+  return std::vector<int64_t>(dims.begin(), dims.end());
+}
+
+uint64_t CheckpointFileReader::stored_checksum(const std::string& dataset) const {
+  return get_attr_u64(open_dataset(dataset), "checksum", path_, dataset);
+}
+
+void CheckpointFileReader::read(const std::string& dataset, int64_t first, int64_t n, float* out) const {
+  if (n <= 0) return;
+  const std::vector<int64_t> sh = shape(dataset);
+  int64_t numel = 1;
+  for (int64_t s : sh) numel *= s;
+  DSV3_CHECK(first >= 0 && first + n <= numel, "checkpoint " << path_ << ": dataset " << dataset << ": elements ["
+                                                             << first << ", " << first + n << ") are outside its "
+                                                             << numel);
+  transfer_range(false, open_dataset(dataset), H5P_DEFAULT, dataset, sh, first, n, out, path_);
+}
+
 }  // namespace dsv3

@@ -1,6 +1,7 @@
 // defines: TrainState, CheckpointInfo, SaveResult, save_checkpoint, load_checkpoint, resume_checkpoint,
 //          find_checkpoint, verify_checkpoint, read_checkpoint_info, list_checkpoints, read_latest,
-//          checkpoint_file_name, checkpoint_checksum (the per-dataset hash), set_checkpoint_io_chunk
+//          checkpoint_file_name, checkpoint_checksum (the per-dataset hash), set_checkpoint_io_chunk,
+//          CheckpointDataset, CheckpointFileWriter / CheckpointFileReader (streaming, for the converters)
 // The HDF5 training checkpoint: one file per checkpoint, written collectively with MPI-IO (parallel HDF5), every
 // tensor in its GLOBAL, unsharded shape, so that the file does not depend on the layout that wrote it and any
 // layout (dp, ep) reads it back by selecting its own hyperslabs. This file and checkpoint.cpp are the only code
@@ -41,6 +42,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "model/params.h"
@@ -124,5 +126,72 @@ uint64_t checkpoint_checksum(const float* x, int64_t n, int64_t first);
 // Largest number of elements one rank moves in one H5Dwrite/H5Dread (default 2^28 = 1 GiB of fp32; big
 // tensors take several collective rounds). For tests.
 void set_checkpoint_io_chunk(int64_t elements);
+
+// ---- streaming access for the converters (dsv3-hftoh5, dsv3-h5tohf: io/convert.h) -------------------------------
+// The same file format as save_checkpoint (dataset names, fp32 contiguous datasets, checksum attributes, the root
+// attributes), written and read a piece at a time, so that a converter never holds a whole tensor.
+struct CheckpointDataset {
+  std::string name;            // e.g. "/model/lm_head.weight" (parent groups are created)
+  std::vector<int64_t> shape;  // global
+};
+
+// A weights-only checkpoint (no /optim: it loads with weights_only / checkpoint.finetune = true) written piece by
+// piece. The constructor is collective over comm (null: this process alone): it creates DIR/iter_<iteration>.h5.tmp,
+// the root attributes (those of save_checkpoint: adam_t 0, moment_dtype "none"; then extra_attrs as strings) and
+// every dataset, and keeps the datasets open. write() is independent (MPI-IO independent transfers: no other rank
+// takes part), so ranks write disjoint pieces at their own pace. finish() is collective.
+class CheckpointFileWriter {
+ public:
+  CheckpointFileWriter(const std::string& dir, const Comm* comm, const std::vector<CheckpointDataset>& datasets,
+                       const TrainState& state, const std::string& deck_text, const std::string& layout,
+                       const std::vector<std::pair<std::string, std::string>>& extra_attrs = {});
+  ~CheckpointFileWriter();  // without finish(): closes and leaves the .tmp (deleted by the next save's pruning)
+  CheckpointFileWriter(const CheckpointFileWriter&) = delete;
+  CheckpointFileWriter& operator=(const CheckpointFileWriter&) = delete;
+  // Elements [first, first + n) (global row-major index) of dataset i. Every element must be written exactly once,
+  // by one rank: the dataset's checksum is the sum of what the ranks wrote.
+  void write(size_t i, int64_t first, int64_t n, const float* x);
+  // Collective. local_error: this rank's failure ("" = none); when any rank failed, every rank throws (the .tmp is
+  // left). Otherwise adds the ranks' checksums and stores them, closes, fsyncs and renames the file onto
+  // iter_<iteration>.h5, then writes DIR/latest (rank 0).
+  SaveResult finish(const std::string& local_error = "");
+  const std::string& path() const { return final_path_; }
+
+ private:
+  const Comm* comm_;
+  std::string dir_, tmp_path_, final_path_;
+  int64_t iteration_ = 0;
+  std::vector<CheckpointDataset> datasets_;
+  std::vector<int64_t> dsets_;  // hid_t
+  std::vector<uint64_t> sums_;
+  int64_t file_ = -1, dxpl_ = -1;
+  double t0_ = 0;
+  void close_all() noexcept;
+};
+
+// Serial read-only access to one checkpoint file without a model (any process, no communication).
+class CheckpointFileReader {
+ public:
+  explicit CheckpointFileReader(const std::string& file_or_dir);  // a directory: the file its `latest` names
+  ~CheckpointFileReader();
+  CheckpointFileReader(const CheckpointFileReader&) = delete;
+  CheckpointFileReader& operator=(const CheckpointFileReader&) = delete;
+  const std::string& path() const { return path_; }
+  CheckpointInfo info() const;
+  std::string attr(const std::string& name) const;  // a string root attribute; "" when absent
+  std::vector<std::string> datasets() const;        // every dataset, e.g. "/model/lm_head.weight"
+  bool has(const std::string& dataset) const;
+  std::vector<int64_t> shape(const std::string& dataset) const;  // checks that it is fp32
+  uint64_t stored_checksum(const std::string& dataset) const;
+  // Elements [first, first + n) in row-major order.
+  void read(const std::string& dataset, int64_t first, int64_t n, float* out) const;
+
+ private:
+  std::string path_;
+  int64_t file_ = -1;
+  mutable std::string open_name_;
+  mutable int64_t open_ = -1;  // the last dataset read, kept open
+  int64_t open_dataset(const std::string& dataset) const;
+};
 
 }  // namespace dsv3

@@ -1,6 +1,7 @@
 #include "train/trainer.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "core/deck.h"
 #include "core/error.h"
@@ -22,6 +23,7 @@ TrainerConfig TrainerConfig::from_deck(const Deck& d) {
   c.clip_grad = d.get<double>("optim.clip_grad");
   c.aux_alpha = d.get<double>("train.aux_alpha");
   c.micro_batch = d.get<int64_t>("train.micro_batch");
+  c.inject_nan_at = d.get<int64_t>("debug.inject_nan_at");
   return c;
 }
 
@@ -61,7 +63,14 @@ StepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t S, double lr, 
   combine_over_ranks(st.loss, st.expert_load);
   if (comm_) sync_tied_grads(grads_, *comm_);  // the MTP's use of the embedding on the last pipeline stage
   if (cfg_.bf16_grads) round_to_bf16(grads_.data(), grads_.size());
+  if (++steps_ == cfg_.inject_nan_at && grads_.size() > 0) grads_.data()[0] = std::nanf("");  // fault injection
   st.grad_norm = opt_.reduce_grads(grads_);  // summed over the replicas into this rank's shard (ZeRO-1)
+  // A NaN/Inf anywhere shows in the global norm (every rank has the same one) or in the loss: no update at all, so
+  // the weights, the optimizer state and the expert biases stay the last good ones.
+  if (!std::isfinite(st.grad_norm) || !std::isfinite(st.loss.total)) {
+    st.skipped = true;
+    return st;
+  }
   st.clip_coef = clip_coefficient(st.grad_norm, cfg_.clip_grad);
   opt_.step(model_.params(), lr, st.clip_coef);
   if (comm_) sync_tied_weights(model_.params(), *comm_);

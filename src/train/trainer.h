@@ -19,6 +19,7 @@ struct TrainerConfig {
   double aux_alpha = 1e-4;   // sequence-wise balance loss weight
   int64_t micro_batch = 1;   // sequences per forward/backward
   bool bf16_grads = false;   // gradients rounded to BF16 after accumulation
+  int64_t inject_nan_at = 0; // fault injection: a NaN in the gradients of this step (1-based; 0 never)
   static TrainerConfig from_deck(const Deck& d);
 };
 
@@ -26,6 +27,7 @@ struct StepStats {
   Losses loss;               // averaged over the micro-batches
   double grad_norm = 0, clip_coef = 1, lr = 0, mtp_lambda = 0, gamma = 0;
   std::map<int64_t, std::vector<int64_t>> expert_load;  // MoE layer -> tokens dispatched per expert this step
+  bool skipped = false;      // a NaN/Inf loss or gradient: no update was made (the weights are the last good ones)
 };
 
 class Trainer {
@@ -54,6 +56,7 @@ class Trainer {
   const Comm* comm_;
   Params grads_;
   AdamW opt_;
+  int64_t steps_ = 0;
 };
 
 }  // namespace dsv3
