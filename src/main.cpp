@@ -2,6 +2,7 @@
 //   dsv3 DECK [section.key=value ...]        e.g.  dsv3 input/tiny.deck train.iters=20 parallel.pp=2
 // The run reads top to bottom: init -> deck -> topology -> model -> loop.
 #include <algorithm>
+#include <csignal>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -33,6 +34,11 @@ using namespace dsv3;
 namespace po = boost::program_options;
 
 namespace {
+
+// SIGUSR1 (Slurm's --signal=USR1@300 before the time limit) and SIGTERM (preemption) ask the run to stop after the
+// current iteration. The handler only sets this flag; every rank learns of a stop through an allreduce.
+volatile std::sig_atomic_t g_stop_signal = 0;
+extern "C" void on_stop_signal(int sig) { g_stop_signal = sig; }
 
 // A deck error: raised on every rank at once (before any collective work), so the ranks simply exit.
 struct DeckFailure : Error {
@@ -69,6 +75,7 @@ Deck read_deck(const Comm& comm, const std::string& path, const std::vector<std:
 
 int main(int argc, char** argv) {
   blas_preflight(argv);  // before anything loads work onto OpenBLAS or MPI starts
+  const auto t_program = std::chrono::steady_clock::now();  // run.time_limit counts from here
   // ---- init ----------------------------------------------------------------------------------------
   Comm comm(&argc, &argv);
   try {
@@ -207,6 +214,10 @@ int main(int argc, char** argv) {
     // ---- end checkpoints ----------------------------------------------------------------------------------------
 
     int64_t consumed_samples = resumed.consumed_samples, skipped_steps = 0;
+    std::signal(SIGUSR1, on_stop_signal);
+    std::signal(SIGTERM, on_stop_signal);
+    const double time_limit = deck.get<double>("run.time_limit");
+    double slowest_step = 0;
     const auto t_start = std::chrono::steady_clock::now();
     for (int64_t it = resumed.iteration; it < iters; ++it) {
       const double consumed_tokens = (double)consumed_samples * S;
@@ -282,8 +293,22 @@ int main(int argc, char** argv) {
                      {"memory_peak_bytes", memory_peak_bytes()}});
       if (valid_data && ((it + 1) % eval_interval == 0 || it + 1 == iters)) evaluate(it + 1);
       // checkpoint hook: every checkpoint.interval iterations and at the end (train/checkpointing.h)
-      ckpt.after_iteration({it + 1, consumed_samples, (double)consumed_samples * S}, it + 1 == iters, model.params(),
-                           trainer.optimizer());
+      // preemption and time limit: all ranks agree to stop after this iteration, save, and exit 0 (the job requeues
+      // and checkpoint.load = auto continues from here)
+      slowest_step = std::max(slowest_step, dt);
+      const double used = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_program).count();
+      const bool out_of_time = time_limit > 0 && used + 2 * slowest_step > time_limit;
+      const bool stop_now = it + 1 < iters && comm.any(g_stop_signal != 0 || out_of_time);
+      ckpt.after_iteration({it + 1, consumed_samples, (double)consumed_samples * S}, it + 1 == iters || stop_now,
+                           model.params(), trainer.optimizer());
+      if (stop_now) {
+        DSV3_LOG(warning) << "stopping after iteration " << it + 1 << " ("
+                          << (g_stop_signal ? (g_stop_signal == SIGUSR1 ? "SIGUSR1" : "SIGTERM") : "run.time_limit")
+                          << (deck.get<std::string>("checkpoint.dir").empty()
+                                  ? "): no checkpoint.dir, so the state is not saved"
+                                  : "): state saved; checkpoint.load = auto resumes from it");
+        return 0;
+      }
     }
     if (deck.given("checkpoint.export_hf") && !deck.get<std::string>("checkpoint.export_hf").empty()) {
       const Params full = gather_experts(model.params(), comm);  // collective: every rank takes part

@@ -21,6 +21,8 @@ const std::vector<KeySpec>& deck_keys() {
       {.name = "run.threads", .type = T::Int, .def = "0", .min = 0,
        .help = "CPU threads per rank (0: all cores)"},
       {.name = "run.name", .type = T::String, .def = "dsv3", .help = "run name (logs, metrics)"},
+      {.name = "run.time_limit", .type = T::Float, .def = "0", .min = 0,
+       .help = "seconds: stop cleanly (checkpoint, exit 0) once the next iteration would not fit (0: none)"},
 
       // ---- [model]: HF DeepSeek-V3 config; model.hf_config is read first, given keys override it --
       {.name = "model.hf_config", .type = T::Path, .def = kNone,
