@@ -11,6 +11,7 @@
 
 #include <boost/program_options.hpp>
 
+#include "core/cli.h"
 #include "core/deck.h"
 #include "core/error.h"
 #include "core/log.h"
@@ -82,20 +83,13 @@ int main(int argc, char** argv) {
     po::options_description opts("usage: dsv3 DECK [section.key=value ...]\n\noptions");
     opts.add_options()("help,h", "print this help and every deck key")("version", "print the version")(
         "plan", "print the model's exact parameter counts without running or allocating anything");
-    po::options_description hidden;
-    hidden.add_options()("args", po::value<std::vector<std::string>>()->default_value({}, ""), "");
-    po::options_description all;
-    all.add(opts).add(hidden);
-    po::positional_options_description pos;
-    pos.add("args", -1);
-    po::variables_map vm;
-    po::store(po::command_line_parser(argc, argv).options(all).positional(pos).run(), vm);
-    po::notify(vm);
+    const CommandLine cl = parse_command_line(argc, argv, opts);
+    const po::variables_map& vm = cl.vm;
     if (vm.count("version")) {
       std::printf("dsv3 %s\n", DSV3_VERSION);
       return 0;
     }
-    const auto args = vm["args"].as<std::vector<std::string>>();
+    const auto& args = cl.args;
     if (vm.count("help") || args.empty()) {
       if (comm.rank() == 0)
         std::cout << opts << "\nA deck is [section] headers, key = value lines, # comments and include = FILE;\n"

@@ -15,6 +15,7 @@
 #include <boost/program_options.hpp>
 #include <nlohmann/json.hpp>
 
+#include "core/cli.h"
 #include "core/deck.h"
 #include "core/error.h"
 #include "io/fp8.h"
@@ -424,16 +425,9 @@ int main(int argc, char** argv) {
         "parameters and expert biases after them; the batch is split into train.micro_batch micro-batches), "
         "generate (greedy tokens and step logits with and without the KV cache), fp8 (bit-exact dequantization and "
         "re-quantization, fp8_check.logits)");
-    po::options_description hidden;
-    hidden.add_options()("args", po::value<std::vector<std::string>>()->default_value({}, ""), "");
-    po::options_description all;
-    all.add(opts).add(hidden);
-    po::positional_options_description pos;
-    pos.add("args", -1);
-    po::variables_map vm;
-    po::store(po::command_line_parser(argc, argv).options(all).positional(pos).run(), vm);
-    po::notify(vm);
-    const auto args = vm["args"].as<std::vector<std::string>>();
+    const CommandLine cl = parse_command_line(argc, argv, opts);
+    const po::variables_map& vm = cl.vm;
+    const auto& args = cl.args;
     if (vm.count("help") || args.empty()) {
       std::cout << opts << "\n  DIR                    a golden directory (e.g. tests/golden/tiny)\n"
                 << "  section.key=value      deck overrides (run.threads, run.device, train.mtp_lambda, ...)\n";

@@ -11,6 +11,7 @@
 
 #include <boost/program_options.hpp>
 
+#include "core/cli.h"
 #include "core/deck.h"
 #include "core/error.h"
 #include "data/tokenizer.h"
@@ -64,22 +65,15 @@ int main(int argc, char** argv) {
         "stop-at-eos", po::bool_switch(), "stop when the model's eos_token_id is generated")(
         "no-cache", po::bool_switch(), "recompute the whole sequence at every step instead of using the MLA latent "
                                       "KV cache (for checking; quadratic cost)");
-    po::options_description hidden;
-    hidden.add_options()("overrides", po::value<std::vector<std::string>>()->default_value({}, ""), "");
-    po::options_description all;
-    all.add(opts).add(hidden);
-    po::positional_options_description pos;
-    pos.add("overrides", -1);
-    po::variables_map vm;
-    po::store(po::command_line_parser(argc, argv).options(all).positional(pos).run(), vm);
-    po::notify(vm);
+    const CommandLine cl = parse_command_line(argc, argv, opts);
+    const po::variables_map& vm = cl.vm;
     if (vm.count("help")) {
       std::cout << opts << "\n  section.key=value       deck overrides, e.g. run.threads=2 run.device=cpu\n";
       return 0;
     }
     DSV3_CHECK(vm.count("hf"), "--hf DIR is required (see --help)");
     DSV3_CHECK(vm.count("prompt-ids") + vm.count("prompt") == 1, "give exactly one of --prompt-ids and --prompt");
-    const Deck deck = Deck::defaults_only(vm["overrides"].as<std::vector<std::string>>());
+    const Deck deck = Deck::defaults_only(cl.args);
     const std::string dir = vm["hf"].as<std::string>();
     std::optional<Tokenizer> tok;
     if (vm.count("prompt") || vm.count("tokenizer")) {
