@@ -28,7 +28,13 @@ void blas_preflight(char** argv) {
   if (!want) return;
   setenv("OPENBLAS_CORETYPE", want, 1);
   setenv("DSV3_BLAS_REEXEC", "1", 1);
-  execv("/proc/self/exe", argv);
+  // the real path (not /proc/self/exe, which would rename the process "exe" in ps and top)
+  char self[4096];
+  const ssize_t len = readlink("/proc/self/exe", self, sizeof self - 1);
+  if (len > 0) {
+    self[len] = 0;
+    execv(self, argv);
+  }
   // exec failed: carry on with the slow kernels, but say so
   std::fprintf(stderr, "dsv3: warning: OpenBLAS uses its generic %s kernels; set OPENBLAS_CORETYPE=%s for speed\n",
                core, want);
