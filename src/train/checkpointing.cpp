@@ -32,7 +32,8 @@ TrainState Checkpointing::resume(Params& params, AdamW& opt) {
     return {};
   }
   const TrainState& s = r->state;
-  if (s.rng_seed != seed_)
+  // a fine-tune starts its own data order, and converted checkpoints (rng_seed < 0) never had one
+  if (s.rng_seed != seed_ && !finetune_ && s.rng_seed >= 0)
     DSV3_LOG(warning) << "checkpoint " << r->path << " was written with train.seed " << s.rng_seed << ", this run has "
                       << seed_ << ": the data order differs from the run that wrote it";
   if (finetune_) {
