@@ -9,7 +9,8 @@ export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM = 1
 
 DEB_PACKAGES := build-essential cmake libopenmpi-dev openmpi-bin libhdf5-openmpi-dev hdf5-tools \
   libboost-program-options-dev libboost-log-dev libgtest-dev nlohmann-json3-dev libopenblas-dev libopenblas-openmp-dev libpcre2-dev \
-  pkg-config python3-h5py python3-numpy python3-matplotlib time
+  pkg-config python3-h5py python3-numpy python3-matplotlib time \
+  slurm-wlm slurmctld slurmd slurm-client munge
 
 .PHONY: all deps build test run clean
 

@@ -79,6 +79,10 @@ int main(int argc, char** argv) {
   const auto t_program = std::chrono::steady_clock::now();  // run.time_limit counts from here
   // ---- init ----------------------------------------------------------------------------------------
   Comm comm(&argc, &argv);
+  // from here on, a stop request (Slurm --signal=USR1@..., preemption's SIGTERM) is remembered and honoured after
+  // the current iteration instead of killing the process
+  std::signal(SIGUSR1, on_stop_signal);
+  std::signal(SIGTERM, on_stop_signal);
   try {
     po::options_description opts("usage: dsv3 DECK [section.key=value ...]\n\noptions");
     opts.add_options()("help,h", "print this help and every deck key")("version", "print the version")(
@@ -208,8 +212,6 @@ int main(int argc, char** argv) {
     // ---- end checkpoints ----------------------------------------------------------------------------------------
 
     int64_t consumed_samples = resumed.consumed_samples, skipped_steps = 0;
-    std::signal(SIGUSR1, on_stop_signal);
-    std::signal(SIGTERM, on_stop_signal);
     const double time_limit = deck.get<double>("run.time_limit");
     double slowest_step = 0;
     const auto t_start = std::chrono::steady_clock::now();
