@@ -70,6 +70,12 @@ expect_mpi_error "pp larger than the layers" "parallel.pp" mpirun --oversubscrib
 expect_mpi_error "dp disagreeing with the world" "parallel.dp" mpirun --oversubscribe -np 2 "$BIN/dsv3" "$tmp/good.deck" \
   parallel.dp=4
 
+# inference on a converted checkpoint (dsv3-hftoh5) gives the same tokens as on the HF directory
+"$BIN/dsv3-hftoh5" "$TESTS/golden/tiny" "$tmp/conv" --no-progress > /dev/null 2>&1
+a=$("$BIN/dsv3-generate" --hf "$TESTS/golden/tiny" --prompt-ids 1,2,3,4,5 --max-new-tokens 8 2>/dev/null | grep generated)
+b=$("$BIN/dsv3-generate" --ckpt "$tmp/conv" --prompt-ids 1,2,3,4,5 --max-new-tokens 8 2>/dev/null | grep generated)
+[ -n "$a" ] && [ "$a" = "$b" ] && echo "ok: generate --ckpt = --hf ($b)" || { echo "FAIL: --ckpt '$b' vs --hf '$a'"; fail=1; }
+
 # the planner reports the real model's exact size (the public count, tests/data/deepseek-v3-counts.json)
 want=$(/usr/bin/python3 -c "import json; print(json.load(open('$TESTS/data/deepseek-v3-counts.json'))['main'])")
 "$BIN/dsv3" --plan "$TESTS/../input/pretrain.deck" | grep -q "main model *$want" \

@@ -31,6 +31,10 @@ run four_to_one 1 checkpoint.dir="$tmp/ck_4to1" checkpoint.load="$tmp/ck_four/it
 run one_to_one 1 checkpoint.dir="$tmp/ck_1to1" checkpoint.load="$tmp/ck_one/iter_0000010.h5"
 run four_to_four 4 parallel.ep=2 checkpoint.dir="$tmp/ck_4to4" checkpoint.load="$tmp/ck_four/iter_0000010.h5"
 run one_to_pp2 2 parallel.pp=2 checkpoint.dir="$tmp/ck_1topp" checkpoint.load="$tmp/ck_one/iter_0000010.h5"
+# 1 rank -> 8 ranks (pp2 x dp4 x ep4) and the reverse
+run one_to_eight 8 parallel.pp=2 parallel.ep=4 checkpoint.dir="$tmp/ck_1to8" checkpoint.load="$tmp/ck_one/iter_0000010.h5"
+run eight 8 parallel.pp=2 parallel.ep=4 checkpoint.dir="$tmp/ck_eight" checkpoint.interval=10 train.iters=10
+run eight_to_one 1 checkpoint.dir="$tmp/ck_8to1" checkpoint.load="$tmp/ck_eight/iter_0000010.h5"
 # auto: a copy of ck_one with its newest checkpoint corrupted -> falls back to iteration 10
 mkdir -p "$tmp/ck_auto" && cp "$tmp/ck_one/"* "$tmp/ck_auto/"
 /usr/bin/python3 - "$tmp/ck_auto/iter_0000020.h5" <<'PY'
@@ -54,7 +58,7 @@ ok = True
 def rel(got, want):
     return max(abs(a - b) / abs(b) for it in want for a, b in zip(got[it], want[it]))
 for name, base, exact in [("one_to_four", ref, False), ("four_to_one", ref, False), ("auto_fallback", ref, False),
-                          ("one_to_pp2", ref, False),
+                          ("one_to_pp2", ref, False), ("one_to_eight", ref, False), ("eight_to_one", ref, False),
                           ("one_to_one", ref, True), ("four_to_four", four, True)]:
     got = losses(name)
     want = {it: base[it] for it in range(11, 21)}

@@ -543,6 +543,33 @@ ConvertStats convert_hf_to_h5(const std::string& hf_dir, const std::string& ckpt
 }
 
 // ==== HDF5 -> HF ====================================================================================================
+ModelConfig checkpoint_model_config(const CheckpointFileReader& rd, const std::string& config_path) {
+  json cj;
+  std::string source;
+  if (!config_path.empty()) {
+    source = config_path;
+    cj = parse_json(read_text(source, "--config"), source);
+  } else if (std::string t = rd.attr("hf_config"); !t.empty()) {
+    source = rd.path() + " (attribute hf_config)";
+    cj = parse_json(t, source);
+  } else {
+    source = rd.path() + " (the model section of its deck attribute)";
+    const std::string deck_text = rd.attr("deck");
+    DSV3_CHECK(!deck_text.empty(), "checkpoint " << rd.path() << " has neither an hf_config nor a deck attribute: "
+                                                 << "give the model's config.json with --config");
+    try {
+      const Deck deck = Deck::parse_text(deck_with_resolved_paths(deck_text), rd.path() + ":deck");
+      cj = model_config_to_json(model_config_from_deck(deck));
+    } catch (const std::exception& e) {
+      DSV3_FAIL("checkpoint " << rd.path() << ": cannot rebuild the model config from its deck attribute ("
+                              << e.what() << "): give the model's config.json with --config");
+    }
+  }
+  ModelConfig cfg = model_config_from_json(cj, source);
+  cfg.validate();
+  return cfg;
+}
+
 ConvertStats convert_h5_to_hf(const std::string& ckpt, const std::string& hf_dir, const Comm* comm,
                               const H5ToHfOptions& opt) {
   const double t0 = now_s();
@@ -560,28 +587,13 @@ ConvertStats convert_h5_to_hf(const std::string& ckpt, const std::string& hf_dir
   std::string err;
   try {
     rd = std::make_unique<CheckpointFileReader>(ckpt);
-    std::string source;
-    if (!opt.config_path.empty()) {
-      source = opt.config_path;
-      cj = parse_json(read_text(source, "--config"), source);
-    } else if (std::string t = rd->attr("hf_config"); !t.empty()) {
-      source = rd->path() + " (attribute hf_config)";
-      cj = parse_json(t, source);
+    cfg = checkpoint_model_config(*rd, opt.config_path);
+    cj = model_config_to_json(cfg);
+    if (opt.config_path.empty()) {
+      if (std::string t = rd->attr("hf_config"); !t.empty()) cj = parse_json(t, rd->path() + " (attribute hf_config)");
     } else {
-      source = rd->path() + " (the model section of its deck attribute)";
-      const std::string deck_text = rd->attr("deck");
-      DSV3_CHECK(!deck_text.empty(), "checkpoint " << rd->path() << " has neither an hf_config nor a deck attribute: "
-                                                   << "give the model's config.json with --config");
-      try {
-        const Deck deck = Deck::parse_text(deck_with_resolved_paths(deck_text), rd->path() + ":deck");
-        cj = model_config_to_json(model_config_from_deck(deck));
-      } catch (const std::exception& e) {
-        DSV3_FAIL("checkpoint " << rd->path() << ": cannot rebuild the model config from its deck attribute ("
-                                << e.what() << "): give the model's config.json with --config");
-      }
+      cj = parse_json(read_text(opt.config_path, "--config"), opt.config_path);
     }
-    cfg = model_config_from_json(cj, source);
-    cfg.validate();
     table = build_param_table(cfg);
     for (const ParamSpec& p : table) {
       const std::string ds = "/model/" + p.name;

@@ -22,6 +22,9 @@
 #include <cstdint>
 #include <string>
 
+#include "io/checkpoint.h"
+#include "model/config.h"
+
 namespace dsv3 {
 
 class Comm;
@@ -72,6 +75,10 @@ ConvertStats convert_h5_to_hf(const std::string& ckpt, const std::string& hf_dir
 
 // "5GB" (10^9), "64MB", "512KB", "2GiB" (2^30), "64MiB", "1e9", "123" (bytes); case-insensitive, "B" optional.
 // Throws dsv3::Error naming `what` for anything else or a value <= 0.
+// The model config of a checkpoint: config_path if given, else its root attribute hf_config (written by
+// convert_hf_to_h5), else the model section of its deck attribute (written by training). Validated.
+ModelConfig checkpoint_model_config(const CheckpointFileReader& rd, const std::string& config_path = "");
+
 int64_t parse_byte_size(const std::string& s, const std::string& what);
 std::string format_bytes(double bytes);  // "1.23 GB"
 

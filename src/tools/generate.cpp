@@ -15,6 +15,8 @@
 #include "core/deck.h"
 #include "core/error.h"
 #include "data/tokenizer.h"
+#include "io/checkpoint.h"
+#include "io/convert.h"
 #include "io/hf_checkpoint.h"
 #include "model/config.h"
 #include "model/model.h"
@@ -55,6 +57,8 @@ int main(int argc, char** argv) {
     opts.add_options()("help,h", "print this help")(
         "hf", po::value<std::string>(), "Hugging Face model directory (config.json + model.safetensors or a sharded "
                                         "index; BF16/FP32 or the released FP8 weights)")(
+        "ckpt", po::value<std::string>(), "a dsv3 HDF5 checkpoint file or directory (its `latest`) instead of --hf: "
+                                          "a training checkpoint or one converted by dsv3-hftoh5")(
         "prompt-ids", po::value<std::string>(), "comma-separated prompt token ids, e.g. 1,2,3")(
         "prompt", po::value<std::string>(), "prompt text (encoded with --tokenizer); the output is decoded to text")(
         "tokenizer", po::value<std::string>(), "a Hugging Face tokenizer.json (default: DIR/tokenizer.json)")(
@@ -71,12 +75,19 @@ int main(int argc, char** argv) {
       std::cout << opts << "\n  section.key=value       deck overrides, e.g. run.threads=2 run.device=cpu\n";
       return 0;
     }
-    DSV3_CHECK(vm.count("hf"), "--hf DIR is required (see --help)");
+    DSV3_CHECK(vm.count("hf") + vm.count("ckpt") == 1, "give exactly one of --hf DIR and --ckpt CKPT (see --help)");
     DSV3_CHECK(vm.count("prompt-ids") + vm.count("prompt") == 1, "give exactly one of --prompt-ids and --prompt");
     const Deck deck = Deck::defaults_only(cl.args);
-    const std::string dir = vm["hf"].as<std::string>();
+    const std::string dir = vm.count("hf") ? vm["hf"].as<std::string>() : "";
+    std::string ckpt_file;
+    if (vm.count("ckpt")) {
+      const auto found = find_checkpoint(vm["ckpt"].as<std::string>(), false);
+      DSV3_CHECK(found, "--ckpt: no checkpoint at '" << vm["ckpt"].as<std::string>() << "'");
+      ckpt_file = *found;
+    }
     std::optional<Tokenizer> tok;
     if (vm.count("prompt") || vm.count("tokenizer")) {
+      DSV3_CHECK(vm.count("tokenizer") || !dir.empty(), "--prompt with --ckpt needs --tokenizer");
       const std::string path = vm.count("tokenizer") ? vm["tokenizer"].as<std::string>() : dir + "/tokenizer.json";
       tok = Tokenizer::load(path);
     }
@@ -87,7 +98,8 @@ int main(int argc, char** argv) {
     DSV3_CHECK(n_new >= 0, "--max-new-tokens must be >= 0");
     SamplerOptions so{vm["temperature"].as<double>(), vm["top-p"].as<double>()};
 
-    ModelConfig cfg = model_config_from_file(dir + "/config.json");
+    ModelConfig cfg =
+        ckpt_file.empty() ? model_config_from_file(dir + "/config.json") : checkpoint_model_config(CheckpointFileReader(ckpt_file));
     cfg.validate();
     for (int64_t id : prompt)
       DSV3_CHECK(id < cfg.vocab_size, "--prompt-ids: token " << id << " >= vocab_size " << cfg.vocab_size);
@@ -99,7 +111,10 @@ int main(int argc, char** argv) {
     // rank 0's choice of each token is broadcast, so the ranks never disagree about what to feed next
     const ParallelContext par = setup_parallel(comm, deck, cfg);
     Model model(cfg, *be, par.ep, par.stage);
-    model.load_hf(HfCheckpoint(dir, cfg.fp8_block));
+    if (ckpt_file.empty())
+      model.load_hf(HfCheckpoint(dir, cfg.fp8_block));
+    else  // weights only; each rank reads its own experts / pipeline stage (the file is layout-independent)
+      load_checkpoint(ckpt_file, &comm, model.params(), nullptr, true);
 
     std::mt19937_64 rng(vm["seed"].as<uint64_t>());
     std::vector<int64_t> seq = prompt, out;
