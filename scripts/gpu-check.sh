@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# gpu-check.sh — the CUDA backend on a GPU node: builds with -DDSV3_CUDA=ON, runs the gpu-labelled tests (the CUDA ops
+# against the CPU backend, tests/gpu) and the GEMM throughput benchmark of the op layer (dsv3_gpu_bench: cuBLAS FP32
+# SGEMM at hidden-7168 shapes, TFLOP/s), then prints a summary. Budget: < 8 minutes on one H200 (16 cores).
+#   scripts/gpu-check.sh [build dir (default build-gpu)]
+#   env: JOBS (build parallelism, default nproc), BENCH_TOKENS (default 4096), BENCH_SECONDS (per measurement, 0.25)
+# Worst case by the stage timeouts: 60 + 270 + 60 + 45 + 45 s = 8 min; typically ~3 min (mostly the build).
+# Exit status: 0 all passed, 1 a stage failed, 77 no usable CUDA device (the tests then report SKIPPED).
+set -uo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BUILD=${1:-$ROOT/build-gpu}
+JOBS=${JOBS:-$(nproc)}
+LOG=$BUILD/gpu-check
+t_start=$(date +%s)
+mkdir -p "$LOG"
+elapsed() { echo $(( $(date +%s) - t_start ))s; }
+
+echo "== gpu-check: $(hostname), build dir $BUILD, $JOBS jobs"
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader || true
+else
+  echo "(no nvidia-smi)"
+fi
+
+build_status=FAILED tests_status=NOT-RUN bench_status=NOT-RUN
+if ! grep -qE '^[^#]*add_subdirectory\(gpu\)' "$ROOT/tests/CMakeLists.txt"; then
+  echo "gpu-check: tests/CMakeLists.txt does not add tests/gpu (add_subdirectory(gpu))" >&2
+  exit 1
+fi
+echo "== configure + build (log: $LOG/build.log)"
+if timeout 60 cmake -S "$ROOT" -B "$BUILD" -DDSV3_CUDA=ON -DCMAKE_BUILD_TYPE=Release >"$LOG/build.log" 2>&1 &&
+   timeout 270 cmake --build "$BUILD" -j"$JOBS" --target dsv3_gpu_tests dsv3_gpu_bench >>"$LOG/build.log" 2>&1; then
+  build_status=OK
+else
+  tail -30 "$LOG/build.log"
+fi
+echo "   build: $build_status ($(elapsed))"
+
+if [ "$build_status" = OK ]; then
+  echo "== ctest -L gpu (log: $LOG/ctest.log)"
+  timeout 60 ctest --test-dir "$BUILD" -L gpu --output-on-failure --timeout 50 -j4 >"$LOG/ctest.log" 2>&1
+  ctest_rc=$?
+  grep -E "tests passed|Not Run|Failed|\*\*\*|Skipped" "$LOG/ctest.log" | tail -25
+  # the per-op NMSE table, from one run of the test binary
+  timeout 45 "$BUILD/tests/gpu/dsv3_gpu_tests" >"$LOG/gtest.log" 2>&1
+  grep -E "\[ (NMSE|idx|loss) " "$LOG/gtest.log" >"$LOG/nmse.txt" || true
+  n_skip=$(grep -c "\[  SKIPPED \]" "$LOG/gtest.log" || true)
+  if [ "$ctest_rc" = 0 ] && [ "${n_skip:-0}" = 0 ]; then tests_status=PASSED
+  elif [ "$ctest_rc" = 0 ]; then tests_status="SKIPPED ($(grep -m1 -o 'no CUDA device: .*' "$LOG/gtest.log"))"
+  else tests_status=FAILED; fi
+  echo "   tests: $tests_status ($(elapsed))"
+
+  echo "== GEMM benchmark (log: $LOG/bench.log)"
+  timeout 45 "$BUILD/tests/gpu/dsv3_gpu_bench" "${BENCH_TOKENS:-4096}" "${BENCH_SECONDS:-0.25}" >"$LOG/bench.log" 2>&1
+  bench_rc=$?
+  cat "$LOG/bench.log"
+  case $bench_rc in 0) bench_status=OK ;; 77) bench_status=SKIPPED ;; 124) bench_status="TIMED OUT" ;; *) bench_status=FAILED ;; esac
+  echo "   bench: $bench_status ($(elapsed))"
+fi
+
+echo
+echo "================ gpu-check summary ================"
+echo "build : $build_status"
+echo "tests : $tests_status"
+[ -s "$LOG/nmse.txt" ] && sed 's/^/        /' "$LOG/nmse.txt"
+echo "bench : $bench_status"
+grep -E "best .* TFLOP/s" "$LOG/bench.log" 2>/dev/null | sed 's/^/        /'
+echo "time  : $(elapsed)"
+echo "logs  : $LOG"
+if [ "$build_status" != OK ] || [ "$tests_status" = FAILED ] || [ "$bench_status" = FAILED ] ||
+   [ "$bench_status" = "TIMED OUT" ]; then
+  exit 1
+fi
+case $tests_status in SKIPPED*) exit 77 ;; esac
+exit 0
