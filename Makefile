@@ -12,7 +12,7 @@ DEB_PACKAGES := build-essential cmake libopenmpi-dev openmpi-bin libhdf5-openmpi
   pkg-config python3-h5py python3-numpy python3-matplotlib time \
   slurm-wlm slurmctld slurmd slurm-client munge
 
-.PHONY: all deps build test run clean
+.PHONY: all deps build test run clean fuzz
 
 all: build
 
@@ -43,3 +43,8 @@ run: deps
 
 clean:
 	rm -rf $(BUILD)
+
+FUZZ_SECONDS ?= 60
+# libFuzzer targets of the file parsers (needs clang): build into build-fuzz/, run each for FUZZ_SECONDS, one at a time
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) tests/fuzz/run.sh

@@ -343,6 +343,15 @@ struct DeckBuilder {
                                   << "' has no section (expected section.key=value)");
       std::string value = trim(o.substr(eq + 1));
       if (value.size() >= 2 && value.front() == '"' && value.back() == '"') value = value.substr(1, value.size() - 2);
+      // Fuzzing fix: resolved_text() must parse back to the same values, and deck text has no escapes: a value
+      // holding a double quote can only be written unquoted (so it cannot start with a quote or contain '#'),
+      // and no value can hold a line break. `run.name="abc` used to be stored as '"abc' and written as an
+      // unterminated quote.
+      DSV3_CHECK(value.find_first_of("\r\n") == std::string::npos,
+                 "bad override of key '" << key << "' on the command line: the value contains a line break");
+      DSV3_CHECK(value.find('"') == std::string::npos || (value.front() != '"' && value.find('#') == std::string::npos),
+                 "bad override '" << o << "' on the command line: unbalanced quote (a value may hold a '\"' only if it "
+                                  << "does not start with one and has no '#')");
       d.set(key, Deck::Entry{value, "command line", ""});
     }
   }

@@ -16,7 +16,13 @@ struct Error : std::runtime_error {
 namespace detail {
 [[noreturn]] inline void fail(const char* file, int line, const std::string& msg) {
   std::ostringstream os;
-  os << msg << " (" << file << ":" << line << ")";
+  // one line, whatever a file put into the names the message quotes
+  for (char c : msg) {
+    if (c == '\n') os << "\\n";
+    else if (c == '\r') os << "\\r";
+    else os << c;
+  }
+  os << " (" << file << ":" << line << ")";
   throw Error(os.str());
 }
 }  // namespace detail
