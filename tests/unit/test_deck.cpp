@@ -1,4 +1,5 @@
 // Unit tests of dsv3::Deck: syntax, includes, overrides, typing, origins, text forms and every error.
+#include "test_util.h"
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -13,17 +14,9 @@
 namespace fs = std::filesystem;
 using dsv3::Deck;
 
-namespace {
+using dsv3::test::error_of;
 
-// The message of the dsv3::Error f throws ("<no error>" if none).
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const dsv3::Error& e) {
-    return e.what();
-  }
-  return "<no error>";
-}
+namespace {
 
 #define EXPECT_CONTAINS(haystack, needle)                                                     \
   do {                                                                                        \

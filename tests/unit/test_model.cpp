@@ -1,5 +1,6 @@
 // Model-level unit tests: config validation, the parameter table, YaRN, the router, MLA cache vs full attention,
 // sampling. Golden-file comparisons of the whole model live in dsv3-golden (ctest golden_tiny).
+#include "test_util.h"
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -21,20 +22,14 @@
 using namespace dsv3;
 using ::testing::HasSubstr;
 
+using dsv3::test::error_of;
+
 namespace {
 const std::string kTiny = std::string(DSV3_TEST_DIR) + "/golden/tiny";
 ModelConfig tiny() { return model_config_from_file(kTiny + "/config.json"); }
 nlohmann::json tiny_json() {
   std::ifstream f(kTiny + "/config.json");
   return nlohmann::json::parse(f);
-}
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "<no error>";
 }
 }  // namespace
 

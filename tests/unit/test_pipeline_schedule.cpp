@@ -1,6 +1,7 @@
 // Unit tests of the 1F1B schedule (pipeline/schedule.h): the lists of a worked example, the counts and order
 // rules for every stage of many pipelines, the transfer flags, and the all-stage simulation (no deadlock,
 // bubble (p-1)/(m+p-1)), plus the simulation's detection of broken schedules.
+#include "test_util.h"
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -15,24 +16,9 @@
 using dsv3::Action;
 using dsv3::Op;
 
+using dsv3::test::error_of;
+
 namespace {
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const dsv3::Error& e) {
-    return e.what();
-  }
-  return "<no error>";
-}
-
-#define EXPECT_ERROR(stmt, needle)                                                                \
-  do {                                                                                            \
-    const std::string msg_ = error_of([&] { stmt; });                                             \
-    EXPECT_NE(msg_, "<no error>") << "expected an error containing: " << (needle);               \
-    EXPECT_EQ(msg_.find('\n'), std::string::npos) << "not one line: " << msg_;                    \
-    EXPECT_NE(msg_.find(needle), std::string::npos) << "'" << (needle) << "' not in: " << msg_;   \
-  } while (0)
 
 std::vector<std::vector<Action>> all_stages(int p, int m) {
   std::vector<std::vector<Action>> s;

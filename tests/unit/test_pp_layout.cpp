@@ -1,5 +1,6 @@
 // Unit tests of the pipeline layout (pipeline/layout.h): Megatron's syntax on the recipe strings, the even
 // split, the formatting round trip and every syntax and placement error.
+#include "test_util.h"
 #include <gtest/gtest.h>
 
 #include <functional>
@@ -12,24 +13,9 @@
 using dsv3::StageLayout;
 using Layers = std::vector<int>;
 
+using dsv3::test::error_of;
+
 namespace {
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const dsv3::Error& e) {
-    return e.what();
-  }
-  return "<no error>";
-}
-
-#define EXPECT_ERROR(stmt, needle)                                                                \
-  do {                                                                                            \
-    const std::string msg_ = error_of([&] { stmt; });                                             \
-    EXPECT_NE(msg_, "<no error>") << "expected an error containing: " << (needle);               \
-    EXPECT_EQ(msg_.find('\n'), std::string::npos) << "not one line: " << msg_;                    \
-    EXPECT_NE(msg_.find(needle), std::string::npos) << "'" << (needle) << "' not in: " << msg_;   \
-  } while (0)
 
 Layers range(int first, int n) {
   Layers l(n);

@@ -1,5 +1,6 @@
 // Unit tests of the rank grid (parallel/topology.h): the worked 16-rank example group by group, the group
 // invariants over many grids, resolve_sizes against the deck and the model, and every error it reports.
+#include "test_util.h"
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -21,25 +22,9 @@ using dsv3::ParallelSizes;
 using dsv3::RankCoords;
 using Ranks = std::vector<int>;
 
+using dsv3::test::error_of;
+
 namespace {
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const dsv3::Error& e) {
-    return e.what();
-  }
-  return "<no error>";
-}
-
-// A one-line dsv3::Error containing `needle`.
-#define EXPECT_ERROR(stmt, needle)                                                       \
-  do {                                                                                   \
-    const std::string msg_ = error_of([&] { stmt; });                                    \
-    EXPECT_NE(msg_, "<no error>") << "expected an error containing: " << (needle);      \
-    EXPECT_EQ(msg_.find('\n'), std::string::npos) << "not one line: " << msg_;           \
-    EXPECT_NE(msg_.find(needle), std::string::npos) << "'" << (needle) << "' not in: " << msg_; \
-  } while (0)
 
 ParallelSizes sizes(int world, int tp, int pp, int ep, int etp) {
   ParallelSizes s;
