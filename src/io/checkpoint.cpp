@@ -366,19 +366,6 @@ void rename_durable(const std::string& from, const std::string& to) {
   fsync_path(fs::path(to).parent_path().empty() ? "." : fs::path(to).parent_path().string(), true);
 }
 
-// a partial checksum as two 32-bit halves summed as int64 (no overflow for any number of ranks < 2^31), so that
-// the world sum mod 2^64 is exact
-void allreduce_checksums(const Comm* comm, std::vector<uint64_t>& h) {
-  if (!comm) return;
-  std::vector<int64_t> parts(2 * h.size());
-  for (size_t i = 0; i < h.size(); ++i) {
-    parts[2 * i] = (int64_t)(h[i] & 0xffffffffULL);
-    parts[2 * i + 1] = (int64_t)(h[i] >> 32);
-  }
-  comm->allreduce_sum(GroupKind::world, parts.data(), (int64_t)parts.size());
-  for (size_t i = 0; i < h.size(); ++i) h[i] = (uint64_t)parts[2 * i] + ((uint64_t)parts[2 * i + 1] << 32);
-}
-
 // Throws on every rank when any rank failed. One message is printed: rank 0's when it failed (the others throw an
 // empty Error, which main() does not print), else each failing rank's own (and rank 0 points to them).
 void agree(const Comm* comm, const std::string& err, const std::string& what) {
@@ -423,6 +410,20 @@ void prune(const std::string& dir, int64_t keep) {
 }
 
 }  // namespace
+
+// a partial checksum as two 32-bit halves summed as int64 (no overflow for any number of ranks < 2^31), so that
+// the world sum mod 2^64 is exact
+void allreduce_checksums(const Comm* comm, std::vector<uint64_t>& h) {
+  if (!comm) return;
+  std::vector<int64_t> parts(2 * h.size());
+  for (size_t i = 0; i < h.size(); ++i) {
+    parts[2 * i] = (int64_t)(h[i] & 0xffffffffULL);
+    parts[2 * i + 1] = (int64_t)(h[i] >> 32);
+  }
+  comm->allreduce_sum(GroupKind::world, parts.data(), (int64_t)parts.size());
+  for (size_t i = 0; i < h.size(); ++i) h[i] = (uint64_t)parts[2 * i] + ((uint64_t)parts[2 * i + 1] << 32);
+}
+
 
 uint64_t checkpoint_checksum(const float* x, int64_t n, int64_t first) {
   uint64_t s = 0;

@@ -194,4 +194,8 @@ class CheckpointFileReader {
   int64_t open_dataset(const std::string& dataset) const;
 };
 
+// Partial checksums of every rank summed element-wise mod 2^64 (as two 32-bit halves: exact for < 2^31 ranks);
+// comm null: nothing to do.
+void allreduce_checksums(const Comm* comm, std::vector<uint64_t>& h);
+
 }  // namespace dsv3

@@ -83,17 +83,6 @@ void agree_all(const Comm* comm, const std::string& err, const std::string& what
   throw Error(root_err.empty() ? err : "");
 }
 
-// element-wise sum over the ranks of uint64 values mod 2^64 (as two 32-bit halves: exact)
-void allreduce_u64(const Comm* comm, std::vector<uint64_t>& h) {
-  if (!comm) return;
-  std::vector<int64_t> parts(2 * h.size());
-  for (size_t i = 0; i < h.size(); ++i) {
-    parts[2 * i] = (int64_t)(h[i] & 0xffffffffULL);
-    parts[2 * i + 1] = (int64_t)(h[i] >> 32);
-  }
-  comm->allreduce_sum(GroupKind::world, parts.data(), (int64_t)parts.size());
-  for (size_t i = 0; i < h.size(); ++i) h[i] = (uint64_t)parts[2 * i] + ((uint64_t)parts[2 * i + 1] << 32);
-}
 int64_t allreduce_sum(const Comm* comm, int64_t x) {
   if (comm) comm->allreduce_sum(GroupKind::world, &x, 1);
   return x;
@@ -735,7 +724,7 @@ ConvertStats convert_h5_to_hf(const std::string& ckpt, const std::string& hf_dir
   agree_all(comm, lerr, "writing " + hf_dir);
 
   // every dataset against its checksum (each element was read by one rank)
-  allreduce_u64(comm, sums);
+  allreduce_checksums(comm, sums);
   if (rank == 0) {
     for (size_t pi = 0; pi < table.size() && err.empty(); ++pi) {
       const std::string ds = "/model/" + table[pi].name;
