@@ -3,14 +3,19 @@
 # against the CPU backend, tests/gpu) and the GEMM throughput benchmark of the op layer (dsv3_gpu_bench: cuBLAS FP32
 # SGEMM at hidden-7168 shapes, TFLOP/s), then prints a summary. Budget: < 8 minutes on one H200 (16 cores).
 #   scripts/gpu-check.sh [build dir (default build-gpu)]
-#   env: JOBS (build parallelism, default nproc), BENCH_TOKENS (default 4096), BENCH_SECONDS (per measurement, 0.25)
+#   scripts/gpu-check.sh --prebuilt ARCHIVE   binaries packed elsewhere by scripts/gpu-pack.sh (a GPU node without our
+#                                             build dependencies): no build, the node's own CUDA libraries
+#   env: LOG_DIR (logs; default <build>/gpu-check), SANITIZE=1 (also the op tests under compute-sanitizer memcheck),
+#        JOBS (build parallelism, default nproc), BENCH_TOKENS (default 4096), BENCH_SECONDS (per measurement, 0.25)
 # Worst case by the stage timeouts: 60 + 270 + 60 + 45 + 45 s = 8 min; typically ~3 min (mostly the build).
 # Exit status: 0 all passed, 1 a stage failed, 77 no usable CUDA device (the tests then report SKIPPED).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PREBUILT=
+if [ "${1:-}" = --prebuilt ]; then PREBUILT=$(cd "$(dirname "$2")" && pwd)/$(basename "$2"); shift 2; fi
 BUILD=${1:-$ROOT/build-gpu}
 JOBS=${JOBS:-$(nproc)}
-LOG=$BUILD/gpu-check
+LOG=${LOG_DIR:-$BUILD/gpu-check}
 t_start=$(date +%s)
 mkdir -p "$LOG"
 elapsed() { echo $(( $(date +%s) - t_start ))s; }
@@ -23,35 +28,61 @@ else
 fi
 
 build_status=FAILED tests_status=NOT-RUN bench_status=NOT-RUN
-if ! grep -qE '^[^#]*add_subdirectory\(gpu\)' "$ROOT/tests/CMakeLists.txt"; then
-  echo "gpu-check: tests/CMakeLists.txt does not add tests/gpu (add_subdirectory(gpu))" >&2
-  exit 1
-fi
-echo "== configure + build (log: $LOG/build.log)"
-if timeout 60 cmake -S "$ROOT" -B "$BUILD" -DDSV3_CUDA=ON -DCMAKE_BUILD_TYPE=Release >"$LOG/build.log" 2>&1 &&
-   timeout 270 cmake --build "$BUILD" -j"$JOBS" --target dsv3_gpu_tests dsv3_gpu_bench >>"$LOG/build.log" 2>&1; then
-  build_status=OK
+TESTS_BIN=$BUILD/tests/gpu/dsv3_gpu_tests BENCH_BIN=$BUILD/tests/gpu/dsv3_gpu_bench
+if [ -n "$PREBUILT" ]; then
+  echo "== prebuilt: $PREBUILT"
+  PB=$(mktemp -d)
+  tar -C "$PB" -xzf "$PREBUILT" && build_status=OK
+  TESTS_BIN=$PB/dsv3-gpu/bin/dsv3_gpu_tests BENCH_BIN=$PB/dsv3-gpu/bin/dsv3_gpu_bench
+  # the node's cuBLAS/cudart: the toolkit's, else the pip wheels that PyTorch brings
+  cudalibs=$(for n in libcublas.so.13 libcublasLt.so.13 libcudart.so.13; do
+      find /usr/local/cuda*/ /usr/lib /opt -name "$n" 2>/dev/null | head -1; done | xargs -r -n1 dirname | sort -u | paste -sd:)
+  export LD_LIBRARY_PATH=$PB/dsv3-gpu/lib${cudalibs:+:$cudalibs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  echo "   LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+  ldd "$TESTS_BIN" | grep -E "not found|cublas|cudart" | sed 's/^/   /'
 else
-  tail -30 "$LOG/build.log"
+  if ! grep -qE '^[^#]*add_subdirectory\(gpu\)' "$ROOT/tests/CMakeLists.txt"; then
+    echo "gpu-check: tests/CMakeLists.txt does not add tests/gpu (add_subdirectory(gpu))" >&2
+    exit 1
+  fi
+  echo "== configure + build (log: $LOG/build.log)"
+  if timeout 60 cmake -S "$ROOT" -B "$BUILD" -DDSV3_CUDA=ON -DCMAKE_BUILD_TYPE=Release >"$LOG/build.log" 2>&1 &&
+     timeout 270 cmake --build "$BUILD" -j"$JOBS" --target dsv3_gpu_tests dsv3_gpu_bench >>"$LOG/build.log" 2>&1; then
+    build_status=OK
+  else
+    tail -30 "$LOG/build.log"
+  fi
 fi
 echo "   build: $build_status ($(elapsed))"
 
 if [ "$build_status" = OK ]; then
-  echo "== ctest -L gpu (log: $LOG/ctest.log)"
-  timeout 60 ctest --test-dir "$BUILD" -L gpu --output-on-failure --timeout 50 -j4 >"$LOG/ctest.log" 2>&1
-  ctest_rc=$?
-  grep -E "tests passed|Not Run|Failed|\*\*\*|Skipped" "$LOG/ctest.log" | tail -25
-  # the per-op NMSE table, from one run of the test binary
-  timeout 45 "$BUILD/tests/gpu/dsv3_gpu_tests" >"$LOG/gtest.log" 2>&1
+  if [ -n "$PREBUILT" ]; then
+    echo "== GPU op tests (log: $LOG/gtest.log)"
+    timeout 120 "$TESTS_BIN" >"$LOG/gtest.log" 2>&1
+    ctest_rc=$?
+    grep -E "^\[  (FAILED|PASSED|SKIPPED) |tests ran" "$LOG/gtest.log" | tail -25
+  else
+    echo "== ctest -L gpu (log: $LOG/ctest.log)"
+    timeout 60 ctest --test-dir "$BUILD" -L gpu --output-on-failure --timeout 50 -j4 >"$LOG/ctest.log" 2>&1
+    ctest_rc=$?
+    grep -E "tests passed|Not Run|Failed|\*\*\*|Skipped" "$LOG/ctest.log" | tail -25
+    # the per-op NMSE table, from one run of the test binary
+    timeout 45 "$TESTS_BIN" >"$LOG/gtest.log" 2>&1
+  fi
   grep -E "\[ (NMSE|idx|loss) " "$LOG/gtest.log" >"$LOG/nmse.txt" || true
   n_skip=$(grep -c "\[  SKIPPED \]" "$LOG/gtest.log" || true)
   if [ "$ctest_rc" = 0 ] && [ "${n_skip:-0}" = 0 ]; then tests_status=PASSED
   elif [ "$ctest_rc" = 0 ]; then tests_status="SKIPPED ($(grep -m1 -o 'no CUDA device: .*' "$LOG/gtest.log"))"
   else tests_status=FAILED; fi
+  if [ "${SANITIZE:-0}" = 1 ] && command -v compute-sanitizer >/dev/null; then
+    echo "== compute-sanitizer memcheck (log: $LOG/memcheck.log)"
+    timeout 240 compute-sanitizer --tool memcheck --leak-check no "$TESTS_BIN" >"$LOG/memcheck.log" 2>&1
+    echo "   memcheck rc=$? $(grep -E 'ERROR SUMMARY' "$LOG/memcheck.log" | tail -1)"
+  fi
   echo "   tests: $tests_status ($(elapsed))"
 
   echo "== GEMM benchmark (log: $LOG/bench.log)"
-  timeout 45 "$BUILD/tests/gpu/dsv3_gpu_bench" "${BENCH_TOKENS:-4096}" "${BENCH_SECONDS:-0.25}" >"$LOG/bench.log" 2>&1
+  timeout 60 "$BENCH_BIN" "${BENCH_TOKENS:-4096}" "${BENCH_SECONDS:-0.25}" >"$LOG/bench.log" 2>&1
   bench_rc=$?
   cat "$LOG/bench.log"
   case $bench_rc in 0) bench_status=OK ;; 77) bench_status=SKIPPED ;; 124) bench_status="TIMED OUT" ;; *) bench_status=FAILED ;; esac
