@@ -25,6 +25,7 @@
 #include "parallel/comm.h"
 #include "parallel/context.h"
 #include "pipeline/layout.h"
+#include "plan/planner.h"
 #include "data/gpt_dataset.h"
 #include "optim/schedule.h"
 #include "train/metrics.h"
@@ -51,6 +52,13 @@ std::string human(double n) {
   if (n >= 1e9) std::snprintf(buf, sizeof buf, "%.2fB", n / 1e9);
   else if (n >= 1e6) std::snprintf(buf, sizeof buf, "%.2fM", n / 1e6);
   else std::snprintf(buf, sizeof buf, "%.0f", n);
+  return buf;
+}
+
+// "12.3 TFLOP/s/rank MFU 31.2%" (3 significant digits: a CPU rank makes a few GFLOP/s)
+std::string format_tflops(double tflops, double mfu) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.3g TFLOP/s/rank MFU %.3g%%", tflops, 100 * mfu);
   return buf;
 }
 
@@ -86,7 +94,11 @@ int main(int argc, char** argv) {
   try {
     po::options_description opts("usage: dsv3 DECK [section.key=value ...]\n\noptions");
     opts.add_options()("help,h", "print this help and every deck key")("version", "print the version")(
-        "plan", "print the model's exact parameter counts without running or allocating anything");
+        "plan", "print the plan without running or allocating anything: exact parameter counts, memory per rank of "
+                "each pipeline stage, pipeline bubble, FLOPs per token, step-time estimate (src/plan/planner.h)")(
+        "ranks", po::value<int>(), "with --plan: the world size to plan for (default: the MPI world if > 1, else the "
+                                   "smallest the deck's parallel sizes allow)")(
+        "json", "with --plan: print the plan as JSON");
     const CommandLine cl = parse_command_line(argc, argv, opts);
     const po::variables_map& vm = cl.vm;
     if (vm.count("version")) {
@@ -107,20 +119,16 @@ int main(int argc, char** argv) {
     const Deck deck = read_deck(comm, args[0], std::vector<std::string>(args.begin() + 1, args.end()));
     log::init(comm.rank(), log::parse_level(deck.get<std::string>("log.level")), deck.get<bool>("log.all_ranks"));
     if (vm.count("plan")) {
-      const ModelConfig cfg = model_config_from_deck(deck);
-      const ParamCounts pc = count_params(cfg);
-      if (comm.rank() == 0) {
-        std::printf("model %s\n", cfg.source.c_str());
-        std::printf("  %-34s %18lld  (%s)\n", "parameters, main model", (long long)pc.main, human(pc.main).c_str());
-        std::printf("  %-34s %18lld  (%s)\n", "parameters, MTP module (own)", (long long)pc.mtp, human(pc.mtp).c_str());
-        std::printf("  %-34s %18lld  (%s)\n", "parameters, total unique", (long long)(pc.main + pc.mtp),
-                    human(pc.main + pc.mtp).c_str());
-        std::printf("  %-34s %18lld  (%s)\n", "tensor elements in HF files", (long long)pc.hf_total,
-                    human(pc.hf_total).c_str());
-        std::printf("  %-34s %18lld  (%s)\n", "activated per token (main)", (long long)pc.activated,
-                    human(pc.activated).c_str());
-        std::printf("  %-34s %18lld\n", "expert-bias elements (not trained)", (long long)pc.biases);
+      Plan plan;
+      try {  // model and layout errors are deck errors: one line from rank 0
+        const ModelConfig cfg = model_config_from_deck(deck);
+        const int world = vm.count("ranks") ? vm["ranks"].as<int>()
+                                            : (comm.size() > 1 ? comm.size() : default_plan_world(deck));
+        plan = make_plan(cfg, plan_settings_from_deck(deck, cfg, world));
+      } catch (const Error& e) {
+        throw DeckFailure(comm.rank() == 0 ? e.what() : "");
       }
+      if (comm.rank() == 0) std::cout << (vm.count("json") ? plan_to_json(plan).dump(2) + "\n" : format_plan(plan));
       return 0;
     }
 
@@ -151,7 +159,10 @@ int main(int argc, char** argv) {
                    << cfg.first_k_dense_replace << " dense), hidden " << cfg.hidden_size << ", " << cfg.n_routed_experts
                    << " routed experts top-" << cfg.num_experts_per_tok << "; parameters: main " << pc.main << " ("
                    << human(pc.main) << "), MTP " << pc.mtp << ", activated/token " << human(pc.activated);
+    const int64_t memory_base = memory_rss_bytes();  // the process before any model buffer (MPI, libraries)
     auto be = make_backend(deck.get<std::string>("run.device"), deck.get<int>("run.threads"));
+    // one rank's peak (plan.*) and the model FLOPs of a training sequence (the planner's count): TFLOP/s and MFU
+    const double peak_tflops = plan_settings_from_deck(deck, cfg, comm.size()).device_tflops;
     Model model(cfg, *be, par.ep, par.stage);  // this rank's pipeline stage and experts only
     if (deck.given("model.hf_weights")) {
       DSV3_LOG(info) << "loading weights from " << deck.path("model.hf_weights");
@@ -165,6 +176,7 @@ int main(int argc, char** argv) {
     // at every position (labels = the sample shifted by one).
     const Schedule sched = Schedule::from_deck(deck);
     const int64_t iters = deck.get<int64_t>("train.iters"), S = deck.get<int64_t>("train.seq_length");
+    const double flops_per_sequence = model_flops_per_sequence(cfg, S).total();
     DSV3_CHECK(S <= cfg.max_position_embeddings, "train.seq_length (" << S << ") exceeds max_position_embeddings ("
                                                                       << cfg.max_position_embeddings << ")");
     int64_t total_samples = 0;
@@ -248,6 +260,7 @@ int main(int argc, char** argv) {
       consumed_samples += B;
       const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
       const double tok_s = B * S / dt;
+      const double tflops = flops_per_sequence * B / dt / comm.size() / 1e12, mfu = tflops / peak_tflops;
       // expert-load imbalance per MoE layer: max load / mean load (1 = perfectly balanced)
       nlohmann::json imbalance = nlohmann::json::object();
       double worst = 0;
@@ -261,7 +274,8 @@ int main(int argc, char** argv) {
       if ((it + 1) % log_interval == 0 || it == 0 || it + 1 == iters)
         DSV3_LOG(info) << "iter " << it + 1 << "/" << iters << " | lm " << st.loss.lm << " mtp " << st.loss.mtp
                        << " aux " << st.loss.aux << " | lr " << st.lr << " | grad norm " << st.grad_norm
-                       << (st.clip_coef < 1 ? " (clipped)" : "") << " | " << (int64_t)tok_s << " tok/s | load max/mean "
+                       << (st.clip_coef < 1 ? " (clipped)" : "") << " | " << (int64_t)tok_s << " tok/s "
+                       << format_tflops(tflops, mfu) << " | load max/mean "
                        << worst << " | time compute " << dt - ct.total() << "s ep a2a " << ct.ep << "s pp wait "
                        << ct.pp << "s dp " << ct.dp + ct.edp << "s | ETA "
                        << format_duration(elapsed / (it + 1 - resumed.iteration) * (iters - it - 1));
@@ -277,6 +291,8 @@ int main(int argc, char** argv) {
                      {"bias_update_rate", st.gamma},
                      {"batch_size", B},
                      {"tokens_per_s", tok_s},
+                     {"tflops_per_rank", tflops},
+                     {"mfu", mfu},
                      {"step_s", dt},
                      {"time_ep_alltoall_s", ct.ep},
                      {"time_dp_s", ct.dp + ct.edp},
@@ -286,7 +302,8 @@ int main(int argc, char** argv) {
                      {"consumed_tokens", (double)consumed_samples * S},
                      {"expert_load_max_over_mean", imbalance},
                      {"memory_rss_bytes", memory_rss_bytes()},
-                     {"memory_peak_bytes", memory_peak_bytes()}});
+                     {"memory_peak_bytes", memory_peak_bytes()},
+                     {"memory_base_bytes", memory_base}});
       if (valid_data && ((it + 1) % eval_interval == 0 || it + 1 == iters)) evaluate(it + 1);
       // checkpoint hook: every checkpoint.interval iterations and at the end (train/checkpointing.h)
       // preemption and time limit: all ranks agree to stop after this iteration, save, and exit 0 (the job requeues

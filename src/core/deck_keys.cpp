@@ -210,6 +210,25 @@ const std::vector<KeySpec>& deck_keys() {
        .help = "at the end of the run, write the model as a Hugging Face directory here (empty: no export)"},
       {.name = "checkpoint.export_dtype", .type = T::String, .def = "bf16", .choices = {"bf16", "fp32"},
        .help = "dtype of the HF export"},
+
+      // ---- [plan]: the planner's figures (dsv3 --plan; the TFLOP/s and MFU of the iteration log) -----------
+      {.name = "plan.recompute", .type = T::String, .def = "none", .choices = {"none", "selective", "full"},
+       .help = "activations the planner assumes kept: none (what dsv3 keeps) | selective (no attention "
+               "probabilities) | full (layer inputs only)"},
+      {.name = "plan.device_tflops", .type = T::Float, .def = "989", .min = 0, .min_exclusive = true,
+       .help = "peak TFLOP/s of one GPU (H100/H200 SXM BF16 dense: 989): step-time estimate and MFU on cuda"},
+      {.name = "plan.cpu_core_tflops", .type = T::Float, .def = "0.134", .min = 0, .min_exclusive = true,
+       .help = "peak FP32 TFLOP/s of one CPU core (2.1 GHz x 2 AVX-512 FMA x 16 lanes x 2): MFU on cpu"},
+      {.name = "plan.compute_efficiency", .type = T::Float, .def = "0.5", .min = 0, .min_exclusive = true,
+       .max = 1, .help = "fraction of the peak the kernels reach (the planner's step-time estimate)"},
+      {.name = "plan.device_mem_gib", .type = T::Float, .def = "140", .min = 0, .min_exclusive = true,
+       .help = "memory of one GPU in GiB (H200: 140; H100: 79.6): stages above it do not fit"},
+      {.name = "plan.net_gbps", .type = T::Float, .def = "400", .min = 0, .min_exclusive = true,
+       .help = "inter-node bandwidth per GPU, Gbit/s each way (one 400G NDR InfiniBand NIC per GPU)"},
+      {.name = "plan.nvlink_gbps", .type = T::Float, .def = "3600", .min = 0, .min_exclusive = true,
+       .help = "intra-node bandwidth per GPU, Gbit/s each way (H100/H200 NVLink 4: 450 GB/s)"},
+      {.name = "plan.gpus_per_node", .type = T::Int, .def = "8", .min = 1,
+       .help = "GPUs per node: groups within one node use plan.nvlink_gbps, others plan.net_gbps"},
   };
   return keys;
 }
