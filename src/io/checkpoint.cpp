@@ -3,12 +3,15 @@
 #include <fcntl.h>
 #include <hdf5.h>
 #include <mpi.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -77,6 +80,14 @@ struct H5Id {
   H5Id(hid_t i, herr_t (*c)(hid_t)) : id(i), closer(c) {}
   H5Id(const H5Id&) = delete;
   H5Id& operator=(const H5Id&) = delete;
+  H5Id& operator=(H5Id&& o) noexcept {
+    if (this != &o) {
+      reset();
+      id = o.release();
+      closer = o.closer;
+    }
+    return *this;
+  }
   ~H5Id() { reset(); }
   void reset() {
     if (id >= 0 && closer) closer(id);
@@ -275,6 +286,11 @@ void put_attr_u64(hid_t obj, const char* name, uint64_t v, const std::string& pa
          H5Aclose);
   H5_CHECK(H5Awrite(a, H5T_NATIVE_UINT64, &v), path, "dataset " << ds << " attribute " << name);
 }
+// Overwrites an existing attribute in place (no new metadata: it cannot run out of space).
+void set_attr_u64(hid_t obj, const char* name, uint64_t v, const std::string& path, const std::string& ds) {
+  H5Id a(H5_CHECK(H5Aopen(obj, name, H5P_DEFAULT), path, "dataset " << ds << " attribute " << name), H5Aclose);
+  H5_CHECK(H5Awrite(a, H5T_NATIVE_UINT64, &v), path, "dataset " << ds << " attribute " << name);
+}
 void put_attr_f64(hid_t obj, const char* name, double v, const std::string& path) {
   H5Id sp(H5_CHECK(H5Screate(H5S_SCALAR), path, "attribute " << name), H5Sclose);
   H5Id a(H5_CHECK(H5Acreate2(obj, name, H5T_IEEE_F64LE, sp, H5P_DEFAULT, H5P_DEFAULT), path, "attribute " << name),
@@ -378,6 +394,20 @@ void agree(const Comm* comm, const std::string& err, const std::string& what) {
   throw Error(root_err.empty() ? err : "");
 }
 
+// The message of the lowest rank that failed, on every rank ("" when none failed), " (on rank k)" added when that
+// is not rank 0. Collective.
+std::string first_error(const Comm* comm, const std::string& err) {
+  if (!comm) return err;
+  std::vector<int64_t> failed(comm->size(), 0);
+  failed[comm->rank()] = err.empty() ? 0 : 1;
+  comm->allreduce_sum(GroupKind::world, failed.data(), (int64_t)failed.size());
+  const int r = (int)(std::find(failed.begin(), failed.end(), 1) - failed.begin());
+  if (r == comm->size()) return "";
+  std::string e = err;
+  comm->bcast_string(e, r);
+  return r == 0 ? e : e + " (on rank " + std::to_string(r) + ")";
+}
+
 int64_t iteration_of(const std::string& name) {
   static const std::regex re(R"(^iter_(\d+)\.h5$)");
   std::smatch m;
@@ -407,6 +437,105 @@ void prune(const std::string& dir, int64_t keep) {
       if (!ec2) DSV3_LOG(info) << "deleted unfinished checkpoint " << e.path().string();
     }
   }
+}
+
+// "13.0 MiB", "48.0 KiB"
+std::string size_text(double bytes) {
+  std::ostringstream o;
+  o.setf(std::ios::fixed);
+  o.precision(1);
+  if (bytes < 1048576.0) o << bytes / 1024.0 << " KiB";
+  else o << bytes / 1048576.0 << " MiB";
+  return o.str();
+}
+
+// Bytes the file system holding dir can still give this process (-1: unknown).
+int64_t free_bytes(const std::string& dir) {
+  struct statvfs s {};
+  if (::statvfs(dir.c_str(), &s) != 0) return -1;
+  return (int64_t)s.f_bavail * (int64_t)s.f_frsize;
+}
+
+// Rank 0, after every rank wrote and closed tmp_path: fsync, rename onto final_path, then `latest` (written as
+// latest.tmp, fsynced, renamed), then prune. On failure latest.tmp is deleted and `latest` still names the previous
+// checkpoint (a renamed complete file that `latest` does not name is harmless: auto resume tries `latest` first).
+// Returns the final file's size.
+int64_t publish(const std::string& dir, const std::string& tmp_path, const std::string& final_path, int64_t iteration,
+                int64_t keep) {
+  fsync_path(tmp_path, false);
+  rename_durable(tmp_path, final_path);
+  const std::string lt = (fs::path(dir) / "latest.tmp").string();
+  try {
+    {
+      std::ofstream out(lt, std::ios::trunc);
+      out << checkpoint_file_name(iteration) << "\n";
+      out.flush();
+      const int err = errno;
+      DSV3_CHECK(out.good(), "checkpoint " << lt << ": cannot write: " << std::strerror(err));
+      out.close();
+      const int err2 = errno;
+      DSV3_CHECK(!out.fail(), "checkpoint " << lt << ": cannot close: " << std::strerror(err2));
+    }
+    fsync_path(lt, false);
+    rename_durable(lt, (fs::path(dir) / "latest").string());
+  } catch (...) {
+    std::error_code ec;
+    fs::remove(lt, ec);
+    throw;
+  }
+  const int64_t bytes = (int64_t)fs::file_size(final_path);
+  if (keep >= 0) prune(dir, keep);
+  return bytes;
+}
+
+// The one error line of a failed save, from what abandon_file returned and the first failing rank's error.
+std::string failed_save_message(const std::string& final_path, const std::string& why, const std::string& err) {
+  if (why.rfind("No space", 0) == 0) return "checkpoint " + final_path + ": " + why + " (" + err + ")";
+  return err + "; " + why;
+}
+
+// After a failed write, with `file` still open on every rank (datasets closed): frees the partial file's space
+// (rank 0 truncates it to 0 bytes, so that the metadata HDF5 writes when closing fits even on a full file system),
+// closes it, deletes it, and returns what became of it for the error message ("the partial file is deleted and
+// `latest` still names iter_0000002.h5"), led by "No space left on device: ..." when the file system lacks the
+// checkpoint's size. Collective.
+// HDF5 1.10 frees a file whose H5Fclose fails but keeps its identifier, and crashes at exit closing it again
+// (H5F__close_cb, seen with a full disk): a file whose metadata cannot be flushed is therefore left open, and HDF5
+// closes it at exit, where the failure is harmless.
+std::string abandon_file(const Comm* comm, hid_t file, const std::string& tmp_path, const std::string& dir,
+                         int64_t need_bytes, int64_t keep) {
+  const bool root = !comm || comm->rank() == 0;
+  if (root && ::truncate(tmp_path.c_str(), 0) != 0) {
+    const int e = errno;
+    if (e != ENOENT)
+      DSV3_LOG(warning) << "checkpoint " << tmp_path << ": cannot truncate the partial file: " << std::strerror(e);
+  }
+  if (comm) comm->barrier();
+  bool flushed = H5Fflush(file, H5F_SCOPE_GLOBAL) >= 0;
+  if (comm) flushed = !comm->any(!flushed);
+  if (flushed) H5Fclose(file);
+  H5Eclear2(H5E_DEFAULT);
+  std::string why;
+  if (root) {
+    std::error_code ec;
+    fs::remove(tmp_path, ec);
+    std::ostringstream o;
+    const int64_t avail = free_bytes(dir);
+    if (avail >= 0 && avail < need_bytes) {
+      o << "No space left on device: the checkpoint needs about " << size_text((double)need_bytes)
+        << " and the file system of " << dir << " has " << size_text((double)avail) << " free";
+      if (keep > 0)
+        o << " (checkpoint.keep = " << keep << ": old checkpoints are deleted only after a new one is complete)";
+      o << "; ";
+    }
+    if (ec) o << "the partial file could not be deleted (" << ec.message() << ")";
+    else o << "the partial file is deleted";
+    const auto latest = read_latest(dir);
+    o << " and `latest` " << (latest ? "still names " + fs::path(*latest).filename().string() : "does not exist");
+    why = o.str();
+  }
+  if (comm) comm->bcast_string(why);
+  return why;
 }
 
 }  // namespace
@@ -532,11 +661,23 @@ SaveResult save_checkpoint(const std::string& dir, const Comm* comm, const Param
     sums[i] = checkpoint_checksum(plan.jobs[i].mem, plan.jobs[i].n, plan.jobs[i].global0);
   allreduce_checksums(comm, sums);
 
+  // The metadata (attributes, groups, every dataset with its checksum) is created and flushed before any data, so
+  // that a write failing for lack of space leaves no dirty metadata behind and the file can still be closed.
+  int64_t need_bytes = 0;
+  for (const Job& j : plan.jobs) need_bytes += j.numel * 4;
+  H5Id file;
   try {
     H5Id fapl(make_fapl(comm, tmp_path), H5Pclose);
-    H5Id dxpl(make_dxpl(comm, tmp_path), H5Pclose);
-    H5Id file(H5_CHECK(H5Fcreate(tmp_path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl), tmp_path, "creating the file"),
-              H5Fclose);
+    file = H5Id(H5_CHECK(H5Fcreate(tmp_path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl), tmp_path, "creating the file"),
+                H5Fclose);
+  } catch (const std::exception& e) {
+    err = e.what();
+  }
+  agree(comm, err, "creating checkpoint " + tmp_path);
+  H5Id dxpl;
+  std::deque<H5Id> dsets;  // one per job, open until the end
+  try {
+    dxpl = H5Id(make_dxpl(comm, tmp_path), H5Pclose);
     put_attr_i64(file, "format_version", kFormatVersion, tmp_path);
     put_attr_str(file, "dsv3_version", DSV3_VERSION, tmp_path);
     put_attr_i64(file, "iteration", state.iteration, tmp_path);
@@ -566,15 +707,45 @@ SaveResult save_checkpoint(const std::string& dir, const Comm* comm, const Param
       H5_CHECK(H5Pset_layout(dcpl, H5D_CONTIGUOUS), tmp_path, "dataset " << j.name);
       H5_CHECK(H5Pset_fill_time(dcpl, H5D_FILL_TIME_NEVER), tmp_path, "dataset " << j.name);
       H5_CHECK(H5Pset_obj_track_times(dcpl, false), tmp_path, "dataset " << j.name);  // same data, same bytes
-      H5Id dset(H5_CHECK(H5Dcreate2(file, j.name.c_str(), H5T_IEEE_F32LE, space, H5P_DEFAULT, dcpl, H5P_DEFAULT),
-                         tmp_path, "creating dataset " << j.name),
-                H5Dclose);
-      put_attr_u64(dset, "checksum", sums[i], tmp_path, j.name);
-      transfer(true, dset, dxpl, j, tmp_path);
+      dsets.emplace_back(H5_CHECK(H5Dcreate2(file, j.name.c_str(), H5T_IEEE_F32LE, space, H5P_DEFAULT, dcpl,
+                                             H5P_DEFAULT),
+                                  tmp_path, "creating dataset " << j.name),
+                         H5Dclose);
+      put_attr_u64(dsets.back(), "checksum", sums[i], tmp_path, j.name);
     }
-    H5_CHECK(H5Fflush(file, H5F_SCOPE_GLOBAL), tmp_path, "flushing the file");
+    H5_CHECK(H5Fflush(file, H5F_SCOPE_GLOBAL), tmp_path, "flushing the metadata");
+  } catch (const std::exception& e) {
+    err = e.what();
+  }
+  // Every rank leaves the loop at the same dataset: a collective write may fail on one rank only (the MPI-IO
+  // aggregator that hit the full disk), and the others must not go on to the next collective call alone.
+  bool failed = comm ? comm->any(!err.empty()) : !err.empty();
+  for (size_t i = 0; i < plan.jobs.size() && !failed; ++i) {
+    try {
+      transfer(true, dsets[i], dxpl, plan.jobs[i], tmp_path);
+    } catch (const std::exception& e) {
+      err = e.what();
+    }
+    failed = comm ? comm->any(!err.empty()) : !err.empty();
+  }
+  if (!failed) {
+    try {
+      dsets.clear();
+      H5_CHECK(H5Fflush(file, H5F_SCOPE_GLOBAL), tmp_path, "flushing the file");
+    } catch (const std::exception& e) {
+      err = e.what();
+    }
+    failed = comm ? comm->any(!err.empty()) : !err.empty();
+  }
+  if (failed) {
+    dsets.clear();
+    const std::string why = abandon_file(comm, file.release(), tmp_path, dir, need_bytes, keep);
+    // one line, printed by rank 0, whichever rank failed (main prints no empty message)
+    const std::string msg = failed_save_message(final_path, why, first_error(comm, err));
+    throw Error(root ? msg : "");
+  }
+  try {
     H5_CHECK(H5Fclose(file.release()), tmp_path, "closing the file");
-    err.clear();
   } catch (const std::exception& e) {
     err = e.what();
   }
@@ -585,19 +756,7 @@ SaveResult save_checkpoint(const std::string& dir, const Comm* comm, const Param
   res.path = final_path;
   if (root) {
     try {
-      fsync_path(tmp_path, false);
-      rename_durable(tmp_path, final_path);
-      const std::string lt = (fs::path(dir) / "latest.tmp").string();
-      {
-        std::ofstream out(lt, std::ios::trunc);
-        out << checkpoint_file_name(state.iteration) << "\n";
-        out.flush();
-        DSV3_CHECK(out.good(), "checkpoint " << lt << ": cannot write");
-      }
-      fsync_path(lt, false);
-      rename_durable(lt, (fs::path(dir) / "latest").string());
-      res.bytes = (int64_t)fs::file_size(final_path);
-      prune(dir, keep);
+      res.bytes = publish(dir, tmp_path, final_path, state.iteration, keep);
     } catch (const std::exception& e) {
       err = e.what();
     }
@@ -898,6 +1057,13 @@ CheckpointFileWriter::CheckpointFileWriter(const std::string& dir, const Comm* c
   try {
     H5Id fapl(make_fapl(comm, tmp_path_), H5Pclose);
     file_ = H5_CHECK(H5Fcreate(tmp_path_.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl), tmp_path_, "creating the file");
+  } catch (const std::exception& e) {
+    err = e.what();
+  }
+  agree(comm, err, "creating checkpoint " + tmp_path_);
+  // All metadata, the checksum attributes included (0 until finish() overwrites them in place), is created and
+  // flushed before any data, so that a write failing for lack of space leaves no dirty metadata behind.
+  try {
     H5Id dxpl(H5_CHECK(H5Pcreate(H5P_DATASET_XFER), tmp_path_, "transfer properties"), H5Pclose);
     if (comm) H5_CHECK(H5Pset_dxpl_mpio(dxpl, H5FD_MPIO_INDEPENDENT), tmp_path_, "independent transfers");
     dxpl_ = dxpl.release();
@@ -939,12 +1105,34 @@ CheckpointFileWriter::CheckpointFileWriter(const std::string& dir, const Comm* c
       H5_CHECK(H5Pset_obj_track_times(dcpl, false), p, "dataset " << d.name);
       dsets_[i] = H5_CHECK(H5Dcreate2(file_, d.name.c_str(), H5T_IEEE_F32LE, space, H5P_DEFAULT, dcpl, H5P_DEFAULT),
                            p, "creating dataset " << d.name);
+      put_attr_u64(dsets_[i], "checksum", 0, p, d.name);
     }
+    H5_CHECK(H5Fflush(file_, H5F_SCOPE_GLOBAL), p, "flushing the metadata");
   } catch (const std::exception& e) {
     err = e.what();
   }
-  if (!err.empty()) close_all();
-  agree(comm, err, "creating checkpoint " + tmp_path_);
+  if (comm ? comm->any(!err.empty()) : !err.empty()) abandon(err);
+}
+
+int64_t CheckpointFileWriter::data_bytes() const {
+  int64_t bytes = 0;
+  for (const CheckpointDataset& d : datasets_) {
+    int64_t n = 4;
+    for (int64_t s : d.shape) n *= s;
+    bytes += n;
+  }
+  return bytes;
+}
+
+void CheckpointFileWriter::abandon(std::string err) {
+  for (int64_t& d : dsets_)
+    if (d >= 0) H5Dclose(d), d = -1;
+  if (dxpl_ >= 0) H5Pclose(dxpl_), dxpl_ = -1;
+  const hid_t f = file_;
+  file_ = -1;
+  const std::string why = abandon_file(comm_, f, tmp_path_, dir_, data_bytes(), 0);
+  const std::string msg = failed_save_message(final_path_, why, first_error(comm_, err));
+  throw Error(!comm_ || comm_->rank() == 0 ? msg : "");
 }
 
 void CheckpointFileWriter::close_all() noexcept {
@@ -972,20 +1160,23 @@ void CheckpointFileWriter::write(size_t i, int64_t first, int64_t n, const float
 
 SaveResult CheckpointFileWriter::finish(const std::string& local_error) {
   const bool root = !comm_ || comm_->rank() == 0;
-  try {
-    agree(comm_, local_error, "writing checkpoint " + tmp_path_);
-  } catch (...) {
-    close_all();
-    throw;
+  DSV3_CHECK(file_ >= 0, "checkpoint " << tmp_path_ << ": finish() called twice");
+  std::string err = local_error;
+  bool failed = comm_ ? comm_->any(!err.empty()) : !err.empty();
+  if (!failed) {
+    allreduce_checksums(comm_, sums_);
+    try {
+      for (size_t i = 0; i < datasets_.size(); ++i)
+        set_attr_u64(dsets_[i], "checksum", sums_[i], tmp_path_, datasets_[i].name);
+      for (int64_t& d : dsets_) H5_CHECK(H5Dclose(d), tmp_path_, "closing a dataset"), d = -1;
+      H5_CHECK(H5Fflush(file_, H5F_SCOPE_GLOBAL), tmp_path_, "flushing the file");
+    } catch (const std::exception& e) {
+      err = e.what();
+    }
+    failed = comm_ ? comm_->any(!err.empty()) : !err.empty();
   }
-  allreduce_checksums(comm_, sums_);
-  std::string err;
+  if (failed) abandon(err);
   try {
-    DSV3_CHECK(file_ >= 0, "checkpoint " << tmp_path_ << ": finish() called twice");
-    for (size_t i = 0; i < datasets_.size(); ++i) put_attr_u64(dsets_[i], "checksum", sums_[i], tmp_path_,
-                                                               datasets_[i].name);
-    for (int64_t& d : dsets_) H5_CHECK(H5Dclose(d), tmp_path_, "closing a dataset"), d = -1;
-    H5_CHECK(H5Fflush(file_, H5F_SCOPE_GLOBAL), tmp_path_, "flushing the file");
     const hid_t f = file_;
     file_ = -1;
     H5_CHECK(H5Fclose(f), tmp_path_, "closing the file");
@@ -998,18 +1189,7 @@ SaveResult CheckpointFileWriter::finish(const std::string& local_error) {
   res.path = final_path_;
   if (root) {
     try {
-      fsync_path(tmp_path_, false);
-      rename_durable(tmp_path_, final_path_);
-      const std::string lt = (fs::path(dir_) / "latest.tmp").string();
-      {
-        std::ofstream out(lt, std::ios::trunc);
-        out << checkpoint_file_name(iteration_) << "\n";
-        out.flush();
-        DSV3_CHECK(out.good(), "checkpoint " << lt << ": cannot write");
-      }
-      fsync_path(lt, false);
-      rename_durable(lt, (fs::path(dir_) / "latest").string());
-      res.bytes = (int64_t)fs::file_size(final_path_);
+      res.bytes = publish(dir_, tmp_path_, final_path_, iteration_, /*keep: no pruning*/ -1);
     } catch (const std::exception& e) {
       err = e.what();
     }

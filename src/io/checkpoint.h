@@ -77,7 +77,10 @@ std::string checkpoint_file_name(int64_t iteration);
 // Writes DIR/iter_<iteration>.h5 atomically, then updates DIR/latest, then (keep > 0) deletes all but the newest
 // `keep` checkpoints (never the one `latest` names). opt null: no /optim group (a weights-only file). Collective.
 // Logs the path, size, time and bandwidth (rank 0). Throws dsv3::Error on every rank on failure; the previous
-// checkpoint and `latest` are then untouched.
+// checkpoint and `latest` are then untouched and the partial .tmp file is deleted. A full file system (or quota)
+// gives one line: "checkpoint DIR/iter_0000123.h5: No space left on device: the checkpoint needs about N MiB and
+// the file system of DIR has M MiB free ...; the partial file is deleted and `latest` still names ... (the HDF5
+// error)". Space: old checkpoints are pruned only after the new one is complete, so DIR needs room for keep + 1.
 SaveResult save_checkpoint(const std::string& dir, const Comm* comm, const Params& params, const AdamW* opt,
                            const TrainState& state, const std::string& deck_text, const std::string& layout,
                            int64_t keep = 0);
@@ -151,9 +154,9 @@ class CheckpointFileWriter {
   // Elements [first, first + n) (global row-major index) of dataset i. Every element must be written exactly once,
   // by one rank: the dataset's checksum is the sum of what the ranks wrote.
   void write(size_t i, int64_t first, int64_t n, const float* x);
-  // Collective. local_error: this rank's failure ("" = none); when any rank failed, every rank throws (the .tmp is
-  // left). Otherwise adds the ranks' checksums and stores them, closes, fsyncs and renames the file onto
-  // iter_<iteration>.h5, then writes DIR/latest (rank 0).
+  // Collective. local_error: this rank's failure ("" = none); when any rank failed, every rank throws and the .tmp
+  // is deleted (as by save_checkpoint). Otherwise adds the ranks' checksums and stores them, closes, fsyncs and
+  // renames the file onto iter_<iteration>.h5, then writes DIR/latest (rank 0).
   SaveResult finish(const std::string& local_error = "");
   const std::string& path() const { return final_path_; }
 
@@ -167,6 +170,8 @@ class CheckpointFileWriter {
   int64_t file_ = -1, dxpl_ = -1;
   double t0_ = 0;
   void close_all() noexcept;
+  int64_t data_bytes() const;
+  [[noreturn]] void abandon(std::string err);  // collective: delete the partial file, throw err (+ why) everywhere
 };
 
 // Serial read-only access to one checkpoint file without a model (any process, no communication).
