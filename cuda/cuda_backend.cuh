@@ -25,6 +25,9 @@ bool cuda_device_usable(std::string* reason);
 int cuda_select_device(int hint, int device_count);
 // make_backend("cuda"): a CudaBackend on cuda_select_device(hint); dsv3::Error with the reason when no device.
 std::unique_ptr<Backend> make_cuda_backend(int device_hint);
+// make_backend("cuda") today: the same ops on host pointers, each op copying its operands to the device and back
+// (cuda/host_staged.cu), so that the host-memory model runs on the GPU's kernels; dsv3::Error when no device.
+std::unique_ptr<Backend> make_host_staged_cuda_backend(int device_hint);
 
 class CudaBackend final : public Backend {
  public:
@@ -41,6 +44,10 @@ class CudaBackend final : public Backend {
   // blocks fit in this many bytes (at least one head at a time). Default 1 GiB.
   void set_attention_chunk_bytes(size_t bytes) { attn_chunk_bytes_ = bytes; }
 
+  // C (FP32) = alpha op(A) op(B) + beta C with A, B already BF16 (__nv_bfloat16, row-major, as the gemm_* ops):
+  // tensor cores, FP32 accumulation. What a model holding BF16 weights calls; the benchmark times it.
+  void gemm_bf16(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha, const void* A, int64_t lda,
+                 const void* B, int64_t ldb, float beta, float* C, int64_t ldc);
   void gemm_nt(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B, int64_t ldb,
                float beta, float* C, int64_t ldc) override;
   void gemm_nn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B, int64_t ldb,
@@ -79,6 +86,9 @@ class CudaBackend final : public Backend {
                                int64_t* count, float* lse = nullptr) override;
 
  private:
+  // every gemm_*: FP32 SGEMM, or in BF16 matmul mode both operands rounded to BF16 in scratch and gemm_bf16
+  void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+            const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
   // device scratch of at least `bytes` (grown on demand, kept; one op uses it at a time, on stream_)
   void* scratch(size_t bytes);
 

@@ -1,8 +1,15 @@
-// defines: CudaBackend::gemm_nt / gemm_nn / gemm_tn — cuBLAS FP32 SGEMM on row-major operands.
+// defines: CudaBackend::gemm_nt / gemm_nn / gemm_tn — cuBLAS FP32 SGEMM on row-major operands; in BF16 matmul mode
+// (Backend::set_bf16_matmul) both operands are rounded to BF16 in scratch and cublasGemmEx multiplies them on the
+// tensor cores with FP32 accumulation into the FP32 C. CudaBackend::gemm_bf16 takes operands already in BF16.
 // Row-major X (r, c) with leading dimension ld is, to column-major cuBLAS, X^T (c, r) with the same ld. So the
 // row-major C = op(A) op(B) is computed as the column-major C^T = op(B)^T op(A)^T: B first, M and N swapped.
+#include <cuda_bf16.h>
+
+#include <algorithm>
+
 #include "cuda_backend.cuh"
 #include "cuda_check.cuh"
+#include "kernel_utils.cuh"
 
 namespace dsv3 {
 
@@ -19,24 +26,65 @@ void sgemm_rowmajor(cublasHandle_t h, bool transA, bool transB, int64_t M, int64
                                 to_int(ldb, "gemm ldb"), A, to_int(lda, "gemm lda"), &beta, C,
                                 to_int(ldc, "gemm ldc")));
 }
+// the BF16 form of the same call: A, B are __nv_bfloat16 with the same leading dimensions, C FP32
+void bf16gemm_rowmajor(cublasHandle_t h, bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha,
+                       const void* A, int64_t lda, const void* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  using cuda::to_int;
+  const cublasOperation_t opB = transB ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cublasOperation_t opA = transA ? CUBLAS_OP_T : CUBLAS_OP_N;
+  DSV3_CUBLAS_CHECK(cublasGemmEx(h, opB, opA, to_int(N, "gemm N"), to_int(M, "gemm M"), to_int(K, "gemm K"), &alpha, B,
+                                 CUDA_R_16BF, to_int(ldb, "gemm ldb"), A, CUDA_R_16BF, to_int(lda, "gemm lda"), &beta,
+                                 C, CUDA_R_32F, to_int(ldc, "gemm ldc"), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+__global__ void to_bf16_kernel(const float* __restrict__ x, int64_t n, __nv_bfloat16* __restrict__ y) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    y[i] = __float2bfloat16_rn(x[i]);
+}
+
+size_t extent(int64_t rows, int64_t cols, int64_t ld) { return rows && cols ? (size_t)((rows - 1) * ld + cols) : 0; }
 }  // namespace
+
+void CudaBackend::gemm_bf16(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha, const void* A,
+                            int64_t lda, const void* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  bf16gemm_rowmajor(cublas_, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+void CudaBackend::gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                       const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (!bf16_matmul_) return sgemm_rowmajor(cublas_, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  if (M == 0 || N == 0) return;
+  // the stored extents of A (M,K or K,M) and B (K,N or N,K), rounded to BF16 with the same leading dimensions
+  const size_t na = extent(ta ? K : M, ta ? M : K, lda), nb = extent(tb ? N : K, tb ? K : N, ldb);
+  const size_t na_pad = (na + 127) / 128 * 128;  // B starts 256-byte aligned
+  auto* a16 = static_cast<__nv_bfloat16*>(scratch(sizeof(__nv_bfloat16) * (na_pad + nb)));
+  __nv_bfloat16* b16 = a16 + na_pad;
+  const unsigned grid_a = (unsigned)std::min<size_t>((na + cuda::kBlock - 1) / cuda::kBlock, 65535);
+  const unsigned grid_b = (unsigned)std::min<size_t>((nb + cuda::kBlock - 1) / cuda::kBlock, 65535);
+  if (na) to_bf16_kernel<<<grid_a, cuda::kBlock, 0, stream_>>>(A, (int64_t)na, a16);
+  DSV3_CUDA_LAUNCH_CHECK();
+  if (nb) to_bf16_kernel<<<grid_b, cuda::kBlock, 0, stream_>>>(B, (int64_t)nb, b16);
+  DSV3_CUDA_LAUNCH_CHECK();
+  bf16gemm_rowmajor(cublas_, ta, tb, M, N, K, alpha, a16, lda, b16, ldb, beta, C, ldc);
+}
 
 // C(M,N) = alpha A(M,K) B(N,K)^T + beta C
 void CudaBackend::gemm_nt(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
                           int64_t ldb, float beta, float* C, int64_t ldc) {
-  sgemm_rowmajor(cublas_, false, true, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  gemm(false, true, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 // C(M,N) = alpha A(M,K) B(K,N) + beta C
 void CudaBackend::gemm_nn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
                           int64_t ldb, float beta, float* C, int64_t ldc) {
-  sgemm_rowmajor(cublas_, false, false, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  gemm(false, false, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 // C(M,N) = alpha A(K,M)^T B(K,N) + beta C
 void CudaBackend::gemm_tn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
                           int64_t ldb, float beta, float* C, int64_t ldc) {
-  sgemm_rowmajor(cublas_, true, false, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  gemm(true, false, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 }  // namespace dsv3

@@ -7,7 +7,9 @@
 #                                             build dependencies): no build, the node's own CUDA libraries
 #   env: LOG_DIR (logs; default <build>/gpu-check), SANITIZE=1 (also the op tests under compute-sanitizer memcheck),
 #        JOBS (build parallelism, default nproc), BENCH_TOKENS (default 4096), BENCH_SECONDS (per measurement, 0.25)
-# Worst case by the stage timeouts: 60 + 270 + 60 + 45 + 45 s = 8 min; typically ~3 min (mostly the build).
+# Then the model on the CUDA backend (tests/gpu/cuda_model.sh, part of ctest -L gpu) and the proxy training benchmark
+# (input/bench-gpu-proxy.deck: the real hidden size and head dims, 2 layers; tokens/s, TFLOP/s, MFU).
+# Worst case by the stage timeouts is above 8 minutes; typically ~4 min with the build, ~3 min prebuilt.
 # Exit status: 0 all passed, 1 a stage failed, 77 no usable CUDA device (the tests then report SKIPPED).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -27,13 +29,13 @@ else
   echo "(no nvidia-smi)"
 fi
 
-build_status=FAILED tests_status=NOT-RUN bench_status=NOT-RUN
-TESTS_BIN=$BUILD/tests/gpu/dsv3_gpu_tests BENCH_BIN=$BUILD/tests/gpu/dsv3_gpu_bench
+build_status=FAILED tests_status=NOT-RUN bench_status=NOT-RUN model_status="(in ctest -L gpu)" proxy_status=NOT-RUN
+TESTS_BIN=$BUILD/tests/gpu/dsv3_gpu_tests BENCH_BIN=$BUILD/tests/gpu/dsv3_gpu_bench BIN_DIR=$BUILD
 if [ -n "$PREBUILT" ]; then
   echo "== prebuilt: $PREBUILT"
   PB=$(mktemp -d)
   tar -C "$PB" -xzf "$PREBUILT" && build_status=OK
-  TESTS_BIN=$PB/dsv3-gpu/bin/dsv3_gpu_tests BENCH_BIN=$PB/dsv3-gpu/bin/dsv3_gpu_bench
+  TESTS_BIN=$PB/dsv3-gpu/bin/dsv3_gpu_tests BENCH_BIN=$PB/dsv3-gpu/bin/dsv3_gpu_bench BIN_DIR=$PB/dsv3-gpu/bin
   # the node's cuBLAS/cudart: the toolkit's, else the pip wheels that PyTorch brings
   cudalibs=$(for n in libcublas.so.13 libcublasLt.so.13 libcudart.so.13; do
       find /usr/local/cuda*/ /usr/lib /opt -name "$n" 2>/dev/null | head -1; done | xargs -r -n1 dirname | sort -u | paste -sd:)
@@ -47,7 +49,7 @@ else
   fi
   echo "== configure + build (log: $LOG/build.log)"
   if timeout 60 cmake -S "$ROOT" -B "$BUILD" -DDSV3_CUDA=ON -DCMAKE_BUILD_TYPE=Release >"$LOG/build.log" 2>&1 &&
-     timeout 270 cmake --build "$BUILD" -j"$JOBS" --target dsv3_gpu_tests dsv3_gpu_bench >>"$LOG/build.log" 2>&1; then
+     timeout 270 cmake --build "$BUILD" -j"$JOBS" --target dsv3_gpu_tests dsv3_gpu_bench dsv3 dsv3-golden dsv3-preprocess >>"$LOG/build.log" 2>&1; then
     build_status=OK
   else
     tail -30 "$LOG/build.log"
@@ -63,7 +65,7 @@ if [ "$build_status" = OK ]; then
     grep -E "^\[  (FAILED|PASSED|SKIPPED) |tests ran" "$LOG/gtest.log" | tail -25
   else
     echo "== ctest -L gpu (log: $LOG/ctest.log)"
-    timeout 60 ctest --test-dir "$BUILD" -L gpu --output-on-failure --timeout 50 -j4 >"$LOG/ctest.log" 2>&1
+    timeout 480 ctest --test-dir "$BUILD" -L gpu --output-on-failure --timeout 450 -j4 >"$LOG/ctest.log" 2>&1
     ctest_rc=$?
     grep -E "tests passed|Not Run|Failed|\*\*\*|Skipped" "$LOG/ctest.log" | tail -25
     # the per-op NMSE table, from one run of the test binary
@@ -87,6 +89,24 @@ if [ "$build_status" = OK ]; then
   cat "$LOG/bench.log"
   case $bench_rc in 0) bench_status=OK ;; 77) bench_status=SKIPPED ;; 124) bench_status="TIMED OUT" ;; *) bench_status=FAILED ;; esac
   echo "   bench: $bench_status ($(elapsed))"
+
+  # the model on the CUDA backend (golden FP32, BF16 vs CPU, training vs CPU); under ctest -L gpu already when built
+  if [ -n "$PREBUILT" ]; then
+    echo "== model on the CUDA backend (log: $LOG/cuda_model.log)"
+    DSV3_NO_MPI=1 timeout 420 bash "$ROOT/tests/gpu/cuda_model.sh" "$BIN_DIR" "$ROOT" >"$LOG/cuda_model.log" 2>&1
+    model_rc=$?
+    cat "$LOG/cuda_model.log"
+    case $model_rc in 0) model_status=PASSED ;; 77) model_status=SKIPPED ;; 124) model_status="TIMED OUT" ;; *) model_status=FAILED ;; esac
+    echo "   model: $model_status ($(elapsed))"
+  fi
+
+  echo "== proxy training benchmark: input/bench-gpu-proxy.deck (log: $LOG/proxy.log)"
+  (cd "$ROOT/input" && DSV3_NO_MPI=1 OMP_NUM_THREADS=$JOBS timeout 240 "$BIN_DIR/dsv3" bench-gpu-proxy.deck \
+     log.metrics="$LOG/proxy.jsonl") >"$LOG/proxy.log" 2>&1
+  proxy_rc=$?
+  grep -E "iter |done|error" "$LOG/proxy.log" | tail -6
+  case $proxy_rc in 0) proxy_status=OK ;; 124) proxy_status="TIMED OUT" ;; *) proxy_status=FAILED ;; esac
+  echo "   proxy: $proxy_status ($(elapsed))"
 fi
 
 echo
@@ -96,10 +116,15 @@ echo "tests : $tests_status"
 [ -s "$LOG/nmse.txt" ] && sed 's/^/        /' "$LOG/nmse.txt"
 echo "bench : $bench_status"
 grep -E "best .* TFLOP/s" "$LOG/bench.log" 2>/dev/null | sed 's/^/        /'
+echo "model : $model_status"
+grep -E "^(PASS|FAIL)" "$LOG/cuda_model.log" 2>/dev/null | sed 's/^/        /'
+echo "proxy : $proxy_status"
+grep -E "iter " "$LOG/proxy.log" 2>/dev/null | tail -1 | sed 's/^.*info: /        /'
 echo "time  : $(elapsed)"
 echo "logs  : $LOG"
 if [ "$build_status" != OK ] || [ "$tests_status" = FAILED ] || [ "$bench_status" = FAILED ] ||
-   [ "$bench_status" = "TIMED OUT" ]; then
+   [ "$bench_status" = "TIMED OUT" ] || [ "$model_status" = FAILED ] || [ "$model_status" = "TIMED OUT" ] ||
+   [ "$proxy_status" = FAILED ]; then
   exit 1
 fi
 case $tests_status in SKIPPED*) exit 77 ;; esac

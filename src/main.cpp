@@ -160,7 +160,7 @@ int main(int argc, char** argv) {
                    << " routed experts top-" << cfg.num_experts_per_tok << "; parameters: main " << pc.main << " ("
                    << human(pc.main) << "), MTP " << pc.mtp << ", activated/token " << human(pc.activated);
     const int64_t memory_base = memory_rss_bytes();  // the process before any model buffer (MPI, libraries)
-    auto be = make_backend(deck.get<std::string>("run.device"), deck.get<int>("run.threads"));
+    auto be = make_backend(deck);
     // one rank's peak (plan.*) and the model FLOPs of a training sequence (the planner's count): TFLOP/s and MFU
     const double peak_tflops = plan_settings_from_deck(deck, cfg, comm.size()).device_tflops;
     Model model(cfg, *be, par.ep, par.stage);  // this rank's pipeline stage and experts only

@@ -3,10 +3,12 @@
 // DIR holds config.json, model.safetensors, golden.safetensors (and train.json, model-fp8*.safetensors); see
 // tests/golden/tiny/README.md for every key and the tolerances used here. Prints one line per compared quantity
 // and "N passed, N failed"; exits 0 only if everything passed.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <map>
 #include <set>
@@ -38,6 +40,20 @@ namespace {
 struct Report {
   int passed = 0, failed = 0;
   bool print = true;  // rank 0 prints; the other ranks only take part in the collectives
+  // BF16 matmul mode (run.matmul_dtype=bf16) against the FP32 golden data: every GEMM operand carries a relative
+  // rounding of up to 2^-9, and a routing decision near a tie flips for a few percent of the tokens, which moves those
+  // tokens' hidden states, logits and gradients by O(1) (on tiny: relative RMS errors of 5-30%). Elementwise bounds do
+  // not apply. Judged instead:
+  //  - hidden states and logits per token: the median over the tokens of |a-b|/|b| (each token's row) <= kBf16Median,
+  //    ~13 BF16 roundings (2^-8 each): measured 3e-3 after one block growing to 2e-2 after the MTP block on tiny;
+  //    a wrong op gives O(1). The flipped tokens are the tail (90% quantile and max in the note).
+  //  - the losses of the forward and of the first training step within kBf16Loss relative. Later training steps are
+  //    reported, not judged: at the golden's lr 1e-2, Adam moves every weight by ~lr whatever the gradient's size, so
+  //    BF16 noise in small gradients changes the direction of many updates (step 3: ~1e-2 relative by construction).
+  // Every other quantity (gradients, routing, parameters) is printed with its error (INFO), not judged.
+  bool bf16 = false;
+  static constexpr double kBf16Loss = 1e-3, kBf16Median = 5e-2;
+  std::function<int64_t(const std::string&)> bf16_row;  // values per token of an activation/logit quantity, else 0
   void line(const std::string& name, double err, double tol, bool ok, const std::string& note = "") {
     if (print) std::printf("%-58s max_abs_err %-10.3e tol %-8.1e %s%s\n", name.c_str(), err, tol, ok ? "PASS" : "FAIL",
                 note.empty() ? "" : ("  " + note).c_str());
@@ -45,7 +61,9 @@ struct Report {
     (ok ? passed : failed)++;
   }
   // |a-b| <= tol elementwise (NaN fails)
-  void close(const std::string& name, const float* a, const std::vector<float>& b, double tol) {
+  void close(const std::string& name, const float* a, const std::vector<float>& golden, double tol) {
+    const std::vector<float>& b = golden;
+    if (bf16) return close_bf16(name, a, b);
     double err = 0;
     bool ok = true;
     for (size_t i = 0; i < b.size(); ++i) {
@@ -55,6 +73,57 @@ struct Report {
     }
     line(name, err, tol, ok);
   }
+  void close_bf16(const std::string& name, const float* a, const std::vector<float>& b) {
+    double num = 0, den = 0, err = 0, rel = 0;
+    for (size_t i = 0; i < b.size(); ++i) {
+      const double d = (double)a[i] - b[i];
+      num += d * d;
+      den += (double)b[i] * b[i];
+      err = std::isnan(d) ? INFINITY : std::max(err, std::fabs(d));
+      rel = std::isnan(d) ? INFINITY : std::max(rel, std::fabs(d) / std::max(std::fabs((double)b[i]), 1e-30));
+    }
+    char note[192];
+    static const std::set<std::string> losses = {"lm_loss", "mtp_loss", "total_loss", "train.lm_loss",
+                                                 "train.mtp_loss", "train.total_loss"};
+    if (losses.count(name)) {  // the forward's losses, or the first step's of training (later steps: in the note)
+      const double d0 = std::fabs((double)a[0] - b[0]), rel0 = d0 / std::max(std::fabs((double)b[0]), 1e-30);
+      std::snprintf(note, sizeof note, "bf16: relative error %.2e (tol %.0e)%s", rel0, kBf16Loss,
+                    b.size() > 1 ? (", later steps " + fmt_rel(a, b)).c_str() : "");
+      return line(b.size() > 1 ? name + " (step 1)" : name, d0, kBf16Loss, rel0 <= kBf16Loss, note);
+    }
+    const int64_t row = bf16_row ? bf16_row(name) : 0;
+    if (row > 0 && b.size() % row == 0) {  // activations and logits: the median over the tokens of each row's error
+      std::vector<double> per;
+      for (size_t r = 0; r < b.size() / row; ++r) {
+        double n2 = 0, d2 = 0;
+        for (int64_t i = 0; i < row; ++i) {
+          const double d = (double)a[r * row + i] - b[r * row + i];
+          n2 += d * d;
+          d2 += (double)b[r * row + i] * b[r * row + i];
+        }
+        per.push_back(std::isnan(n2) ? INFINITY : (d2 > 0 ? std::sqrt(n2 / d2) : std::sqrt(n2)));
+      }
+      std::sort(per.begin(), per.end());
+      const double med = per[per.size() / 2], p90 = per[per.size() * 9 / 10];
+      std::snprintf(note, sizeof note, "bf16: per-token relative error median %.2e (tol %.0e), 90%% %.2e, max %.2e",
+                    med, kBf16Median, p90, per.back());
+      return line(name, err, kBf16Median, med <= kBf16Median, note);
+    }
+    std::snprintf(note, sizeof note, "bf16: relative RMS error %.2e", den > 0 ? std::sqrt(num / den) : std::sqrt(num));
+    info(name, err, note);
+  }
+  static std::string fmt_rel(const float* a, const std::vector<float>& b) {  // relative errors of b[1..]
+    std::string out;
+    char buf[24];
+    for (size_t i = 1; i < b.size(); ++i) {
+      std::snprintf(buf, sizeof buf, "%s%.1e", i > 1 ? " " : "", std::fabs((double)a[i] - b[i]) / std::fabs((double)b[i]));
+      out += buf;
+    }
+    return out;
+  }
+  void info(const std::string& name, double err, const std::string& note) {
+    if (print) std::printf("%-58s max_abs_err %-10.3e %-12s INFO  %s\n", name.c_str(), err, "", note.c_str());
+  }
   void close(const std::string& name, const std::vector<float>& a, const std::vector<float>& b, double tol) {
     if (a.size() != b.size()) return line(name, INFINITY, tol, false, "size " + std::to_string(a.size()) + " vs " + std::to_string(b.size()));
     close(name, a.data(), b, tol);
@@ -63,6 +132,10 @@ struct Report {
   void exact(const std::string& name, const std::vector<A>& a, const std::vector<B>& b) {
     int64_t diff = (int64_t)std::max(a.size(), b.size()) - (int64_t)std::min(a.size(), b.size());
     for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) diff += (int64_t)a[i] != (int64_t)b[i];
+    if (bf16) {  // routing: reported, not judged (see above)
+      info(name, (double)diff, "bf16: " + std::to_string(diff) + " of " + std::to_string(b.size()) + " differ");
+      return;
+    }
     line(name, (double)diff, 0, diff == 0, diff ? std::to_string(diff) + " of " + std::to_string(b.size()) + " differ" : "exact");
   }
 };
@@ -296,7 +369,7 @@ void check_train(Golden& g, Backend& be, Report& rep, int64_t micro_batch) {
   const Params params = gather_experts(m.params(), *g.comm);
   int64_t n = 0, within = 0;
   std::vector<double> diffs;
-  double worst = 0;
+  double worst = 0, sq_diff = 0, sq_want = 0;
   std::string worst_name;
   for (const ParamSpec& p : params.table()) {
     const int64_t per = p.numel() / p.n_experts();
@@ -304,14 +377,17 @@ void check_train(Golden& g, Backend& be, Report& rep, int64_t micro_batch) {
       std::string key = "step3." + p.hf_name_of(e);
       for (const auto& alias : p.hf_aliases)
         if (!g.gold.has(key)) key = "step3." + alias;
-      const auto want = g.f(key);
       const float* got = params.get(p.name) + e * per;
+      const auto golden = g.f(key);
+      const std::vector<float>& want = golden;
       if (!p.trainable) {
         rep.close(key, got, want, 1e-6);
         continue;
       }
       for (int64_t i = 0; i < per; ++i) {
         const double d = std::fabs((double)got[i] - want[i]);
+        sq_diff += d * d;
+        sq_want += (double)want[i] * want[i];
         within += d <= 2e-5;
         diffs.push_back(d);
         if (!(d <= worst)) worst = d, worst_name = key;
@@ -331,6 +407,11 @@ void check_train(Golden& g, Backend& be, Report& rep, int64_t micro_batch) {
                 "%.4f%% of %lld elements within 2e-5 (need >= 99.9%%); quantiles 50%% %.1e 99%% %.1e 99.9%% %.1e; "
                 "worst in %s",
                 100 * frac, (long long)n, quantile(0.5), quantile(0.99), quantile(0.999), worst_name.c_str());
+  if (rep.bf16) {
+    std::snprintf(note, sizeof note, "bf16: relative RMS error %.2e over %lld elements",
+                  sq_want > 0 ? std::sqrt(sq_diff / sq_want) : 0.0, (long long)n);
+    return rep.info("step3 parameters", worst, note);
+  }
   rep.line("step3 parameters (two-level)", worst, 1e-2, frac >= 0.999 && worst <= 1e-2, note);
 }
 
@@ -440,7 +521,7 @@ int main(int argc, char** argv) {
     g.ctx = setup_parallel(comm, deck, g.cfg);
     if (deck.given("train.mtp_lambda")) g.mtp_lambda = deck.get<double>("train.mtp_lambda");
     if (deck.given("train.aux_alpha")) g.aux_alpha = deck.get<double>("train.aux_alpha");
-    auto be = make_backend(deck.get<std::string>("run.device"), (int)deck.get<int64_t>("run.threads"));
+    auto be = make_backend(deck);
     std::set<std::string> checks;
     std::stringstream ss(vm["checks"].as<std::string>());
     for (std::string c; std::getline(ss, c, ',');) {
@@ -450,9 +531,18 @@ int main(int argc, char** argv) {
     }
     Report rep;
     rep.print = comm.rank() == 0;
+    rep.bf16 = deck.get<std::string>("run.matmul_dtype") == "bf16";
+    rep.bf16_row = [&g](const std::string& name) -> int64_t {
+      if (name.rfind("hidden.", 0) == 0) return g.cfg.hidden_size;
+      if (name == "logits" || name == "mtp_logits" || name.rfind("generate.step_logits", 0) == 0 ||
+          name == "fp8_check.logits")
+        return g.cfg.vocab_size;
+      return 0;
+    };
     if (rep.print)
-      std::printf("dsv3-golden %s: %s backend, %s, checks %s\n", dir.c_str(), be->name().c_str(),
-                  format_sizes(g.ctx.sizes).c_str(), vm["checks"].as<std::string>().c_str());
+      std::printf("dsv3-golden %s: %s backend, %s, checks %s%s\n", dir.c_str(), be->name().c_str(),
+                  format_sizes(g.ctx.sizes).c_str(), vm["checks"].as<std::string>().c_str(),
+                  rep.bf16 ? ", BF16 matmuls: the losses judged, the rest reported" : "");
     if (checks.count("forward")) check_forward(g, *be, rep);
     if (checks.count("grads")) check_grads(g, *be, rep);
     if (checks.count("train")) check_train(g, *be, rep, deck.get<int64_t>("train.micro_batch"));

@@ -18,6 +18,8 @@ const std::vector<KeySpec>& deck_keys() {
       // ---- [run] -----------------------------------------------------------------------------
       {.name = "run.device", .type = T::String, .def = "cpu", .choices = {"cpu", "cuda"},
        .help = "compute backend"},
+      {.name = "run.matmul_dtype", .type = T::String, .def = "fp32", .choices = {"fp32", "bf16"},
+       .help = "GEMM operands: bf16 rounds both to BF16 and accumulates in FP32 (tensor cores on cuda)"},
       {.name = "run.threads", .type = T::Int, .def = "0", .min = 0,
        .help = "CPU threads per rank (0: all cores)"},
       {.name = "run.name", .type = T::String, .def = "dsv3", .help = "run name (logs, metrics)"},

@@ -1,24 +1,32 @@
 #include "ops/backend.h"
 
+#include "core/deck.h"
 #include "core/error.h"
 #include "ops/cpu/cpu_backend.h"
 
 namespace dsv3 {
 
 #ifdef DSV3_HAVE_CUDA
-std::unique_ptr<Backend> make_cuda_backend(int device_hint);  // cuda/cuda_backend.cu
+// cuda/host_staged.cu: the CUDA ops on host pointers (the model keeps its tensors in host memory today)
+std::unique_ptr<Backend> make_host_staged_cuda_backend(int device_hint);
 #endif
 
 std::unique_ptr<Backend> make_backend(const std::string& device, int threads) {
   if (device == "cpu") return std::make_unique<CpuBackend>(threads);
   if (device == "cuda") {
 #ifdef DSV3_HAVE_CUDA
-    return make_cuda_backend(0);
+    return make_host_staged_cuda_backend(0);
 #else
     DSV3_FAIL("run.device = cuda, but this dsv3 was built without CUDA (no nvcc at configure time)");
 #endif
   }
   DSV3_FAIL("run.device = '" << device << "' is not a device (cpu|cuda)");
+}
+
+std::unique_ptr<Backend> make_backend(const Deck& deck) {
+  auto be = make_backend(deck.get<std::string>("run.device"), deck.get<int>("run.threads"));
+  be->set_bf16_matmul(deck.get<std::string>("run.matmul_dtype") == "bf16");
+  return be;
 }
 
 }  // namespace dsv3

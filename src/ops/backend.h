@@ -13,6 +13,12 @@ class Backend {
   virtual ~Backend() = default;
   virtual std::string name() const = 0;
 
+  // GEMM operand precision (run.matmul_dtype): false = FP32; true = BF16 — both operands of every gemm_* are rounded
+  // to BF16 (nearest even) and the products accumulate in FP32 (tensor cores on CUDA), C stays FP32. The same
+  // arithmetic on every backend, so the CPU stays the oracle of a BF16 run.
+  virtual void set_bf16_matmul(bool on) { bf16_matmul_ = on; }
+  bool bf16_matmul() const { return bf16_matmul_; }
+
   // C(M,N) = alpha * A(M,K) . B(N,K)^T + beta * C   — a Linear layer: y = x W^T with W stored (out, in)
   virtual void gemm_nt(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
                        int64_t ldb, float beta, float* C, int64_t ldc) = 0;
@@ -92,9 +98,15 @@ class Backend {
   // per-row log-sum-exp to lse (rows) when non-null.
   virtual double cross_entropy_forward(const float* logits, int64_t rows, int64_t V, const int64_t* targets,
                                        int64_t* count, float* lse = nullptr) = 0;
+
+ protected:
+  bool bf16_matmul_ = false;
 };
 
 // "cpu" or "cuda"; throws dsv3::Error when the device is not available (e.g. no GPU, or built without CUDA).
 std::unique_ptr<Backend> make_backend(const std::string& device, int threads = 0);
+// the deck's backend: run.device, run.threads, run.matmul_dtype
+class Deck;
+std::unique_ptr<Backend> make_backend(const Deck& deck);
 
 }  // namespace dsv3

@@ -3,6 +3,7 @@
 #include <mpi.h>
 
 #include <algorithm>
+#include <chrono>
 #include <climits>
 #include <cstdint>
 #include <cstdlib>
@@ -35,8 +36,11 @@ struct Comm::Group {
 struct CommTimer {
   double* acc;
   double t0;
-  CommTimer(const Comm& c, GroupKind k) : acc(&c.seconds_[(int)k]), t0(MPI_Wtime()) {}
-  ~CommTimer() { *acc += MPI_Wtime() - t0; }
+  CommTimer(const Comm& c, GroupKind k) : acc(&c.seconds_[(int)k]), t0(now()) {}
+  ~CommTimer() { *acc += now() - t0; }
+  static double now() {  // not MPI_Wtime: without MPI (DSV3_NO_MPI) nothing of MPI may be called
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  }
 };
 
 void* Comm::native_handle(GroupKind k) const { return (void*)&groups_[(int)k]->comm; }
@@ -53,6 +57,14 @@ int to_int(int64_t n, const char* what) {
 }  // namespace
 
 Comm::Comm(int* argc, char*** argv) {
+  const char* no_mpi = std::getenv("DSV3_NO_MPI");
+  if (no_mpi && *no_mpi && std::strcmp(no_mpi, "0") != 0) {
+    // one process without an MPI runtime (a workstation or a GPU box with no mpirun): every group is this rank
+    // alone, no MPI function is ever called, checkpoints use HDF5's default driver
+    mpi_ = false;
+    for (int k = 0; k <= (int)GroupKind::embd; ++k) groups_.push_back(new Group);
+    return;
+  }
   int inited = 0;
   MPI_CHECK(MPI_Initialized(&inited));
   if (!inited) {
@@ -83,7 +95,7 @@ Comm::~Comm() {
     if (g->owned) MPI_Comm_free(&g->comm);
     delete g;
   }
-  if (owns_mpi_) MPI_Finalize();
+  if (owns_mpi_ && mpi_) MPI_Finalize();
 }
 
 const Comm::Group& Comm::group(GroupKind k) const { return *groups_[(int)k]; }
@@ -98,6 +110,7 @@ void Comm::set_groups(const Groups& gr) {
     const std::vector<int>& members = *lists[k];
     DSV3_CHECK(!members.empty() && std::find(members.begin(), members.end(), rank_) != members.end(),
                "rank " << rank_ << " is not a member of its own group " << k);
+    if (!mpi_) continue;  // one process: every group is already this rank alone
     Group* g = groups_[k];
     if (g->owned) MPI_CHECK(MPI_Comm_free(&g->comm));
     // colour = the group's first (smallest) world rank: identical on every member, distinct between groups
@@ -115,7 +128,9 @@ void Comm::set_groups(const Groups& gr) {
   }
 }
 
-void Comm::barrier() const { MPI_CHECK(MPI_Barrier(MPI_COMM_WORLD)); }
+void Comm::barrier() const {
+  if (size_ > 1) MPI_CHECK(MPI_Barrier(MPI_COMM_WORLD));
+}
 
 void Comm::bcast_string(std::string& s, int root) const {
   if (size_ == 1) return;
@@ -135,7 +150,7 @@ bool Comm::any(bool flag) const {
 }
 
 void Comm::abort(int code) const {
-  MPI_Abort(MPI_COMM_WORLD, code);
+  if (mpi_) MPI_Abort(MPI_COMM_WORLD, code);
   std::exit(code);
 }
 

@@ -26,7 +26,9 @@ struct CommTimes {
 class Comm {
  public:
   // MPI_Init_thread (FUNNELED) unless already initialised; safe to construct once per process.
+  // With DSV3_NO_MPI=1 in the environment: one process that never calls MPI (no mpirun or MPI runtime needed).
   Comm(int* argc, char*** argv);
+  bool uses_mpi() const { return mpi_; }
   ~Comm();  // frees the group communicators; MPI_Finalize when this object initialised MPI
   Comm(const Comm&) = delete;
   Comm& operator=(const Comm&) = delete;
@@ -86,6 +88,7 @@ class Comm {
  private:
   int rank_ = 0, size_ = 1;
   bool owns_mpi_ = false;
+  bool mpi_ = true;  // false: DSV3_NO_MPI, one process that never calls MPI
   struct Group;
   std::vector<Group*> groups_;  // by GroupKind; world is groups_[0]
   const Group& group(GroupKind k) const;

@@ -106,7 +106,7 @@ int main(int argc, char** argv) {
     DSV3_CHECK((int64_t)prompt.size() + n_new <= cfg.max_position_embeddings,
                "prompt + new tokens (" << prompt.size() + n_new << ") exceed max_position_embeddings "
                                        << cfg.max_position_embeddings);
-    auto be = make_backend(deck.get<std::string>("run.device"), deck.get<int>("run.threads"));
+    auto be = make_backend(deck);
     // under mpirun: the experts are spread over the ranks (parallel.ep=N); every rank runs the same sequence and
     // rank 0's choice of each token is broadcast, so the ranks never disagree about what to feed next
     const ParallelContext par = setup_parallel(comm, deck, cfg);

@@ -1,6 +1,7 @@
-// dsv3_gpu_bench: FP32 GEMM throughput of the CUDA backend's op layer (cuBLAS SGEMM behind gemm_nt / gemm_nn /
-// gemm_tn) at DeepSeek-V3 shapes (hidden 7168), for scripts/gpu-check.sh. Per shape: the forward y = x W^T (nt), the
-// input gradient dx = dy W (nn) and the weight gradient dW = dy^T x (tn); time per call and TFLOP/s (2 M N K / t).
+// dsv3_gpu_bench: GEMM throughput of the CUDA backend's op layer at DeepSeek-V3 shapes (hidden 7168), for
+// scripts/gpu-check.sh: FP32 (cuBLAS SGEMM behind gemm_nt / gemm_nn / gemm_tn) and BF16 operands with FP32
+// accumulation (CudaBackend::gemm_bf16, tensor cores). Per shape: the forward y = x W^T (nt), the input gradient
+// dx = dy W (nn) and the weight gradient dW = dy^T x (tn); time per call and TFLOP/s (2 M N K / t).
 // Usage: dsv3_gpu_bench [tokens=4096] [seconds per measurement=0.25]. Exit 77 when no CUDA device is usable.
 #include <cuda_runtime.h>
 
@@ -13,6 +14,7 @@
 
 #include "cuda_backend.cuh"
 #include "device_buffer.cuh"
+#include "io/safetensors.h"  // float_to_bf16
 
 using namespace dsv3;
 
@@ -23,9 +25,15 @@ struct Shape {
 };
 
 // fills with small values (a cheap kernel-free pattern: the timings do not depend on the values)
+float pattern(size_t i) { return (float)((i * 2654435761u) % 1000) * 1e-3f - 0.5f; }
 void fill(cuda::DeviceBuffer<float>& b) {
   std::vector<float> h(b.size());
-  for (size_t i = 0; i < h.size(); ++i) h[i] = (float)((i * 2654435761u) % 1000) * 1e-3f - 0.5f;
+  for (size_t i = 0; i < h.size(); ++i) h[i] = pattern(i);
+  b.upload(h);
+}
+void fill(cuda::DeviceBuffer<uint16_t>& b) {
+  std::vector<uint16_t> h(b.size());
+  for (size_t i = 0; i < h.size(); ++i) h[i] = float_to_bf16(pattern(i));
   b.upload(h);
 }
 
@@ -96,6 +104,29 @@ int main(int argc, char** argv) {
                   (long long)N, (long long)K, ms[0], ms[1], ms[2], tf[0], tf[1], tf[2]);
     }
     std::printf("dsv3_gpu_bench: best %.2f TFLOP/s (FP32 SGEMM; H200 FP32 peak ~67 TFLOP/s)\n", best);
+    double best16 = 0;
+    for (const auto& s : shapes) {
+      const int64_t N = s.out, K = s.in;
+      cuda::DeviceBuffer<uint16_t> x(M * K), w(N * K), y16(M * N);
+      cuda::DeviceBuffer<float> y(M * N), dx(M * K), dw(N * K);
+      fill(x);
+      fill(w);
+      fill(y16);
+      double ms[3];
+      ms[0] = time_call(be, seconds, [&] { be.gemm_bf16(false, true, M, N, K, 1.0f, x.get(), K, w.get(), K, 0.0f, y.get(), N); });
+      ms[1] = time_call(be, seconds, [&] { be.gemm_bf16(false, false, M, K, N, 1.0f, y16.get(), N, w.get(), K, 0.0f, dx.get(), K); });
+      ms[2] = time_call(be, seconds, [&] { be.gemm_bf16(true, false, N, K, M, 1.0f, y16.get(), N, x.get(), K, 0.0f, dw.get(), K); });
+      const double flop = 2.0 * M * N * K;
+      double tf[3];
+      for (int i = 0; i < 3; ++i) {
+        tf[i] = flop / (ms[i] * 1e-3) / 1e12;
+        best16 = std::max(best16, tf[i]);
+      }
+      std::printf("%-26s %6lld %6lld %6lld  %9.3f %9.3f %9.3f   %7.2f %7.2f %7.2f  bf16\n", s.name, (long long)M,
+                  (long long)N, (long long)K, ms[0], ms[1], ms[2], tf[0], tf[1], tf[2]);
+    }
+    std::printf("dsv3_gpu_bench: best %.2f TFLOP/s (BF16 operands, FP32 accumulate; H200 dense BF16 ~990 datasheet)\n",
+                best16);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "dsv3_gpu_bench: %s\n", e.what());
     return 1;

@@ -85,7 +85,7 @@ class CudaOps : public ::testing::Test {
  protected:
   void SetUp() override {
     if (!gpu_env().usable) GTEST_SKIP() << "no CUDA device: " << gpu_env().reason;
-    gpu_ = make_backend("cuda");
+    gpu_ = make_cuda_backend(0);  // device pointers (make_backend("cuda") is the host-staged form, tested below)
     ASSERT_EQ(gpu_->name(), "cuda");
     cuda_ = dynamic_cast<CudaBackend*>(gpu_.get());
     ASSERT_NE(cuda_, nullptr);
@@ -117,7 +117,7 @@ void check_gemm(Backend& cpu, Backend& gpu, Gemm kind, int64_t M, int64_t N, int
   call(cpu, A.data(), B.data(), C.data());
   call(gpu, dA.get(), dB.get(), dC.get());
   const char* names[] = {"gemm_nt", "gemm_nn", "gemm_tn"};
-  expect_nmse(std::string(names[(int)kind]) + " " + std::to_string(M) + "x" + std::to_string(N) + "x" +
+  expect_nmse(std::string(names[(int)kind]) + (gpu.bf16_matmul() ? " bf16 " : " ") + std::to_string(M) + "x" + std::to_string(N) + "x" +
                   std::to_string(K) + " beta " + std::to_string(beta).substr(0, 3),
               C, dC.to_host(), kTolGemm);
 }
@@ -134,6 +134,47 @@ void check_gemm_all(Backend& cpu, Backend& gpu, Gemm kind) {
 TEST_F(CudaOps, GemmNT) { check_gemm_all(cpu, gpu(), Gemm::NT); }
 TEST_F(CudaOps, GemmNN) { check_gemm_all(cpu, gpu(), Gemm::NN); }
 TEST_F(CudaOps, GemmTN) { check_gemm_all(cpu, gpu(), Gemm::TN); }
+// BF16 matmul mode: both backends round the operands to BF16 (nearest even) and accumulate in FP32, so the products
+// are exact and only the summation order differs: the FP32 GEMM tolerance applies
+TEST_F(CudaOps, GemmBf16) {
+  cpu.set_bf16_matmul(true);
+  gpu().set_bf16_matmul(true);
+  for (Gemm kind : {Gemm::NT, Gemm::NN, Gemm::TN}) check_gemm_all(cpu, gpu(), kind);
+}
+
+// make_backend("cuda"): the same ops on host pointers, each copying its operands' regions to the device and back.
+// Strided operands move row by row: the padding columns between the rows (other tensors' data in the model) are
+// never written, and accumulating outputs keep what they held.
+TEST_F(CudaOps, HostStagedPaddingUntouched) {
+  auto staged = make_backend("cuda");
+  const int64_t M = 37, N = 29, K = 41, ldc = N + 5;
+  auto A = randn(M * K, 901), B = randn(N * K, 902), C0 = randn(M * ldc, 903);
+  auto c_cpu = C0, c_gpu = C0;
+  cpu.gemm_nt(M, N, K, 1.0f, A.data(), K, B.data(), K, 0.5f, c_cpu.data(), ldc);
+  staged->gemm_nt(M, N, K, 1.0f, A.data(), K, B.data(), K, 0.5f, c_gpu.data(), ldc);
+  expect_nmse("host-staged gemm_nt (ldc padded)", c_cpu, c_gpu, kTolGemm);
+  int64_t pad_changed = 0;
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t c = N; c < ldc; ++c) pad_changed += c_gpu[r * ldc + c] != C0[r * ldc + c];
+  EXPECT_EQ(pad_changed, 0);
+  // rmsnorm backward: dx strided and accumulated (+=), dw accumulated
+  const int64_t rows = 23, dim = 19, ldx = 24, lddx = 27;
+  auto x = randn(rows * ldx, 904), w = randn(dim, 905), gy = randn(rows * dim, 906);
+  std::vector<float> y(rows * dim), rstd(rows);
+  cpu.rmsnorm_forward(x.data(), ldx, w.data(), 1e-6f, rows, dim, y.data(), rstd.data());
+  auto dx0 = randn(rows * lddx, 907), dw0 = randn(dim, 908);
+  auto dx_cpu = dx0, dx_gpu = dx0, dw_cpu = dw0, dw_gpu = dw0;
+  cpu.rmsnorm_backward(x.data(), ldx, w.data(), rstd.data(), gy.data(), rows, dim, dx_cpu.data(), lddx, dw_cpu.data());
+  staged->rmsnorm_backward(x.data(), ldx, w.data(), rstd.data(), gy.data(), rows, dim, dx_gpu.data(), lddx,
+                           dw_gpu.data());
+  expect_nmse("host-staged rmsnorm_backward dx (+=, strided)", dx_cpu, dx_gpu, kTolElementwise);
+  expect_nmse("host-staged rmsnorm_backward dw (+=)", dw_cpu, dw_gpu, kTolElementwise);
+  pad_changed = 0;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = dim; c < lddx; ++c)
+      pad_changed += dx_gpu[r * lddx + c] != dx0[r * lddx + c];
+  EXPECT_EQ(pad_changed, 0);
+}
 
 // ---- RMSNorm -------------------------------------------------------------------------------------------------
 

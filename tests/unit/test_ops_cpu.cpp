@@ -2,9 +2,11 @@
 // so it is itself checked against the definitions).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 
+#include "io/safetensors.h"  // float_to_bf16 / bf16_to_float
 #include "ops/cpu/cpu_backend.h"
 
 using namespace dsv3;
@@ -54,6 +56,38 @@ TEST(CpuOps, GemmVariantsOddShapes) {
       ref[i * N + j] = s;
     }
   EXPECT_LT(max_diff(C, ref), 1e-5);
+}
+
+// BF16 matmul mode: every gemm_* multiplies the BF16-rounded operands (nearest even) in FP32. The result must be
+// bit-identical to an FP32 GEMM of operands rounded beforehand (only the rows' used columns of a padded operand), and
+// differ from the FP32 GEMM of the unrounded operands by about BF16's resolution, not more.
+TEST(CpuOps, GemmBf16RoundsBothOperands) {
+  const int64_t M = 9, N = 7, K = 33, lda = K + 3, ldb = K + 2, ldc = N + 1;
+  auto A = randn(M * lda, 40), B = randn(N * ldb, 41);
+  auto rounded = [](std::vector<float> x, int64_t rows, int64_t cols, int64_t ld) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) x[r * ld + c] = bf16_to_float(float_to_bf16(x[r * ld + c]));
+    return x;
+  };
+  const auto Ar = rounded(A, M, K, lda), Br = rounded(B, N, K, ldb);
+  CpuBackend be(1);
+  std::vector<float> c16(M * ldc, 3.0f), cref(M * ldc, 3.0f), c32(M * ldc, 3.0f);
+  be.set_bf16_matmul(true);
+  EXPECT_TRUE(be.bf16_matmul());
+  be.gemm_nt(M, N, K, 1.0f, A.data(), lda, B.data(), ldb, 0.5f, c16.data(), ldc);
+  be.set_bf16_matmul(false);
+  be.gemm_nt(M, N, K, 1.0f, Ar.data(), lda, Br.data(), ldb, 0.5f, cref.data(), ldc);
+  be.gemm_nt(M, N, K, 1.0f, A.data(), lda, B.data(), ldb, 0.5f, c32.data(), ldc);
+  double worst = 0, scale = 0;
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t c = 0; c < N; ++c) {
+      EXPECT_EQ(c16[r * ldc + c], cref[r * ldc + c]) << r << "," << c;
+      worst = std::max(worst, (double)std::fabs(c16[r * ldc + c] - c32[r * ldc + c]));
+      scale = std::max(scale, (double)std::fabs(c32[r * ldc + c]));
+    }
+  for (int64_t r = 0; r < M; ++r) EXPECT_EQ(c16[r * ldc + N], 3.0f);  // padding column untouched
+  EXPECT_GT(worst, 0.0);                  // the rounding happened
+  EXPECT_LT(worst, 2.0 * K * 0.0078 * scale / std::sqrt((double)K));  // and is of BF16's size (2^-7 per product, bound)
 }
 
 TEST(CpuOps, RmsNormWithStride) {

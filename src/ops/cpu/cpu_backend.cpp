@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "io/safetensors.h"  // float_to_bf16 / bf16_to_float
 
 namespace dsv3 {
 
@@ -20,22 +21,44 @@ CpuBackend::CpuBackend(int threads) {
   }
 }
 
+namespace {
+// BF16 matmul mode: the operand's rows rounded to BF16 into `buf` with the same leading dimension (the columns between
+// rows are left as they are, never read by the GEMM)
+const float* bf16_operand(const float* X, int64_t rows, int64_t cols, int64_t ld, std::vector<float>& buf) {
+  if (rows == 0 || cols == 0) return X;
+  buf.resize((size_t)((rows - 1) * ld + cols));
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) buf[r * ld + c] = bf16_to_float(float_to_bf16(X[r * ld + c]));
+  return buf.data();
+}
+}  // namespace
+
+// A (ra, ca) and B (rb, cb) as stored; in BF16 mode both are rounded first
+void CpuBackend::gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                      const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (bf16_matmul_) {
+    A = bf16_operand(A, ta ? K : M, ta ? M : K, lda, bf16_a_);
+    B = bf16_operand(B, tb ? N : K, tb ? K : N, ldb, bf16_b_);
+  }
+  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M, N, K, alpha, A, lda,
+              B, ldb, beta, C, ldc);
+}
+
 void CpuBackend::gemm_nt(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
                          int64_t ldb, float beta, float* C, int64_t ldc) {
-  if (M == 0 || N == 0) return;
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  gemm(false, true, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 void CpuBackend::gemm_nn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
                          int64_t ldb, float beta, float* C, int64_t ldc) {
-  if (M == 0 || N == 0) return;
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  gemm(false, false, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 void CpuBackend::gemm_tn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
                          int64_t ldb, float beta, float* C, int64_t ldc) {
-  if (M == 0 || N == 0) return;
-  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  gemm(true, false, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 void CpuBackend::rmsnorm_forward(const float* x, int64_t ldx, const float* w, float eps, int64_t rows, int64_t dim,

@@ -1,5 +1,7 @@
 // defines: dsv3::CpuBackend — the reference implementation of every op (OpenBLAS GEMMs, OpenMP loops)
 #pragma once
+#include <vector>
+
 #include "ops/backend.h"
 
 namespace dsv3 {
@@ -44,6 +46,12 @@ class CpuBackend final : public Backend {
                        float* dlogits) override;
   double cross_entropy_forward(const float* logits, int64_t rows, int64_t V, const int64_t* targets,
                                int64_t* count, float* lse = nullptr) override;
+
+ private:
+  // every gemm_*: op(A) (M,K) . op(B) (K,N), transposed as stored when ta/tb; BF16 rounding of both in BF16 mode
+  void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+            const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+  std::vector<float> bf16_a_, bf16_b_;  // the rounded operands of the BF16 mode (kept: no allocation per GEMM)
 };
 
 }  // namespace dsv3

@@ -1,0 +1,235 @@
+// defines: dsv3::HostStagedCudaBackend — the Backend ops on host pointers, computed by the CUDA backend: each op copies
+// the regions of its operands to the device, runs the CudaBackend op there and copies its outputs back.
+// Why: the model, the trainer and the golden checks keep their tensors in host memory today; this lets all of them run
+// on the GPU's kernels unchanged (`run.device = cuda`), which makes the model-level golden test of the CUDA backend
+// possible before the model lives in device memory. It is a correctness path, not a fast one: every op pays PCIe
+// copies of its operands (the device-resident model is what makes the GPU fast).
+// Regions: a strided operand (rows with leading dimension ld) is copied with cudaMemcpy2D into a device region of
+// the same pitch, so the op sees the same layout and only the bytes it may touch move; columns between rows that
+// belong to other tensors are never written back. Accumulating outputs (+=) are copied in and out.
+#include <algorithm>
+#include <memory>
+#include <vector>
+
+#include "core/error.h"
+#include "cuda_backend.cuh"
+#include "cuda_check.cuh"
+#include "device_buffer.cuh"
+
+namespace dsv3 {
+
+namespace {
+
+enum Dir { kIn = 1, kOut = 2, kInOut = 3 };
+
+// one operand: `rows` rows of `row_bytes` bytes, `pitch_bytes` apart in host (and device) memory
+struct Region {
+  const void* host;
+  size_t rows, row_bytes, pitch_bytes;
+  int dir;
+  void* dev = nullptr;
+  size_t extent() const { return rows == 0 ? 0 : (rows - 1) * pitch_bytes + row_bytes; }
+};
+
+template <class T>
+Region contiguous(const T* p, int64_t n, int dir) {
+  return Region{p, n > 0 ? 1u : 0u, (size_t)std::max<int64_t>(n, 0) * sizeof(T), (size_t)std::max<int64_t>(n, 0) * sizeof(T), dir};
+}
+template <class T>
+Region strided(const T* p, int64_t rows, int64_t cols, int64_t ld, int dir) {
+  DSV3_CHECK(ld >= cols, "host-staged CUDA op: leading dimension " << ld << " < columns " << cols);
+  return Region{p, (size_t)std::max<int64_t>(rows, 0), (size_t)cols * sizeof(T), (size_t)ld * sizeof(T), dir};
+}
+
+int64_t rows_for_ids(const int64_t* ids, int64_t n) {  // table rows an id list touches: max id + 1
+  int64_t mx = -1;
+  for (int64_t i = 0; i < n; ++i) mx = std::max(mx, ids[i]);
+  return mx + 1;
+}
+
+}  // namespace
+
+class HostStagedCudaBackend final : public Backend {
+ public:
+  explicit HostStagedCudaBackend(int device) : be_(device) {}
+  std::string name() const override { return "cuda"; }
+  void set_bf16_matmul(bool on) override {
+    bf16_matmul_ = on;
+    be_.set_bf16_matmul(on);
+  }
+
+  void gemm_nt(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
+               int64_t ldb, float beta, float* C, int64_t ldc) override {
+    std::vector<Region> r{strided(A, M, K, lda, kIn), strided(B, N, K, ldb, kIn), strided(C, M, N, ldc, c_dir(beta))};
+    run(r, [&] { be_.gemm_nt(M, N, K, alpha, f(r[0]), lda, f(r[1]), ldb, beta, f(r[2]), ldc); });
+  }
+  void gemm_nn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
+               int64_t ldb, float beta, float* C, int64_t ldc) override {
+    std::vector<Region> r{strided(A, M, K, lda, kIn), strided(B, K, N, ldb, kIn), strided(C, M, N, ldc, c_dir(beta))};
+    run(r, [&] { be_.gemm_nn(M, N, K, alpha, f(r[0]), lda, f(r[1]), ldb, beta, f(r[2]), ldc); });
+  }
+  void gemm_tn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
+               int64_t ldb, float beta, float* C, int64_t ldc) override {
+    std::vector<Region> r{strided(A, K, M, lda, kIn), strided(B, K, N, ldb, kIn), strided(C, M, N, ldc, c_dir(beta))};
+    run(r, [&] { be_.gemm_tn(M, N, K, alpha, f(r[0]), lda, f(r[1]), ldb, beta, f(r[2]), ldc); });
+  }
+  void rmsnorm_forward(const float* x, int64_t ldx, const float* w, float eps, int64_t rows, int64_t dim, float* y,
+                       float* rstd) override {
+    std::vector<Region> r{strided(x, rows, dim, ldx, kIn), contiguous(w, dim, kIn), contiguous(y, rows * dim, kOut),
+                          contiguous(rstd, rows, kOut)};
+    run(r, [&] { be_.rmsnorm_forward(f(r[0]), ldx, f(r[1]), eps, rows, dim, f(r[2]), f(r[3])); });
+  }
+  void rmsnorm_backward(const float* x, int64_t ldx, const float* w, const float* rstd, const float* dy, int64_t rows,
+                        int64_t dim, float* dx, int64_t lddx, float* dw) override {
+    std::vector<Region> r{strided(x, rows, dim, ldx, kIn),     contiguous(w, dim, kIn),
+                          contiguous(rstd, rows, kIn),         contiguous(dy, rows * dim, kIn),
+                          strided(dx, rows, dim, lddx, kInOut), contiguous(dw, dim, kInOut)};
+    run(r, [&] { be_.rmsnorm_backward(f(r[0]), ldx, f(r[1]), f(r[2]), f(r[3]), rows, dim, f(r[4]), lddx, f(r[5])); });
+  }
+  void rope_forward(float* x, int64_t rows, int64_t ldx, int64_t n_heads, int64_t head_stride, int64_t rope_dim,
+                    const int64_t* pos, const float* cos, const float* sin) override {
+    rope(false, x, rows, ldx, n_heads, head_stride, rope_dim, pos, cos, sin);
+  }
+  void rope_backward(float* dx, int64_t rows, int64_t ldx, int64_t n_heads, int64_t head_stride, int64_t rope_dim,
+                     const int64_t* pos, const float* cos, const float* sin) override {
+    rope(true, dx, rows, ldx, n_heads, head_stride, rope_dim, pos, cos, sin);
+  }
+  void mla_attention_forward(const float* q, const float* kv, const float* kpe, int64_t ldkpe, int64_t B, int64_t S,
+                             int64_t H, int64_t dn, int64_t dr, int64_t dv, float scale, float* o,
+                             float* probs) override {
+    const int64_t T = B * S;
+    std::vector<Region> r{contiguous(q, T * H * (dn + dr), kIn), contiguous(kv, T * H * (dn + dv), kIn),
+                          strided(kpe, T, dr, ldkpe, kIn), contiguous(o, T * H * dv, kOut),
+                          contiguous(probs, B * H * S * S, kOut)};
+    run(r, [&] { be_.mla_attention_forward(f(r[0]), f(r[1]), f(r[2]), ldkpe, B, S, H, dn, dr, dv, scale, f(r[3]),
+                                           f(r[4])); });
+  }
+  void mla_attention_backward(const float* q, const float* kv, const float* kpe, int64_t ldkpe, const float* probs,
+                              const float* dout, int64_t B, int64_t S, int64_t H, int64_t dn, int64_t dr, int64_t dv,
+                              float scale, float* dq, float* dkv, float* dkpe) override {
+    const int64_t T = B * S;
+    std::vector<Region> r{contiguous(q, T * H * (dn + dr), kIn),   contiguous(kv, T * H * (dn + dv), kIn),
+                          strided(kpe, T, dr, ldkpe, kIn),         contiguous(probs, B * H * S * S, kIn),
+                          contiguous(dout, T * H * dv, kIn),       contiguous(dq, T * H * (dn + dr), kOut),
+                          contiguous(dkv, T * H * (dn + dv), kOut), strided(dkpe, T, dr, ldkpe, kInOut)};
+    run(r, [&] { be_.mla_attention_backward(f(r[0]), f(r[1]), f(r[2]), ldkpe, f(r[3]), f(r[4]), B, S, H, dn, dr,
+                                            dv, scale, f(r[5]), f(r[6]), f(r[7])); });
+  }
+  void swiglu_forward(const float* gate, const float* up, int64_t rows, int64_t cols, int64_t ld_in,
+                      float* out) override {
+    std::vector<Region> r{strided(gate, rows, cols, ld_in, kIn), strided(up, rows, cols, ld_in, kIn),
+                          contiguous(out, rows * cols, kOut)};
+    run(r, [&] { be_.swiglu_forward(f(r[0]), f(r[1]), rows, cols, ld_in, f(r[2])); });
+  }
+  void swiglu_backward(const float* gate, const float* up, const float* dout, int64_t rows, int64_t cols,
+                       float* dgate, float* dup) override {
+    const int64_t n = rows * cols;
+    std::vector<Region> r{contiguous(gate, n, kIn), contiguous(up, n, kIn), contiguous(dout, n, kIn),
+                          contiguous(dgate, n, kOut), contiguous(dup, n, kOut)};
+    run(r, [&] { be_.swiglu_backward(f(r[0]), f(r[1]), f(r[2]), rows, cols, f(r[3]), f(r[4])); });
+  }
+  void embedding_forward(const int64_t* ids, int64_t n, const float* table, int64_t dim, float* out) override {
+    std::vector<Region> r{contiguous(ids, n, kIn), contiguous(table, rows_for_ids(ids, n) * dim, kIn),
+                          contiguous(out, n * dim, kOut)};
+    run(r, [&] { be_.embedding_forward(i64(r[0]), n, f(r[1]), dim, f(r[2])); });
+  }
+  void embedding_backward(const int64_t* ids, int64_t n, const float* dy, int64_t dim, float* dtable) override {
+    std::vector<Region> r{contiguous(ids, n, kIn), contiguous(dy, n * dim, kIn),
+                          contiguous(dtable, rows_for_ids(ids, n) * dim, kInOut)};
+    run(r, [&] { be_.embedding_backward(i64(r[0]), n, f(r[1]), dim, f(r[2])); });
+  }
+  void router_forward(const float* logits, const float* bias, int64_t T, int64_t E, int64_t n_group,
+                      int64_t topk_group, int64_t k, bool norm, float scale, float* scores, int32_t* idx,
+                      float* weight) override {
+    std::vector<Region> r{contiguous(logits, T * E, kIn), contiguous(bias, E, kIn), contiguous(scores, T * E, kOut),
+                          contiguous(idx, T * k, kOut), contiguous(weight, T * k, kOut)};
+    run(r, [&] { be_.router_forward(f(r[0]), f(r[1]), T, E, n_group, topk_group, k, norm, scale, f(r[2]),
+                                    static_cast<int32_t*>(r[3].dev), f(r[4])); });
+  }
+  void router_backward(const float* scores, const int32_t* idx, const float* dweight, int64_t T, int64_t E, int64_t K,
+                       bool norm, float scale, int64_t seq_len, const float* f_, float aux_coef,
+                       float* dlogits) override {
+    const int64_t n_seq = seq_len > 0 ? (T + seq_len - 1) / seq_len : 0;
+    std::vector<Region> r{contiguous(scores, T * E, kIn), contiguous(idx, T * K, kIn), contiguous(dweight, T * K, kIn),
+                          contiguous(f_, n_seq * E, kIn), contiguous(dlogits, T * E, kOut)};
+    run(r, [&] { be_.router_backward(f(r[0]), static_cast<const int32_t*>(r[1].dev), f(r[2]), T, E, K, norm, scale,
+                                     seq_len, f(r[3]), aux_coef, f(r[4])); });
+  }
+  void cross_entropy_backward(const float* logits, const float* lse, int64_t rows, int64_t V, const int64_t* targets,
+                              float scale, float* dlogits) override {
+    std::vector<Region> r{contiguous(logits, rows * V, kIn), contiguous(lse, rows, kIn), contiguous(targets, rows, kIn),
+                          contiguous(dlogits, rows * V, kOut)};
+    run(r, [&] { be_.cross_entropy_backward(f(r[0]), f(r[1]), rows, V, i64(r[2]), scale, f(r[3])); });
+  }
+  double cross_entropy_forward(const float* logits, int64_t rows, int64_t V, const int64_t* targets, int64_t* count,
+                               float* lse) override {
+    std::vector<Region> r{contiguous(logits, rows * V, kIn), contiguous(targets, rows, kIn),
+                          contiguous(lse, rows, kOut)};
+    double loss = 0;
+    run(r, [&] { loss = be_.cross_entropy_forward(f(r[0]), rows, V, i64(r[1]), count, f(r[2])); });
+    return loss;
+  }
+
+ private:
+  static int c_dir(float beta) { return beta == 0.0f ? kOut : kInOut; }
+  static float* f(const Region& r) { return static_cast<float*>(r.dev); }
+  static const int64_t* i64(const Region& r) { return static_cast<const int64_t*>(r.dev); }
+
+  void rope(bool backward, float* x, int64_t rows, int64_t ldx, int64_t n_heads, int64_t head_stride,
+            int64_t rope_dim, const int64_t* pos, const float* cos, const float* sin) {
+    // the tables are (max_pos, rope_dim/2); only the positions used are needed: max(pos) + 1 rows
+    const int64_t table = rows_for_ids(pos, rows) * (rope_dim / 2);
+    const int64_t width = n_heads > 0 ? (n_heads - 1) * head_stride + rope_dim : 0;
+    std::vector<Region> r{strided(x, rows, width, ldx, kInOut), contiguous(pos, rows, kIn),
+                          contiguous(cos, table, kIn), contiguous(sin, table, kIn)};
+    run(r, [&] {
+      if (backward)
+        be_.rope_backward(f(r[0]), rows, ldx, n_heads, head_stride, rope_dim, i64(r[1]), f(r[2]), f(r[3]));
+      else
+        be_.rope_forward(f(r[0]), rows, ldx, n_heads, head_stride, rope_dim, i64(r[1]), f(r[2]), f(r[3]));
+    });
+  }
+
+  // places every region in one device arena (256-byte aligned), copies the inputs in, runs the op, copies the
+  // outputs back and waits: the host buffers hold the results when the op returns, as with the CPU backend
+  template <class Op>
+  void run(std::vector<Region>& regions, Op&& op) {
+    size_t total = 0;
+    for (auto& r : regions)
+      if (r.host && r.extent()) total += (r.extent() + 255) / 256 * 256;
+    if (total > arena_.size()) {
+      be_.synchronize();
+      arena_.allocate(0);
+      arena_.allocate(total + total / 4);
+    }
+    char* p = arena_.get();
+    for (auto& r : regions) {
+      if (!r.host || !r.extent()) continue;  // a null operand stays null (e.g. no probs, no rstd)
+      r.dev = p;
+      p += (r.extent() + 255) / 256 * 256;
+      if (r.dir & kIn)
+        DSV3_CUDA_CHECK(cudaMemcpy2DAsync(r.dev, r.pitch_bytes, r.host, r.pitch_bytes, r.row_bytes, r.rows,
+                                          cudaMemcpyHostToDevice, be_.stream()));
+    }
+    op();
+    for (auto& r : regions)
+      if (r.dev && (r.dir & kOut))
+        DSV3_CUDA_CHECK(cudaMemcpy2DAsync(const_cast<void*>(r.host), r.pitch_bytes, r.dev, r.pitch_bytes,
+                                          r.row_bytes, r.rows, cudaMemcpyDeviceToHost, be_.stream()));
+    be_.synchronize();
+  }
+
+  CudaBackend be_;
+  cuda::DeviceBuffer<char> arena_;
+};
+
+std::unique_ptr<Backend> make_host_staged_cuda_backend(int device_hint) {
+  std::string reason;
+  DSV3_CHECK(cuda_device_usable(&reason),
+             "run.device = cuda, but no CUDA device is usable on this node (" << reason << ")");
+  int count = 0;
+  DSV3_CUDA_CHECK(cudaGetDeviceCount(&count));
+  return std::make_unique<HostStagedCudaBackend>(cuda_select_device(device_hint, count));
+}
+
+}  // namespace dsv3
