@@ -129,7 +129,6 @@ void rows_cols(const std::vector<int64_t>& s, int64_t& rows, int64_t& cols) {
   rows = s.empty() ? 1 : s[0];
   cols = s.empty() ? 1 : (s[0] == 0 ? 0 : numel_of(s) / s[0]);
 }
-int64_t num_blocks(int64_t n, int b) { return n / b + (n % b != 0 ? 1 : 0); }
 
 // Rows per piece: as many as fit in `budget` bytes at `per_row` bytes each, a multiple of `align`, at least align.
 int64_t rows_per_piece(int64_t budget, int64_t per_row, int64_t align, int64_t rows) {
@@ -406,7 +405,7 @@ ConvertStats convert_hf_to_h5(const std::string& hf_dir, const std::string& ckpt
           DSV3_CHECK(ck->has(sn), u.file->path() << ": F8_E4M3 tensor '" << hf << "' has no scale tensor '" << sn
                                                  << "' in the checkpoint");
           u.scale = &ck->view(sn);
-          const std::vector<int64_t> want = {num_blocks(u.view->shape[0], b0), num_blocks(u.view->shape[1], b1)};
+          const std::vector<int64_t> want = fp8_scale_shape(hf, u.view->shape[0], u.view->shape[1], b0, b1);
           DSV3_CHECK(u.scale->dtype == DType::F32 && u.scale->shape == want,
                      ck->file_of(sn).path() << ": scale tensor '" << sn << "' is " << dtype_name(u.scale->dtype)
                                             << " " << shape_str(u.scale->shape) << ", expected F32 "
@@ -503,7 +502,7 @@ ConvertStats convert_hf_to_h5(const std::string& hf_dir, const std::string& ckpt
         const int64_t nr = std::min(piece, rows - r0), n = nr * cols;
         const uint8_t* src = v.data + r0 * cols * in_sz;
         if (f8)
-          fp8_dequantize(src, scale.data() + (r0 / b0) * num_blocks(cols, b1), nr, cols, b0, b1, buf.data());
+          fp8_dequantize(src, scale.data() + (r0 / b0) * fp8_num_blocks(cols, b1), nr, cols, b0, b1, buf.data());
         else
           decode(v, r0 * cols, n, buf.data());
         release_pages(src, (size_t)(n * in_sz), u->lo, u->hi);
@@ -625,7 +624,10 @@ ConvertStats convert_h5_to_hf(const std::string& ckpt, const std::string& hf_dir
       it.quant = fp8 && p.fp8 && it.shape.size() == 2;
       it.dtype = fp32 || !p.trainable ? DType::F32 : it.quant ? DType::F8_E4M3 : DType::BF16;
       it.bytes = per * (int64_t)dtype_size(it.dtype);
-      if (it.quant) it.bytes += num_blocks(it.shape[0], b0) * num_blocks(it.shape[1], b1) * 4;
+      if (it.quant) {
+        const std::vector<int64_t> sc = fp8_scale_shape(it.name, it.shape[0], it.shape[1], b0, b1);
+        it.bytes += sc[0] * sc[1] * 4;
+      }
       items.push_back(std::move(it));
     };
     for (int64_t e = 0; e < p.n_experts(); ++e) add(p.hf_name_of(e), e * per, false);
@@ -670,7 +672,7 @@ ConvertStats convert_h5_to_hf(const std::string& ckpt, const std::string& hf_dir
         entries.push_back({it->name, it->dtype, it->shape});
         if (it->quant)
           entries.push_back({it->name + "_scale_inv", DType::F32,
-                             {num_blocks(it->shape[0], b0), num_blocks(it->shape[1], b1)}});
+                             fp8_scale_shape(it->name, it->shape[0], it->shape[1], b0, b1)});
       }
       ShardWriter sw((fs::path(hf_dir) / shard_name(s)).string(), entries);
       std::vector<const Item*> order = shards[s];
@@ -680,14 +682,14 @@ ConvertStats convert_h5_to_hf(const std::string& ckpt, const std::string& hf_dir
         int64_t rows, cols;
         rows_cols(it->shape, rows, cols);
         const int64_t out_sz = it->dtype == DType::F32 ? 0 : (int64_t)dtype_size(it->dtype);
-        const int64_t nbc = it->quant ? num_blocks(cols, b1) : 0;
+        const int64_t nbc = it->quant ? fp8_num_blocks(cols, b1) : 0;
         const int64_t piece = rows_per_piece(opt.max_memory, cols * (4 + out_sz), it->quant ? b0 : 1, rows);
         const int64_t cap = std::min(piece * cols, std::max<int64_t>(it->numel, 1));
         // exactly what this tensor's pieces need (the memory held is what the piece needs)
         if (buf.size() != (size_t)cap) buf = std::vector<float>(cap);
         b16 = std::vector<uint16_t>(it->dtype == DType::BF16 ? cap : 0);
         codes = std::vector<uint8_t>(it->quant ? cap : 0);
-        scale = std::vector<float>(it->quant ? (size_t)(num_blocks(std::min(piece, rows), b0) * nbc) : 0);
+        scale = std::vector<float>(it->quant ? (size_t)(fp8_num_blocks(std::min(piece, rows), b0) * nbc) : 0);
         peak = std::max(peak, (int64_t)(buf.capacity() * 4 + b16.capacity() * 2 + codes.capacity() +
                                          scale.capacity() * 4));
         for (int64_t r0 = 0; r0 < rows; r0 += piece) {
@@ -704,12 +706,12 @@ ConvertStats convert_h5_to_hf(const std::string& ckpt, const std::string& hf_dir
             for (int64_t i = 0; i < n; ++i) y[i] = float_to_bf16(x[i]);
             sw.write(it->name, (uint64_t)(r0 * cols) * 2, b16.data(), (size_t)n * 2);
           } else {
-            const int64_t sr = num_blocks(nr, b0);
+            const int64_t sr = fp8_num_blocks(nr, b0);
             fp8_quantize(buf.data(), nr, cols, b0, b1, codes.data(), scale.data());
             sw.write(it->name, (uint64_t)(r0 * cols), codes.data(), (size_t)n);
             sw.write(it->name + "_scale_inv", (uint64_t)((r0 / b0) * nbc) * 4, scale.data(), (size_t)(sr * nbc) * 4);
           }
-          prog.add(0, n * (it->dtype == DType::F32 ? 4 : out_sz) + (it->quant ? num_blocks(nr, b0) * nbc * 4 : 0));
+          prog.add(0, n * (it->dtype == DType::F32 ? 4 : out_sz) + (it->quant ? fp8_num_blocks(nr, b0) * nbc * 4 : 0));
         }
         prog.add(1, 0);
       }

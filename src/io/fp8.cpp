@@ -70,9 +70,31 @@ uint8_t float_to_fp8_e4m3(float x) {
   return sign | static_cast<uint8_t>(code);
 }
 
+int64_t fp8_num_blocks(int64_t n, int64_t block) {
+  DSV3_CHECK(n >= 0 && block >= 1, "fp8_num_blocks: a dimension of " << n << " elements in blocks of " << block
+                                                                      << ": needs a size >= 0 and a block >= 1");
+  return n / block + (n % block != 0 ? 1 : 0);
+}
+
+std::vector<int64_t> fp8_scale_shape(const std::string& tensor, int64_t rows, int64_t cols, int64_t block_rows,
+                                     int64_t block_cols) {
+  auto where = [&] {
+    return "FP8 tensor '" + tensor + "' [" + std::to_string(rows) + ", " + std::to_string(cols) + "] with block " +
+           std::to_string(block_rows) + "x" + std::to_string(block_cols);
+  };
+  DSV3_CHECK(rows >= 0 && cols >= 0 && block_rows >= 1 && block_cols >= 1,
+             where() << ": sizes must be >= 0 and blocks >= 1");
+  const int64_t nbr = fp8_num_blocks(rows, block_rows), nbc = fp8_num_blocks(cols, block_cols);
+  int64_t bytes = 0;
+  DSV3_CHECK(!__builtin_mul_overflow(nbr, nbc, &bytes) && !__builtin_mul_overflow(bytes, int64_t(4), &bytes),
+             where() << ": its scale_inv [" << nbr << ", " << nbc << "] has more bytes than int64 can count");
+  return {nbr, nbc};
+}
+
 void fp8_dequantize(const uint8_t* codes, const float* scale_inv, int64_t rows, int64_t cols, int block_rows,
                     int block_cols, float* out) {
-  DSV3_CHECK(rows >= 0 && cols >= 0 && block_rows > 0 && block_cols > 0,
+  int64_t numel = 0;
+  DSV3_CHECK(rows >= 0 && cols >= 0 && block_rows > 0 && block_cols > 0 && !__builtin_mul_overflow(rows, cols, &numel),
              "fp8_dequantize: invalid sizes rows " << rows << " cols " << cols << " block " << block_rows << "x"
                                                    << block_cols);
   const int64_t nbc = fp8_num_blocks(cols, block_cols);
@@ -88,7 +110,8 @@ void fp8_dequantize(const uint8_t* codes, const float* scale_inv, int64_t rows, 
 
 void fp8_quantize(const float* w, int64_t rows, int64_t cols, int block_rows, int block_cols, uint8_t* codes,
                   float* scale_inv) {
-  DSV3_CHECK(rows >= 0 && cols >= 0 && block_rows > 0 && block_cols > 0,
+  int64_t numel = 0;
+  DSV3_CHECK(rows >= 0 && cols >= 0 && block_rows > 0 && block_cols > 0 && !__builtin_mul_overflow(rows, cols, &numel),
              "fp8_quantize: invalid sizes rows " << rows << " cols " << cols << " block " << block_rows << "x"
                                                  << block_cols);
   const int64_t nbr = fp8_num_blocks(rows, block_rows), nbc = fp8_num_blocks(cols, block_cols);

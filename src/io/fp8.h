@@ -6,6 +6,8 @@
 // row-major, and weight = float(decode(code)) * scale_inv[block].
 #pragma once
 #include <cstdint>
+#include <string>
+#include <vector>
 
 namespace dsv3 {
 
@@ -14,7 +16,15 @@ float fp8_e4m3_to_float(uint8_t code);  // exact; 0x7F/0xFF -> NaN
 // for values that round to zero (tiny negatives -> 0x80); NaN -> 0x7F.
 uint8_t float_to_fp8_e4m3(float x);
 
-inline int64_t fp8_num_blocks(int64_t n, int block) { return (n + block - 1) / block; }
+// ceil(n / block): the blocks along one dimension of n >= 0 elements, block >= 1 (else dsv3::Error). Computed as
+// n / block + (n % block != 0), which cannot overflow (the old (n + block - 1) / block did for n near 2^63, e.g. the
+// dimension of an empty [2^63-1, 0] tensor, found by fuzzing).
+int64_t fp8_num_blocks(int64_t n, int64_t block);
+// The scale_inv shape {ceil(rows/br), ceil(cols/bc)} of the [rows, cols] FP8 tensor `tensor`, checked: sizes >= 0,
+// blocks >= 1, and the scale's size in bytes (4 per element) representable in int64; else a dsv3::Error naming the
+// tensor, its shape and the block.
+std::vector<int64_t> fp8_scale_shape(const std::string& tensor, int64_t rows, int64_t cols, int64_t block_rows,
+                                     int64_t block_cols);
 
 // out[r, c] = fp8_e4m3_to_float(codes[r, c]) * scale_inv[r / br, c / bc]  (one float32 multiply).
 void fp8_dequantize(const uint8_t* codes, const float* scale_inv, int64_t rows, int64_t cols, int block_rows,

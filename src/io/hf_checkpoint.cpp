@@ -156,9 +156,8 @@ void HfCheckpoint::load_f32_into(const std::string& name, float* dst, int64_t ex
   const TensorView& sv = sfile.get(sname);
   const int64_t rows = v.shape[0], cols = v.shape[1];
   // Fuzzing fix: fp8_num_blocks(n, b) = (n + b - 1) / b overflowed int64 (undefined behaviour) for a dimension near
-  // 2^63, which a zero-size tensor such as [2^63-1, 0] can have; this form cannot overflow.
-  auto num_blocks = [](int64_t n, int b) { return n / b + (n % b != 0 ? 1 : 0); };
-  const std::vector<int64_t> want = {num_blocks(rows, block_[0]), num_blocks(cols, block_[1])};
+  // 2^63, which a zero-size tensor such as [2^63-1, 0] can have; fp8_scale_shape cannot overflow.
+  const std::vector<int64_t> want = fp8_scale_shape(name, rows, cols, block_[0], block_[1]);
   if (sv.dtype != DType::F32)
     DSV3_FAIL(sfile.path() << ": scale tensor '" << sname << "' is " << dtype_name(sv.dtype) << ", expected F32");
   if (sv.shape != want)

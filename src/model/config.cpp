@@ -306,6 +306,16 @@ void ModelConfig::validate() const {
     fits({moe_intermediate_size, n_shared_experts, D}, "shared experts (moe_intermediate_size x n_shared_experts x hidden_size)");
   }
   fits({max_position_embeddings, qk_rope_head_dim}, "RoPE table (max_position_embeddings x qk_rope_head_dim)");
+  // Fuzzing note: max_position_embeddings = 10^12 passed every check and make_rope_table then tried to allocate it.
+  int64_t rope_bytes = 0;
+  if (__builtin_mul_overflow(max_position_embeddings * qk_rope_head_dim, int64_t(4), &rope_bytes) ||
+      rope_bytes > kMaxRopeTableBytes)
+    DSV3_FAIL(s << ": model key 'max_position_embeddings' = " << max_position_embeddings << " needs a RoPE table of "
+                << (double)max_position_embeddings * qk_rope_head_dim * 4 / (1 << 30) << " GiB ("
+                << max_position_embeddings << " positions x qk_rope_head_dim " << qk_rope_head_dim
+                << " floats), more than dsv3's bound of " << (kMaxRopeTableBytes >> 30) << " GiB ("
+                << kMaxRopeTableBytes / (qk_rope_head_dim * 4) << " positions at this qk_rope_head_dim; DeepSeek-V3 has "
+                   "163840)");
   DSV3_CHECK(!tie_word_embeddings, s << ": model key 'tie_word_embeddings' = true is not supported (DeepSeek-V3: false)");
   DSV3_CHECK(rope_interleave, s << ": model key 'rope_interleave' = false is not supported: dsv3 applies the "
                                    "interleaved RoPE of the released weights as stored");

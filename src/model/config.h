@@ -10,6 +10,12 @@
 
 namespace dsv3 {
 
+// dsv3 builds the RoPE cos/sin table of every position up to max_position_embeddings at start-up (model/rope.h):
+// max_position_embeddings x qk_rope_head_dim floats. This bound turns a typo or a fuzzed config.json (10^12
+// positions) into a clear error instead of a giant allocation: 1 GiB, i.e. 4,194,304 positions at qk_rope_head_dim
+// 64, 25x DeepSeek-V3's 163,840 (a 40 MiB table).
+constexpr int64_t kMaxRopeTableBytes = int64_t(1) << 30;
+
 struct RopeScaling {
   std::string type;                           // "yarn" or "" (no scaling)
   double factor = 1.0;                        // e.g. 40 (671B), 4 (tiny)
@@ -44,7 +50,7 @@ struct ModelConfig {
   std::string topk_method = "noaux_tc";
   double rms_norm_eps = 1e-6;
   double rope_theta = 10000.0;
-  int64_t max_position_embeddings = 0;   // e.g. 163840
+  int64_t max_position_embeddings = 0;   // e.g. 163840 (its RoPE table is bounded: kMaxRopeTableBytes)
   int64_t num_nextn_predict_layers = 0;  // MTP depth, e.g. 1
   bool tie_word_embeddings = false;
   bool rope_interleave = true;

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/error.h"
+
 namespace dsv3 {
 
 namespace {
@@ -42,6 +44,12 @@ RopeTable make_rope_table(const ModelConfig& c, int64_t max_pos) {
   RopeTable t;
   t.max_pos = max_pos;
   t.half = c.qk_rope_head_dim / 2;
+  // (validate() bounds max_position_embeddings the same way; this also covers a caller's own max_pos)
+  int64_t bytes = 0;
+  DSV3_CHECK(max_pos >= 0 && t.half >= 0 && !__builtin_mul_overflow(max_pos, t.half * 8, &bytes) &&
+                 bytes <= kMaxRopeTableBytes,
+             "RoPE table of " << max_pos << " positions x qk_rope_head_dim " << c.qk_rope_head_dim
+                              << " floats: more than dsv3's bound of " << (kMaxRopeTableBytes >> 30) << " GiB");
   const auto f = yarn_inv_freq(c);
   double m = 1.0;  // YaRN "attention factor" on cos/sin: mscale(factor, mscale) / mscale(factor, mscale_all_dim)
   if (c.rope_scaling.type == "yarn")

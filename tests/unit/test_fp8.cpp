@@ -12,6 +12,7 @@
 #include "core/error.h"
 #include "io/fp8.h"
 #include "io/safetensors.h"
+#include "test_util.h"
 
 namespace {
 
@@ -238,4 +239,31 @@ TEST(Fp8, GoldenRequantizationIsBitExact) {
   // 448), so amax' = 448 * scale_inv and scale_inv' = amax'/448 == scale_inv, and each code c maps back to
   // decode(c)*s/s == decode(c) exactly -> the same codes. Check this holds for every tensor.
   EXPECT_EQ(dq_exact, n);
+}
+
+// Fuzz notes: the block count (n + block - 1) / block overflowed int64 for a dimension near 2^63; now it cannot, and
+// the scale shape of a tensor whose scale would not fit int64 bytes is an error naming the tensor and its shape.
+TEST(Fp8, BlockCountCannotOverflow) {
+  const int64_t big = std::numeric_limits<int64_t>::max();
+  EXPECT_EQ(dsv3::fp8_num_blocks(0, 128), 0);
+  EXPECT_EQ(dsv3::fp8_num_blocks(1, 128), 1);
+  EXPECT_EQ(dsv3::fp8_num_blocks(128, 128), 1);
+  EXPECT_EQ(dsv3::fp8_num_blocks(129, 128), 2);
+  EXPECT_EQ(dsv3::fp8_num_blocks(big, 128), big / 128 + 1);
+  EXPECT_EQ(dsv3::fp8_num_blocks(big, big), 1);
+  EXPECT_ERROR(dsv3::fp8_num_blocks(-1, 128), "a dimension of -1 elements in blocks of 128");
+  EXPECT_ERROR(dsv3::fp8_num_blocks(5, 0), "a dimension of 5 elements in blocks of 0");
+}
+
+TEST(Fp8, ScaleShapeIsCheckedAndNamesTheTensor) {
+  const int64_t big = std::numeric_limits<int64_t>::max();
+  EXPECT_EQ(dsv3::fp8_scale_shape("w", 7168, 18432, 128, 128), (std::vector<int64_t>{56, 144}));
+  EXPECT_EQ(dsv3::fp8_scale_shape("w", 130, 0, 128, 128), (std::vector<int64_t>{2, 0}));
+  EXPECT_EQ(dsv3::fp8_scale_shape("w", big, 0, 128, 128), (std::vector<int64_t>{big / 128 + 1, 0}));
+  EXPECT_ERROR(dsv3::fp8_scale_shape("model.layers.3.mlp.gate_proj.weight", big, big, 1, 1),
+               "FP8 tensor 'model.layers.3.mlp.gate_proj.weight' [9223372036854775807, 9223372036854775807] with "
+               "block 1x1: its scale_inv [9223372036854775807, 9223372036854775807] has more bytes than int64");
+  EXPECT_ERROR(dsv3::fp8_scale_shape("q", int64_t(1) << 31, int64_t(1) << 31, 1, 1), "FP8 tensor 'q'");
+  EXPECT_ERROR(dsv3::fp8_scale_shape("q", 4, -4, 128, 128), "FP8 tensor 'q' [4, -4] with block 128x128: sizes");
+  EXPECT_ERROR(dsv3::fp8_scale_shape("q", 4, 4, 0, 128), "FP8 tensor 'q' [4, 4] with block 0x128: sizes");
 }

@@ -122,6 +122,26 @@ TEST(Yarn, TinyFrequenciesAndScaleAsTheGoldenReadme) {
   for (int i = 0; i < 4; ++i) EXPECT_NEAR(f[i], want[i], 1e-15 * want[i] + 1e-18);
   EXPECT_NEAR(attention_softmax_scale(c), 0.264642258, 1e-9);
 }
+// Fuzz notes: a huge max_position_embeddings passed validate() and make_rope_table tried to allocate the table.
+// Now the table is bounded (kMaxRopeTableBytes, 1 GiB): a clear error naming the key, no allocation.
+TEST(ModelConfig, HugeMaxPositionEmbeddingsIsAnErrorNotAGiantAllocation) {
+  auto with_positions = [](int64_t n) {
+    auto j = tiny_json();
+    j["max_position_embeddings"] = n;
+    return model_config_from_json(j, "cfg.json");
+  };
+  const int64_t d = with_positions(1).qk_rope_head_dim;
+  const int64_t max_ok = kMaxRopeTableBytes / (d * 4);
+  with_positions(max_ok).validate();
+  EXPECT_ERROR(with_positions(max_ok + 1).validate(), "cfg.json: model key 'max_position_embeddings' = " +
+                                                          std::to_string(max_ok + 1) + " needs a RoPE table of");
+  EXPECT_ERROR(with_positions(1000000000000).validate(), "more than dsv3's bound of 1 GiB");
+  EXPECT_ERROR(with_positions(1000000000000).validate(), "1000000000000 positions x qk_rope_head_dim");
+  // the table of the real model is far below the bound; make_rope_table refuses a caller's own huge size too
+  model_config_from_file(std::string(DSV3_SOURCE_DIR) + "/input/models/deepseek-v3.json").validate();
+  EXPECT_ERROR(make_rope_table(with_positions(8), 1000000000000), "RoPE table of 1000000000000 positions");
+  EXPECT_EQ(make_rope_table(with_positions(8), 8).cos.size(), size_t(8 * d / 2));
+}
 
 TEST(Yarn, RampBetweenCorrectionDims) {
   ModelConfig c = model_config_from_file(std::string(DSV3_SOURCE_DIR) + "/input/models/deepseek-v3.json");
