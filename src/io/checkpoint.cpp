@@ -350,7 +350,7 @@ std::string get_attr_str(hid_t obj, const char* name, const std::string& path) {
 // A file access property list: MPI-IO over the world of comm (collective metadata), or the default driver.
 hid_t make_fapl(const Comm* comm, const std::string& path) {
   H5Id fapl(H5_CHECK(H5Pcreate(H5P_FILE_ACCESS), path, "file access properties"), H5Pclose);
-  if (comm) {
+  if (comm && comm->uses_mpi()) {  // DSV3_NO_MPI: one process, HDF5's default driver
     const MPI_Comm world = *static_cast<MPI_Comm*>(comm->native_handle(GroupKind::world));
     H5_CHECK(H5Pset_fapl_mpio(fapl, world, MPI_INFO_NULL), path, "MPI-IO driver");
     H5_CHECK(H5Pset_all_coll_metadata_ops(fapl, true), path, "collective metadata");
@@ -362,7 +362,8 @@ hid_t make_fapl(const Comm* comm, const std::string& path) {
 }
 hid_t make_dxpl(const Comm* comm, const std::string& path) {
   H5Id dxpl(H5_CHECK(H5Pcreate(H5P_DATASET_XFER), path, "transfer properties"), H5Pclose);
-  if (comm) H5_CHECK(H5Pset_dxpl_mpio(dxpl, H5FD_MPIO_COLLECTIVE), path, "collective transfers");
+  if (comm && comm->uses_mpi())
+    H5_CHECK(H5Pset_dxpl_mpio(dxpl, H5FD_MPIO_COLLECTIVE), path, "collective transfers");
   return dxpl.release();
 }
 
@@ -1065,7 +1066,8 @@ CheckpointFileWriter::CheckpointFileWriter(const std::string& dir, const Comm* c
   // flushed before any data, so that a write failing for lack of space leaves no dirty metadata behind.
   try {
     H5Id dxpl(H5_CHECK(H5Pcreate(H5P_DATASET_XFER), tmp_path_, "transfer properties"), H5Pclose);
-    if (comm) H5_CHECK(H5Pset_dxpl_mpio(dxpl, H5FD_MPIO_INDEPENDENT), tmp_path_, "independent transfers");
+    if (comm && comm->uses_mpi())
+      H5_CHECK(H5Pset_dxpl_mpio(dxpl, H5FD_MPIO_INDEPENDENT), tmp_path_, "independent transfers");
     dxpl_ = dxpl.release();
     const std::string& p = tmp_path_;
     put_attr_i64(file_, "format_version", kFormatVersion, p);
