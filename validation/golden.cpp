@@ -204,7 +204,7 @@ struct Golden {
     return x;
   }
   Model model(Backend& be, const HfCheckpoint& ck) const {
-    Model m(cfg, be, ctx.ep, ctx.stage);
+    Model m(cfg, be, ctx.ep, ctx.stage, ctx.tp);
     m.load_hf(ck);
     return m;
   }

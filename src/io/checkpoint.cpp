@@ -140,6 +140,8 @@ int group_rank(const Comm* comm, GroupKind k) { return comm ? comm->group_rank(k
 Plan make_plan(const Params& params, const AdamW* opt, const Comm* comm, bool writer_only, bool with_moments) {
   Plan plan;
   const auto& table = params.table();
+  DSV3_CHECK(params.plan().tp_size == 1, "checkpoints under parallel.tp=" << params.plan().tp_size
+                                                                          << " are not implemented yet");
   const bool dense_writer = group_rank(comm, GroupKind::dp) == 0;
   const bool expert_writer = group_rank(comm, GroupKind::edp) == 0;
   auto per_expert = [](const ParamSpec& p) { return p.expert_stack ? p.numel() / p.shape[0] : 0; };

@@ -34,9 +34,9 @@ void MlaCache::reserve(const ModelConfig& cfg, int64_t capacity) {
 namespace {
 
 // q (T, H*(dn+dr)) from x_norm (T, D); the q-LoRA intermediates go to a (when given)
-void project_q(Backend& be, const ModelConfig& c, const MlaWeights& w, const float* xn, int64_t T, float* q,
+void project_q(Backend& be, const ModelConfig& c, const MlaWeights& w, const float* xn, int64_t T, int64_t H, float* q,
                MlaActs* a) {
-  const int64_t D = c.hidden_size, H = c.num_attention_heads, dqk = c.qk_head_dim();
+  const int64_t D = c.hidden_size, dqk = c.qk_head_dim();
   if (c.q_lora_rank > 0) {
     const int64_t r = c.q_lora_rank;
     MlaActs local;
@@ -61,8 +61,8 @@ std::vector<int64_t> positions(int64_t B, int64_t S) {
 }  // namespace
 
 void mla_forward(Backend& be, const ModelConfig& c, const MlaWeights& w, const RopeTable& rope, const float* xn,
-                 int64_t B, int64_t S, float* out, MlaActs& a) {
-  const int64_t T = B * S, D = c.hidden_size, H = c.num_attention_heads;
+                 int64_t B, int64_t S, float* out, MlaActs& a, const TensorGroup& tp) {
+  const int64_t T = B * S, D = c.hidden_size, H = c.num_attention_heads / tp.size;  // this rank's heads
   const int64_t dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim, dv = c.v_head_dim, kvr = c.kv_lora_rank;
   DSV3_CHECK(S <= rope.max_pos, "sequence length " << S << " exceeds max_position_embeddings (" << rope.max_pos << ")");
   a.q.resize(T * H * (dn + dr));
@@ -74,7 +74,7 @@ void mla_forward(Backend& be, const ModelConfig& c, const MlaWeights& w, const R
   a.o.resize(T * H * dv);
   const auto pos = positions(B, S);
 
-  project_q(be, c, w, xn, T, a.q.data(), &a);
+  project_q(be, c, w, xn, T, H, a.q.data(), &a);
   be.gemm_nt(T, kvr + dr, D, 1.0f, xn, D, w.kv_a, D, 0.0f, a.kva.data(), kvr + dr);
   be.rmsnorm_forward(a.kva.data(), kvr + dr, w.kv_a_norm, (float)c.rms_norm_eps, T, kvr, a.cn.data(), a.c_rstd.data());
   be.gemm_nt(T, H * (dn + dv), kvr, 1.0f, a.cn.data(), kvr, w.kv_b, kvr, 0.0f, a.kv.data(), H * (dn + dv));
@@ -84,11 +84,13 @@ void mla_forward(Backend& be, const ModelConfig& c, const MlaWeights& w, const R
   be.mla_attention_forward(a.q.data(), a.kv.data(), a.kva.data() + kvr, kvr + dr, B, S, H, dn, dr, dv,
                            (float)attention_softmax_scale(c), a.o.data(), a.probs.data());
   be.gemm_nt(T, D, H * dv, 1.0f, a.o.data(), H * dv, w.o, H * dv, 0.0f, out, D);
+  tp.allreduce(out, T * D);  // o_proj is row-parallel: each rank's heads give a partial sum
 }
 
 void mla_backward(Backend& be, const ModelConfig& c, const MlaWeights& w, MlaWeights& g, const RopeTable& rope,
-                  const float* xn, int64_t B, int64_t S, const MlaActs& a, const float* dout, float* dxn) {
-  const int64_t T = B * S, D = c.hidden_size, H = c.num_attention_heads;
+                  const float* xn, int64_t B, int64_t S, const MlaActs& a, const float* dout, float* dxn,
+                  const TensorGroup& tp) {
+  const int64_t T = B * S, D = c.hidden_size, H = c.num_attention_heads / tp.size;  // this rank's heads
   const int64_t dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim, dv = c.v_head_dim, kvr = c.kv_lora_rank;
   const int64_t dqk = dn + dr;
   const auto pos = positions(B, S);
@@ -106,6 +108,9 @@ void mla_backward(Backend& be, const ModelConfig& c, const MlaWeights& w, MlaWei
   std::vector<float> dcn(T * kvr);
   be.gemm_tn(H * (dn + dv), kvr, T, 1.0f, dkv.data(), H * (dn + dv), a.cn.data(), kvr, 1.0f, g.kv_b, kvr);
   be.gemm_nn(T, kvr, H * (dn + dv), 1.0f, dkv.data(), H * (dn + dv), w.kv_b, kvr, 0.0f, dcn.data(), kvr);
+  // the latent and k_pe are shared by every head: sum the heads of all ranks (dkva holds only k_pe's part yet)
+  tp.allreduce(dcn.data(), T * kvr);
+  tp.allreduce(dkva.data(), T * (kvr + dr));
   be.rmsnorm_backward(a.kva.data(), kvr + dr, w.kv_a_norm, a.c_rstd.data(), dcn.data(), T, kvr, dkva.data(), kvr + dr,
                       g.kv_a_norm);
   // kv_a: kva = xn Wkva^T
@@ -117,18 +122,26 @@ void mla_backward(Backend& be, const ModelConfig& c, const MlaWeights& w, MlaWei
     std::vector<float> dqan(T * r), dqa(T * r, 0.0f);
     be.gemm_tn(H * dqk, r, T, 1.0f, dq.data(), H * dqk, a.qan.data(), r, 1.0f, g.q_b, r);
     be.gemm_nn(T, r, H * dqk, 1.0f, dq.data(), H * dqk, w.q_b, r, 0.0f, dqan.data(), r);
+    tp.allreduce(dqan.data(), T * r);  // the q latent is shared by every head
     be.rmsnorm_backward(a.qa.data(), r, w.q_a_norm, a.qa_rstd.data(), dqan.data(), T, r, dqa.data(), r, g.q_a_norm);
     be.gemm_tn(r, D, T, 1.0f, dqa.data(), r, xn, D, 1.0f, g.q_a, D);
     be.gemm_nn(T, D, r, 1.0f, dqa.data(), r, w.q_a, D, 1.0f, dxn, D);
   } else {
     be.gemm_tn(H * dqk, D, T, 1.0f, dq.data(), H * dqk, xn, D, 1.0f, g.q, D);
-    be.gemm_nn(T, D, H * dqk, 1.0f, dq.data(), H * dqk, w.q, D, 1.0f, dxn, D);
+    if (tp.size == 1) {
+      be.gemm_nn(T, D, H * dqk, 1.0f, dq.data(), H * dqk, w.q, D, 1.0f, dxn, D);
+    } else {  // q_proj is column-parallel: this rank's heads give a partial input gradient
+      std::vector<float> dxq(T * D);
+      be.gemm_nn(T, D, H * dqk, 1.0f, dq.data(), H * dqk, w.q, D, 0.0f, dxq.data(), D);
+      tp.allreduce(dxq.data(), T * D);
+      for (int64_t i = 0; i < T * D; ++i) dxn[i] += dxq[i];
+    }
   }
 }
 
 void mla_forward_cached(Backend& be, const ModelConfig& c, const MlaWeights& w, const RopeTable& rope,
-                        const float* xn, int64_t n, MlaCache& cache, float* out) {
-  const int64_t D = c.hidden_size, H = c.num_attention_heads;
+                        const float* xn, int64_t n, MlaCache& cache, float* out, const TensorGroup& tp) {
+  const int64_t D = c.hidden_size, H = c.num_attention_heads / tp.size;  // this rank's heads
   const int64_t dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim, dv = c.v_head_dim, kvr = c.kv_lora_rank;
   const int64_t p0 = cache.len, len = p0 + n;
   DSV3_CHECK(len <= cache.cap && len <= rope.max_pos,
@@ -136,7 +149,7 @@ void mla_forward_cached(Backend& be, const ModelConfig& c, const MlaWeights& w, 
   std::vector<float> q(n * H * (dn + dr)), kva(n * (kvr + dr));
   std::vector<int64_t> pos(n);
   for (int64_t t = 0; t < n; ++t) pos[t] = p0 + t;
-  project_q(be, c, w, xn, n, q.data(), nullptr);
+  project_q(be, c, w, xn, n, H, q.data(), nullptr);
   be.gemm_nt(n, kvr + dr, D, 1.0f, xn, D, w.kv_a, D, 0.0f, kva.data(), kvr + dr);
   be.rope_forward(q.data() + dn, n, H * (dn + dr), H, dn + dr, dr, pos.data(), rope.cos.data(), rope.sin.data());
   be.rope_forward(kva.data() + kvr, n, kvr + dr, 1, 0, dr, pos.data(), rope.cos.data(), rope.sin.data());
@@ -173,6 +186,7 @@ void mla_forward_cached(Backend& be, const ModelConfig& c, const MlaWeights& w, 
     be.gemm_nt(n, dv, kvr, 1.0f, o_lat.data(), kvr, w_uv, kvr, 0.0f, o.data() + h * dv, H * dv);
   }
   be.gemm_nt(n, D, H * dv, 1.0f, o.data(), H * dv, w.o, H * dv, 0.0f, out, D);
+  tp.allreduce(out, n * D);
 }
 
 }  // namespace dsv3

@@ -12,11 +12,13 @@
 #include "model/config.h"
 #include "model/params.h"
 #include "model/rope.h"
+#include "model/tensor_parallel.h"
 #include "ops/backend.h"
 
 namespace dsv3 {
 
-// Pointers into a Params store: the weights, or (same layout) their gradients.
+// Pointers into a Params store: the weights, or (same layout) their gradients. Under tensor parallelism a rank holds
+// H/tp heads: q_b (or q_proj) and kv_b are its rows of those heads, o its columns; q_a, kv_a and the norms whole.
 struct MlaWeights {
   float* q_a = nullptr;       // (q_lora_rank, D)
   float* q_a_norm = nullptr;  // (q_lora_rank)
@@ -51,16 +53,19 @@ struct MlaCache {
 };
 
 // x_norm (B*S, D) -> out (B*S, D); positions 0..S-1 in each sequence. Fills `acts` (required: the buffers live
-// there; pass a scratch object when backward is not needed).
+// there; pass a scratch object when backward is not needed). tp: this rank's heads; out is summed over the group.
 void mla_forward(Backend& be, const ModelConfig& c, const MlaWeights& w, const RopeTable& rope, const float* x_norm,
-                 int64_t B, int64_t S, float* out, MlaActs& acts);
-// Gradients given dout (B*S, D): weight gradients accumulate into g, dx_norm (B*S, D) accumulates (+=).
+                 int64_t B, int64_t S, float* out, MlaActs& acts, const TensorGroup& tp = {});
+// Gradients given dout (B*S, D): weight gradients accumulate into g, dx_norm (B*S, D) accumulates (+=). tp: the
+// gradients into the replicated q-LoRA latent, kv latent and k_pe (and into x_norm through q_proj) are summed over
+// the group, so dx_norm and the replicated weights' gradients are the same on every rank.
 void mla_backward(Backend& be, const ModelConfig& c, const MlaWeights& w, MlaWeights& g, const RopeTable& rope,
-                  const float* x_norm, int64_t B, int64_t S, const MlaActs& a, const float* dout, float* dx_norm);
+                  const float* x_norm, int64_t B, int64_t S, const MlaActs& a, const float* dout, float* dx_norm,
+                  const TensorGroup& tp = {});
 
 // One sequence, n new tokens at positions cache.len.., attending to the cache (weights absorbed into the query:
 // score = (q_nope W_uk) . c + q_pe . k_pe; output = W_uv (sum p c)). x_norm (n, D) -> out (n, D).
 void mla_forward_cached(Backend& be, const ModelConfig& c, const MlaWeights& w, const RopeTable& rope,
-                        const float* x_norm, int64_t n, MlaCache& cache, float* out);
+                        const float* x_norm, int64_t n, MlaCache& cache, float* out, const TensorGroup& tp = {});
 
 }  // namespace dsv3

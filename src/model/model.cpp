@@ -23,8 +23,8 @@ namespace {
 // What a stage holds: its layers (+ the MTP layer on the last stage), the embedding on the first stage (and a copy
 // on the last stage when MTP needs it), the final norm and the head on the last stage.
 ShardPlan plan_for(const ModelConfig& c, const std::vector<ParamSpec>& table, const ExpertGroup& ep,
-                   const PipelineStage& st) {
-  ShardPlan plan{ep.size, ep.rank, {}};
+                   const PipelineStage& st, const TensorGroup& tp) {
+  ShardPlan plan{ep.size, ep.rank, {}, tp.size, tp.rank};
   if (st.count == 1) return plan;
   std::vector<bool> has_layer(c.total_layers(), false);
   for (int l : st.layout.layers) has_layer[l] = true;
@@ -44,12 +44,14 @@ ShardPlan plan_for(const ModelConfig& c, const std::vector<ParamSpec>& table, co
 }
 }  // namespace
 
-Model::Model(const ModelConfig& cfg, Backend& be, const ExpertGroup& ep, const PipelineStage& stage)
+Model::Model(const ModelConfig& cfg, Backend& be, const ExpertGroup& ep, const PipelineStage& stage,
+             const TensorGroup& tp)
     : cfg_(cfg),
       be_(be),
       ep_(ep),
       stage_(stage.count == 0 ? PipelineStage::whole(cfg) : stage),
-      params_(build_param_table(cfg), plan_for(cfg, build_param_table(cfg), ep, stage_)),
+      tp_(tp),
+      params_(build_param_table(cfg), plan_for(cfg, build_param_table(cfg), ep, stage_, tp)),
       rope_(make_rope_table(cfg, cfg.max_position_embeddings)) {}
 
 namespace {
@@ -71,7 +73,12 @@ void Model::load_hf(const HfCheckpoint& ck) {
       const auto shape = ck.shape(hf);
       DSV3_CHECK(shape == p.hf_shape(), "HF tensor '" << hf << "' has shape " << shape_str(shape)
                                                       << ", the model config implies " << shape_str(p.hf_shape()));
-      if (e >= first && e < first + count) ck.load_f32_into(hf, params_.get(p.name) + (e - first) * per, per);
+      if (params_.held(p) && params_.tp_sharded(p)) {  // this rank's tensor-parallel slice of the whole tensor
+        const std::vector<float> full = ck.load_f32(hf);
+        params_.take_slice(p, full.data(), params_.get(p.name));
+      } else if (e >= first && e < first + count) {
+        ck.load_f32_into(hf, params_.get(p.name) + (e - first) * per, per);
+      }
       known.insert(hf);
       known.insert(hf + "_scale_inv");
     }
@@ -96,8 +103,8 @@ void Model::init_random(uint64_t seed) {
     if (!params_.held(p)) continue;
     float* w = params_.get(p.name);
     const int64_t n = params_.local_numel(p);
-    // the global index of the first element held here (experts sharded over expert-parallel ranks)
-    const uint64_t g0 = (uint64_t)(params_.first_expert(p) * (p.numel() / p.n_experts()));
+    // the global index of each element held here (experts sharded over expert-parallel ranks, tp slices)
+    const GlobalLayout gl = params_.global_layout(p);
     if (!p.trainable) {
       std::fill(w, w + n, 0.0f);
     } else if (p.shape.size() == 1) {
@@ -107,7 +114,7 @@ void Model::init_random(uint64_t seed) {
       const double sd = cfg_.initializer_range;
 #pragma omp parallel for schedule(static)
       for (int64_t i = 0; i < n; ++i) {  // Box-Muller on two counter-based uniforms in (0, 1]
-        const uint64_t gi = g0 + (uint64_t)i;
+        const uint64_t gi = (uint64_t)gl.global(i);
         const uint64_t a = splitmix64(key + 2 * gi), b = splitmix64(key + 2 * gi + 1);
         const double u1 = ((a >> 11) + 1.0) * 0x1.0p-53, u2 = (b >> 11) * 0x1.0p-53;
         w[i] = (float)(sd * std::sqrt(-2.0 * std::log(u1)) * std::cos(2 * M_PI * u2));
@@ -134,9 +141,9 @@ void Model::layer_forward(int64_t layer, float* x, int64_t B, int64_t S, MlaCach
   be_.rmsnorm_forward(x, D, params_.get(pre + "input_layernorm.weight"), eps, T, D, la.xn1.data(), la.rstd1.data());
   const MlaWeights aw = MlaWeights::from(params_, cfg_, layer);
   if (cache)
-    mla_forward_cached(be_, cfg_, aw, rope_, la.xn1.data(), T, *cache, y.data());
+    mla_forward_cached(be_, cfg_, aw, rope_, la.xn1.data(), T, *cache, y.data(), tp_);
   else
-    mla_forward(be_, cfg_, aw, rope_, la.xn1.data(), B, S, y.data(), la.att);
+    mla_forward(be_, cfg_, aw, rope_, la.xn1.data(), B, S, y.data(), la.att, tp_);
   for (int64_t i = 0; i < T * D; ++i) x[i] += y[i];
   if (keep) la.x_mid.assign(x, x + T * D);
 
@@ -146,12 +153,14 @@ void Model::layer_forward(int64_t layer, float* x, int64_t B, int64_t S, MlaCach
   be_.rmsnorm_forward(x, D, params_.get(pre + "post_attention_layernorm.weight"), eps, T, D, la.xn2.data(),
                       la.rstd2.data());
   if (!cfg_.is_moe_layer(layer)) {
-    swiglu_mlp_forward(be_, la.xn2.data(), T, D, cfg_.intermediate_size, params_.get(pre + "mlp.gate_proj.weight"),
-                       params_.get(pre + "mlp.up_proj.weight"), params_.get(pre + "mlp.down_proj.weight"), y.data(),
-                       false, &la.mlp);
+    // column-parallel gate/up, row-parallel down: this rank's intermediate columns, then the sum over tp
+    swiglu_mlp_forward(be_, la.xn2.data(), T, D, cfg_.intermediate_size / tp_.size,
+                       params_.get(pre + "mlp.gate_proj.weight"), params_.get(pre + "mlp.up_proj.weight"),
+                       params_.get(pre + "mlp.down_proj.weight"), y.data(), false, &la.mlp);
+    tp_.allreduce(y.data(), T * D);
   } else {
     const MoeWeights mw = MoeWeights::from(params_, cfg_, layer);
-    moe_forward(be_, cfg_, mw, ep_, la.xn2.data(), B, S, y.data(), la.moe);
+    moe_forward(be_, cfg_, mw, ep_, la.xn2.data(), B, S, y.data(), la.moe, tp_);
     if (mt) {
       mt->balance_loss = seq_balance_loss(la.moe.r, B);
       mt->idx = la.moe.r.idx;
@@ -168,22 +177,24 @@ void Model::layer_backward(int64_t layer, const LayerActs& la, float* dx, double
   std::vector<float> dxn(T * D, 0.0f);
   // MLP block: x_out = x_mid + mlp(rmsnorm(x_mid)); dx flows through the residual and through the norm
   if (!cfg_.is_moe_layer(layer)) {
-    swiglu_mlp_backward(be_, la.xn2.data(), T, D, cfg_.intermediate_size, params_.get(pre + "mlp.gate_proj.weight"),
+    swiglu_mlp_backward(be_, la.xn2.data(), T, D, cfg_.intermediate_size / tp_.size,
+                        params_.get(pre + "mlp.gate_proj.weight"),
                         params_.get(pre + "mlp.up_proj.weight"), params_.get(pre + "mlp.down_proj.weight"),
                         la.mlp.g.data(), la.mlp.u.data(), la.mlp.a.data(), dx, grads.get(pre + "mlp.gate_proj.weight"),
                         grads.get(pre + "mlp.up_proj.weight"), grads.get(pre + "mlp.down_proj.weight"), dxn.data());
   } else {
     const MoeWeights mw = MoeWeights::from(params_, cfg_, layer);
     MoeWeights mg = MoeWeights::from(grads, cfg_, layer);
-    moe_backward(be_, cfg_, mw, mg, ep_, la.xn2.data(), la.moe, dx, aux_coef, dxn.data());
+    moe_backward(be_, cfg_, mw, mg, ep_, la.xn2.data(), la.moe, dx, aux_coef, dxn.data(), tp_);
   }
+  tp_.allreduce(dxn.data(), T * D);  // each rank's columns (and, MoE, token slice) gave a partial input gradient
   be_.rmsnorm_backward(la.x_mid.data(), D, params_.get(pre + "post_attention_layernorm.weight"), la.rstd2.data(),
                        dxn.data(), T, D, dx, D, grads.get(pre + "post_attention_layernorm.weight"));
   // attention block: x_mid = x_in + mla(rmsnorm(x_in))
   std::fill(dxn.begin(), dxn.end(), 0.0f);
   const MlaWeights aw = MlaWeights::from(params_, cfg_, layer);
   MlaWeights ag = MlaWeights::from(grads, cfg_, layer);
-  mla_backward(be_, cfg_, aw, ag, rope_, la.xn1.data(), la.B, la.S, la.att, dx, dxn.data());
+  mla_backward(be_, cfg_, aw, ag, rope_, la.xn1.data(), la.B, la.S, la.att, dx, dxn.data(), tp_);
   be_.rmsnorm_backward(la.x_in.data(), D, params_.get(pre + "input_layernorm.weight"), la.rstd1.data(), dxn.data(), T,
                        D, dx, D, grads.get(pre + "input_layernorm.weight"));
 }
@@ -201,6 +212,7 @@ Losses Model::forward_into(const int64_t* tokens, const int64_t* labels, int64_t
   DSV3_CHECK(S >= 2, "a training sequence needs at least 2 tokens, got " << S);
   DSV3_CHECK(B >= 0, "negative batch");
   const int64_t T = B * S, D = cfg_.hidden_size, V = cfg_.vocab_size, L = cfg_.num_hidden_layers;
+  const int64_t Vl = V / tp_.size;  // this rank's vocabulary slice of the LM head's logits
   const float eps = (float)cfg_.rms_norm_eps;
   check_tokens(tokens, T, V);
   if (labels) check_tokens(labels, T, V);
@@ -222,7 +234,7 @@ Losses Model::forward_into(const int64_t* tokens, const int64_t* labels, int64_t
   // ---- main model: embedding -> layers -> final norm -> LM head (this pipeline stage's part of it)
   std::vector<float> x(T * D);
   if (stage_.layout.embedding) {
-    be_.embedding_forward(tokens, T, params_.get("model.embed_tokens.weight"), D, x.data());
+    vocab_embedding_forward(be_, tp_, tokens, T, params_.get("model.embed_tokens.weight"), V, D, x.data());
   } else {
     DSV3_CHECK(x_in || T == 0, "pipeline stage " << stage_.index << " needs the previous stage's activations");
     std::copy(x_in, x_in + T * D, x.begin());
@@ -246,16 +258,17 @@ Losses Model::forward_into(const int64_t* tokens, const int64_t* labels, int64_t
   a.h.resize(T * D);
   be_.rmsnorm_forward(a.x_final.data(), D, params_.get("model.norm.weight"), eps, T, D, a.h.data(), a.rstd_final.data());
   if (keep) tr->final_norm = a.h;
-  a.logits.resize(T * V);
-  be_.gemm_nt(T, V, D, 1.0f, a.h.data(), D, params_.get("lm_head.weight"), D, 0.0f, a.logits.data(), V);
+  a.logits.resize(T * Vl);
+  be_.gemm_nt(T, Vl, D, 1.0f, a.h.data(), D, params_.get("lm_head.weight"), D, 0.0f, a.logits.data(), Vl);
   a.targets.resize(T);  // position s predicts token s+1
   for (int64_t b = 0; b < B; ++b)
     for (int64_t s = 0; s < S; ++s) a.targets[b * S + s] = next(b, s);
   int64_t n = 0;
   a.lse.resize(T);
-  const double lm_sum = be_.cross_entropy_forward(a.logits.data(), T, V, a.targets.data(), &n, a.lse.data());
+  const double lm_sum =
+      vocab_cross_entropy_forward(be_, tp_, a.logits.data(), T, V, a.targets.data(), &n, a.lse.data());
   loss.lm = n > 0 ? lm_sum / n : 0.0;  // an empty micro-batch (a data-parallel rank without sequences) adds nothing
-  if (keep) tr->logits = a.logits;
+  if (keep) tr->logits = tp_.gather_columns(a.logits.data(), T, Vl);  // validation only: the full logits
 
   // ---- MTP depth 1 (HF layer num_hidden_layers): position i combines the embedding of token i+1 (first) with
   // the main model's final-norm hidden state h_i (second) and predicts token i+2.
@@ -270,7 +283,8 @@ Losses Model::forward_into(const int64_t* tokens, const int64_t* labels, int64_t
         std::copy_n(a.h.data() + (b * S + i) * D, D, a.mtp_hin.data() + (b * Sm + i) * D);
       }
     a.mtp_e.resize(Tm * D);
-    be_.embedding_forward(a.mtp_next.data(), Tm, params_.get("model.embed_tokens.weight"), D, a.mtp_e.data());
+    vocab_embedding_forward(be_, tp_, a.mtp_next.data(), Tm, params_.get("model.embed_tokens.weight"), V, D,
+                            a.mtp_e.data());
     // cat (Tm, 2D) = [enorm(e) | hnorm(h)]: the two norms write the two halves of each row
     a.mtp_cat.resize(Tm * 2 * D);
     a.mtp_e_rstd.resize(Tm);
@@ -294,17 +308,18 @@ Losses Model::forward_into(const int64_t* tokens, const int64_t* labels, int64_t
     a.mtp_hn.resize(Tm * D);
     be_.rmsnorm_forward(a.mtp_x.data(), D, params_.get(pre + "shared_head.norm.weight"), eps, Tm, D, a.mtp_hn.data(),
                         a.mtp_rstd_out.data());
-    a.mtp_logits.resize(Tm * V);
-    be_.gemm_nt(Tm, V, D, 1.0f, a.mtp_hn.data(), D, params_.get("lm_head.weight"), D, 0.0f, a.mtp_logits.data(), V);
+    a.mtp_logits.resize(Tm * Vl);
+    be_.gemm_nt(Tm, Vl, D, 1.0f, a.mtp_hn.data(), D, params_.get("lm_head.weight"), D, 0.0f, a.mtp_logits.data(),
+                Vl);
     a.mtp_targets.resize(Tm);  // position i predicts token i+2
     for (int64_t b = 0; b < B; ++b)
       for (int64_t i = 0; i < Sm; ++i) a.mtp_targets[b * Sm + i] = next(b, i + 1);
     int64_t nm = 0;
     a.mtp_lse.resize(Tm);
     const double sum =
-        be_.cross_entropy_forward(a.mtp_logits.data(), Tm, V, a.mtp_targets.data(), &nm, a.mtp_lse.data());
+        vocab_cross_entropy_forward(be_, tp_, a.mtp_logits.data(), Tm, V, a.mtp_targets.data(), &nm, a.mtp_lse.data());
     loss.mtp = nm > 0 ? sum / nm : 0.0;
-    if (keep) tr->mtp_logits = a.mtp_logits;
+    if (keep) tr->mtp_logits = tp_.gather_columns(a.mtp_logits.data(), Tm, Vl);
   }
   for (const auto& [layer, m] : tr->moe) loss.aux += m.balance_loss;
   loss.total = loss.lm + mtp_lambda * loss.mtp + aux_alpha * loss.aux;
@@ -337,6 +352,7 @@ void Model::backward_stage(const Activations& a, double mtp_lambda, double aux_a
   DSV3_CHECK(grads.size() == params_.size(), "gradient store does not match the model's parameter table");
   const int64_t B = a.B, S = a.S;
   const int64_t T = B * S, D = cfg_.hidden_size, V = cfg_.vocab_size, L = cfg_.num_hidden_layers;
+  const int64_t Vl = V / tp_.size;  // this rank's vocabulary slice
   const double aux_coef = aux_alpha * loss_scale;
   std::vector<float> dx(T * D, 0.0f);  // gradient w.r.t. the residual stream at this stage's output
 
@@ -351,11 +367,12 @@ void Model::backward_stage(const Activations& a, double mtp_lambda, double aux_a
       const std::string pre = "model.layers." + std::to_string(L) + ".";
       int64_t nm = 0;
       for (int64_t t : a.mtp_targets) nm += t >= 0;
-      std::vector<float> dlog(Tm * V), dhn(Tm * D), dxm(Tm * D, 0.0f);
-      be_.cross_entropy_backward(a.mtp_logits.data(), a.mtp_lse.data(), Tm, V, a.mtp_targets.data(),
-                                 nm ? (float)(loss_scale * mtp_lambda / nm) : 0.0f, dlog.data());
-      be_.gemm_tn(V, D, Tm, 1.0f, dlog.data(), V, a.mtp_hn.data(), D, 1.0f, g_head, D);  // tied head: grads add up
-      be_.gemm_nn(Tm, D, V, 1.0f, dlog.data(), V, w_head, D, 0.0f, dhn.data(), D);
+      std::vector<float> dlog(Tm * Vl), dhn(Tm * D), dxm(Tm * D, 0.0f);
+      vocab_cross_entropy_backward(be_, tp_, a.mtp_logits.data(), a.mtp_lse.data(), Tm, V, a.mtp_targets.data(),
+                                   nm ? (float)(loss_scale * mtp_lambda / nm) : 0.0f, dlog.data());
+      be_.gemm_tn(Vl, D, Tm, 1.0f, dlog.data(), Vl, a.mtp_hn.data(), D, 1.0f, g_head, D);  // tied head: grads add up
+      be_.gemm_nn(Tm, D, Vl, 1.0f, dlog.data(), Vl, w_head, D, 0.0f, dhn.data(), D);
+      tp_.allreduce(dhn.data(), Tm * D);  // each vocabulary slice's part of the gradient
       be_.rmsnorm_backward(a.mtp_x.data(), D, params_.get(pre + "shared_head.norm.weight"), a.mtp_rstd_out.data(),
                            dhn.data(), Tm, D, dxm.data(), D, grads.get(pre + "shared_head.norm.weight"));
       layer_backward(L, a.layers[L], dxm.data(), aux_coef, grads);
@@ -372,7 +389,7 @@ void Model::backward_stage(const Activations& a, double mtp_lambda, double aux_a
       }
       be_.rmsnorm_backward(a.mtp_e.data(), D, params_.get(pre + "enorm.weight"), a.mtp_e_rstd.data(), den.data(), Tm,
                            D, de.data(), D, grads.get(pre + "enorm.weight"));
-      be_.embedding_backward(a.mtp_next.data(), Tm, de.data(), D, g_emb);  // tied embedding
+      vocab_embedding_backward(be_, tp_, a.mtp_next.data(), Tm, de.data(), V, D, g_emb);  // tied embedding
       be_.rmsnorm_backward(a.mtp_hin.data(), D, params_.get(pre + "hnorm.weight"), a.mtp_h_rstd.data(), dhn2.data(),
                            Tm, D, dhin.data(), D, grads.get(pre + "hnorm.weight"));
       for (int64_t b = 0; b < B; ++b)
@@ -382,11 +399,18 @@ void Model::backward_stage(const Activations& a, double mtp_lambda, double aux_a
     // ---- LM head and final norm
     int64_t n = 0;
     for (int64_t t : a.targets) n += t >= 0;
-    std::vector<float> dlog(T * V);
-    be_.cross_entropy_backward(a.logits.data(), a.lse.data(), T, V, a.targets.data(),
-                               n ? (float)(loss_scale / n) : 0.0f, dlog.data());
-    be_.gemm_tn(V, D, T, 1.0f, dlog.data(), V, a.h.data(), D, 1.0f, g_head, D);
-    be_.gemm_nn(T, D, V, 1.0f, dlog.data(), V, w_head, D, 1.0f, dh.data(), D);
+    std::vector<float> dlog(T * Vl);
+    vocab_cross_entropy_backward(be_, tp_, a.logits.data(), a.lse.data(), T, V, a.targets.data(),
+                                 n ? (float)(loss_scale / n) : 0.0f, dlog.data());
+    be_.gemm_tn(Vl, D, T, 1.0f, dlog.data(), Vl, a.h.data(), D, 1.0f, g_head, D);
+    if (tp_.size == 1) {
+      be_.gemm_nn(T, D, V, 1.0f, dlog.data(), V, w_head, D, 1.0f, dh.data(), D);
+    } else {  // each vocabulary slice's part of dh, summed over tp before it joins the MTP's (already whole) part
+      std::vector<float> dhh(T * D);
+      be_.gemm_nn(T, D, Vl, 1.0f, dlog.data(), Vl, w_head, D, 0.0f, dhh.data(), D);
+      tp_.allreduce(dhh.data(), T * D);
+      for (int64_t i = 0; i < T * D; ++i) dh[i] += dhh[i];
+    }
     be_.rmsnorm_backward(a.x_final.data(), D, params_.get("model.norm.weight"), a.rstd_final.data(), dh.data(), T, D,
                          dx.data(), D, grads.get("model.norm.weight"));
   } else {
@@ -397,7 +421,7 @@ void Model::backward_stage(const Activations& a, double mtp_lambda, double aux_a
   const auto& layers = stage_.layout.layers;
   for (auto it = layers.rbegin(); it != layers.rend(); ++it) layer_backward(*it, a.layers[*it], dx.data(), aux_coef, grads);
   if (stage_.layout.embedding)
-    be_.embedding_backward(a.tokens.data(), T, dx.data(), D, grads.get("model.embed_tokens.weight"));
+    vocab_embedding_backward(be_, tp_, a.tokens.data(), T, dx.data(), V, D, grads.get("model.embed_tokens.weight"));
   else if (dx_in)
     *dx_in = std::move(dx);
 }
@@ -406,13 +430,13 @@ void Model::backward_stage(const Activations& a, double mtp_lambda, double aux_a
 // residual (rows, D) to the next; the last stage applies the final norm and the head to the rows `head_rows`
 // selects and broadcasts the logits to every stage, so that all ranks choose the same next token.
 std::vector<float> Model::infer(const int64_t* tokens, int64_t B, int64_t S, KvCache* cache, bool last_only) {
-  const int64_t T = B * S, D = cfg_.hidden_size, V = cfg_.vocab_size;
+  const int64_t T = B * S, D = cfg_.hidden_size, V = cfg_.vocab_size, Vl = V / tp_.size;
   check_tokens(tokens, T, V);
   const Comm* comm = ep_.comm;
   const bool staged = stage_.count > 1;
   std::vector<float> x(T * D);
   if (stage_.layout.embedding)
-    be_.embedding_forward(tokens, T, params_.get("model.embed_tokens.weight"), D, x.data());
+    vocab_embedding_forward(be_, tp_, tokens, T, params_.get("model.embed_tokens.weight"), V, D, x.data());
   else
     comm->pp_recv(x.data(), T * D, stage_.index - 1, 3);
   for (int l : stage_.layout.layers)
@@ -425,7 +449,9 @@ std::vector<float> Model::infer(const int64_t* tokens, int64_t B, int64_t S, KvC
       std::copy_n(x.data() + (last_only ? (r * S + S - 1) : r) * D, D, h.data() + r * D);
     be_.rmsnorm_forward(h.data(), D, params_.get("model.norm.weight"), (float)cfg_.rms_norm_eps, rows, D, h.data(),
                         nullptr);
-    be_.gemm_nt(rows, V, D, 1.0f, h.data(), D, params_.get("lm_head.weight"), D, 0.0f, out.data(), V);
+    std::vector<float> part(rows * Vl);  // this rank's vocabulary slice, then all of it
+    be_.gemm_nt(rows, Vl, D, 1.0f, h.data(), D, params_.get("lm_head.weight"), D, 0.0f, part.data(), Vl);
+    out = tp_.gather_columns(part.data(), rows, Vl);
   } else {
     comm->pp_send(x.data(), T * D, stage_.index + 1, 3);
   }

@@ -11,6 +11,7 @@
 #include "model/moe.h"
 #include "model/params.h"
 #include "model/rope.h"
+#include "model/tensor_parallel.h"
 #include "ops/backend.h"
 #include "pipeline/layout.h"
 
@@ -63,7 +64,7 @@ struct Activations {
   std::vector<int64_t> tokens;           // (B, S)
   std::vector<LayerActs> layers;         // main layers, then the MTP layer
   std::vector<float> x_final, rstd_final, h;  // residual after the last layer, model.norm rstd and output (T, D)
-  std::vector<float> logits, lse;        // (T, V), per-row log-sum-exp (T)
+  std::vector<float> logits, lse;        // (T, V/tp) this rank's vocabulary slice, per-row log-sum-exp (T)
   std::vector<int64_t> targets;          // (T), -1 where no target
   // MTP depth 1 (Tm = B*(S-1) positions)
   std::vector<int64_t> mtp_next;         // (Tm) token i+1
@@ -80,7 +81,10 @@ class Model {
  public:
   // ep: the expert-parallel group this rank belongs to (default: none; the model holds every expert)
   // stage: the pipeline stage this rank runs (default: the whole model); it holds only that stage's parameters.
-  Model(const ModelConfig& cfg, Backend& be, const ExpertGroup& ep = {}, const PipelineStage& stage = {});
+  // tp: the tensor-parallel group (default: none); the rank holds its slice of every tp-sharded parameter.
+  Model(const ModelConfig& cfg, Backend& be, const ExpertGroup& ep = {}, const PipelineStage& stage = {},
+        const TensorGroup& tp = {});
+  const TensorGroup& tensor_group() const { return tp_; }
   const ExpertGroup& expert_group() const { return ep_; }
   const PipelineStage& stage() const { return stage_; }
   const ModelConfig& config() const { return cfg_; }
@@ -143,6 +147,7 @@ class Model {
   Backend& be_;
   ExpertGroup ep_;
   PipelineStage stage_;
+  TensorGroup tp_;
   Params params_;
   RopeTable rope_;
 };

@@ -190,16 +190,35 @@ ExpertExchange plan_exchange(const ExpertGroup& ep, const Routing& r) {
   return ex;
 }
 
+// tokens [t0, t1) of a routing (counts of those tokens only; no scores: the balance loss uses the whole routing)
+Routing slice_routing(const Routing& r, int64_t t0, int64_t t1) {
+  Routing s;
+  s.T = t1 - t0;
+  s.E = r.E;
+  s.K = r.K;
+  s.idx.assign(r.idx.begin() + t0 * r.K, r.idx.begin() + t1 * r.K);
+  s.weight.assign(r.weight.begin() + t0 * r.K, r.weight.begin() + t1 * r.K);
+  s.counts.assign(r.E, 0);
+  for (int32_t e : s.idx) ++s.counts[e];
+  return s;
+}
+
+const Routing& routed(const MoeActs& a, const TensorGroup& tp) { return tp.size > 1 ? a.rs : a.r; }
+
 }  // namespace
 
-void moe_forward(Backend& be, const ModelConfig& c, const MoeWeights& w, const ExpertGroup& ep, const float* xn,
-                 int64_t B, int64_t S, float* out, MoeActs& a) {
+void moe_forward(Backend& be, const ModelConfig& c, const MoeWeights& w, const ExpertGroup& ep, const float* xn_all,
+                 int64_t B, int64_t S, float* out, MoeActs& a, const TensorGroup& tp) {
   const int64_t T = B * S, D = c.hidden_size;
   a.B = B;
-  a.r = moe_route(be, c, w, xn, T);  // route: every rank routes its own tokens over all experts
-  a.d = moe_dispatch(a.r, xn, D);    // dispatch: grouped by global expert = by the rank that holds it
+  a.r = moe_route(be, c, w, xn_all, T);  // route: every rank routes its own tokens over all experts
+  a.t0 = tp.rank * T / tp.size;
+  if (tp.size > 1) a.rs = slice_routing(a.r, a.t0, (tp.rank + 1) * T / tp.size);
+  const Routing& rs = routed(a, tp);
+  const float* xn = xn_all + a.t0 * D;
+  a.d = moe_dispatch(rs, xn, D);     // dispatch: grouped by global expert = by the rank that holds it
   if (ep.size > 1) {                 // experts: on the rank that holds them
-    a.ex = plan_exchange(ep, a.r);
+    a.ex = plan_exchange(ep, rs);
     a.ex.x.resize(a.ex.perm.size() * D);
     exchange_rows(ep, a.ex, D, a.d.x.data(), a.ex.x.data(), true);
     std::vector<float> y(a.ex.x.size());
@@ -208,29 +227,34 @@ void moe_forward(Backend& be, const ModelConfig& c, const MoeWeights& w, const E
   } else {
     moe_experts(be, c, w, a.d.offset, a.d.x.data(), a.d.y.data(), &a.experts);
   }
-  if (w.sh_gate)
-    swiglu_mlp_forward(be, xn, T, D, c.moe_intermediate_size * c.n_shared_experts, w.sh_gate, w.sh_up, w.sh_down, out,
-                       false, &a.shared);
+  if (w.sh_gate)  // shared experts on every token, this rank's columns of them
+    swiglu_mlp_forward(be, xn_all, T, D, c.moe_intermediate_size * c.n_shared_experts / tp.size, w.sh_gate, w.sh_up,
+                       w.sh_down, out, false, &a.shared);
   else
     std::fill(out, out + T * D, 0.0f);
-  moe_combine(a.r, a.d, D, out);     // combine
+  moe_combine(rs, a.d, D, out + a.t0 * D);  // combine (this rank's token slice)
+  tp.allreduce(out, T * D);  // shared partial sums + each slice from the rank that computed it
 }
 
 void moe_backward(Backend& be, const ModelConfig& c, const MoeWeights& w, MoeWeights& g, const ExpertGroup& ep,
-                  const float* xn, const MoeActs& a, const float* dout, double aux_coef, float* dxn) {
+                  const float* xn, const MoeActs& a, const float* dout, double aux_coef, float* dxn,
+                  const TensorGroup& tp) {
   const Routing& r = a.r;
+  const Routing& rsl = routed(a, tp);  // this rank's token slice [t0, t0 + rsl.T)
   const Dispatch& d = a.d;
-  const int64_t T = r.T, K = r.K, E = r.E, D = c.hidden_size, I = c.moe_intermediate_size, rows = T * K;
+  const int64_t T = r.T, K = r.K, E = r.E, D = c.hidden_size, I = c.moe_intermediate_size, rows = rsl.T * K;
+  const int64_t t0 = a.t0;
   if (w.sh_gate) {
-    const int64_t Is = I * c.n_shared_experts;
+    const int64_t Is = I * c.n_shared_experts / tp.size;
     swiglu_mlp_backward(be, xn, T, D, Is, w.sh_gate, w.sh_up, w.sh_down, a.shared.g.data(), a.shared.u.data(),
                         a.shared.a.data(), dout, g.sh_gate, g.sh_up, g.sh_down, dxn);
   }
-  // combine: out_t += w_tk y_row  ->  dy_row = w_tk dout_t,  dw_tk = dout_t . y_row
-  std::vector<float> dy(rows * D), dx(rows * D, 0.0f), dweight(rows);
+  // combine: out_t += w_tk y_row  ->  dy_row = w_tk dout_t,  dw_tk = dout_t . y_row (dweight: every token's slots,
+  // 0 outside this rank's slice)
+  std::vector<float> dy(rows * D), dx(rows * D, 0.0f), dweight(T * K, 0.0f);
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < rows; ++i) {
-    const int64_t tk = d.row_src[i], t = tk / K;
+    const int64_t tk = d.row_src[i] + t0 * K, t = tk / K;
     const float wk = r.weight[tk];
     const float* go = dout + t * D;
     const float* y = d.y.data() + i * D;
@@ -262,7 +286,7 @@ void moe_backward(Backend& be, const ModelConfig& c, const MoeWeights& w, MoeWei
   }
   // dispatch: rows were copies of their token's input -> scatter-add back (fixed order: grouped row order)
   for (int64_t i = 0; i < rows; ++i) {
-    float* o = dxn + (d.row_src[i] / K) * D;
+    float* o = dxn + (t0 + d.row_src[i] / K) * D;
     const float* s = dx.data() + i * D;
     for (int64_t j = 0; j < D; ++j) o[j] += s[j];
   }
@@ -278,7 +302,16 @@ void moe_backward(Backend& be, const ModelConfig& c, const MoeWeights& w, MoeWei
   // L_aux(layer) = (1/B) sum_b sum_i f_bi (1/Ts) sum_t s_ti / Z_t
   be.router_backward(r.scores.data(), r.idx.data(), dweight.data(), T, E, K, c.norm_topk_prob,
                      (float)c.routed_scaling_factor, Ts, f.data(), (float)(aux_coef / (B * Ts)), dlogits.data());
-  be.gemm_tn(E, D, T, 1.0f, dlogits.data(), E, xn, D, 1.0f, g.gate, D);
+  if (tp.size == 1) {
+    be.gemm_tn(E, D, T, 1.0f, dlogits.data(), E, xn, D, 1.0f, g.gate, D);
+  } else {  // each token's router gradient from the rank whose slice holds it, summed over tp
+    std::fill(dlogits.begin(), dlogits.begin() + t0 * E, 0.0f);
+    std::fill(dlogits.begin() + (t0 + rsl.T) * E, dlogits.end(), 0.0f);
+    std::vector<float> gg(E * D, 0.0f);
+    be.gemm_tn(E, D, T, 1.0f, dlogits.data(), E, xn, D, 0.0f, gg.data(), D);
+    tp.allreduce(gg.data(), E * D);
+    for (int64_t i = 0; i < E * D; ++i) g.gate[i] += gg[i];
+  }
   be.gemm_nn(T, D, E, 1.0f, dlogits.data(), E, w.gate, D, 1.0f, dxn, D);
 }
 

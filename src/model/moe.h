@@ -11,6 +11,7 @@
 
 #include "model/config.h"
 #include "model/params.h"
+#include "model/tensor_parallel.h"
 #include "ops/backend.h"
 
 namespace dsv3 {
@@ -88,17 +89,26 @@ struct ExpertExchange {
 
 struct MoeActs {
   int64_t B = 0;
-  Routing r;
+  Routing r;          // every token of the micro-batch (the balance loss and the expert loads)
+  // tensor parallelism: the tokens are replicated over tp and each rank sends the slice [t0, t0 + rs.T) through
+  // dispatch -> experts -> combine, so that every token meets its experts exactly once; rs is r restricted to it
+  int64_t t0 = 0;
+  Routing rs;         // (tp > 1 only; tp = 1 uses r)
   Dispatch d;
   ExpertExchange ex;  // ep > 1
   MlpActs experts;    // the local experts' rows (rows, I)
   MlpActs shared;     // (T, I*n_shared)
 };
 // route -> dispatch (-> all-to-all to the experts' ranks) -> experts (-> all-to-all back) -> combine
+// tp: the router runs on every token everywhere (replicated), the routed part on this rank's token slice, the
+// shared experts column/row-parallel; one all-reduce over tp completes out.
 void moe_forward(Backend& be, const ModelConfig& c, const MoeWeights& w, const ExpertGroup& ep, const float* x_norm,
-                 int64_t B, int64_t S, float* out, MoeActs& acts);
-// aux_coef: the weight of this layer's balance loss in the total loss (aux_alpha x loss scale).
+                 int64_t B, int64_t S, float* out, MoeActs& acts, const TensorGroup& tp = {});
+// aux_coef: the weight of this layer's balance loss in the total loss (aux_alpha x loss scale). tp: dx_norm gets
+// this rank's partial gradient (its token slice, its shared-expert columns): the caller sums it over tp; the
+// router's gradient is summed over tp here.
 void moe_backward(Backend& be, const ModelConfig& c, const MoeWeights& w, MoeWeights& g, const ExpertGroup& ep,
-                  const float* x_norm, const MoeActs& a, const float* dout, double aux_coef, float* dx_norm);
+                  const float* x_norm, const MoeActs& a, const float* dout, double aux_coef, float* dx_norm,
+                  const TensorGroup& tp = {});
 
 }  // namespace dsv3

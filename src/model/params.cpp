@@ -1,5 +1,7 @@
 #include "model/params.h"
 
+#include <algorithm>
+
 #include "core/error.h"
 
 namespace dsv3 {
@@ -152,6 +154,8 @@ Params::Params(std::vector<ParamSpec> table, ShardPlan plan) : table_(std::move(
   DSV3_CHECK(plan_.ep_size >= 1 && plan_.ep_rank >= 0 && plan_.ep_rank < plan_.ep_size,
              "bad expert-parallel shard " << plan_.ep_rank << " of " << plan_.ep_size);
   DSV3_CHECK(plan_.held.empty() || plan_.held.size() == table_.size(), "shard plan does not match the table");
+  DSV3_CHECK(plan_.tp_size >= 1 && plan_.tp_rank >= 0 && plan_.tp_rank < plan_.tp_size,
+             "bad tensor-parallel shard " << plan_.tp_rank << " of " << plan_.tp_size);
 
   int64_t off = 0;
   for (size_t i = 0; i < table_.size(); ++i) {
@@ -159,6 +163,9 @@ Params::Params(std::vector<ParamSpec> table, ShardPlan plan) : table_(std::move(
     DSV3_CHECK(!table_[i].expert_stack || table_[i].shape[0] % plan_.ep_size == 0,
                "parallel.ep=" << plan_.ep_size << " does not divide the " << table_[i].shape[0] << " experts of "
                               << table_[i].name);
+    DSV3_CHECK(!tp_sharded(table_[i]) || table_[i].shape[table_[i].shard_dim] % plan_.tp_size == 0,
+               "parallel.tp=" << plan_.tp_size << " does not divide dimension " << table_[i].shard_dim << " ("
+                              << table_[i].shape[table_[i].shard_dim] << ") of " << table_[i].name);
     offset_.push_back(off);
     off += local_numel(table_[i]);
   }
@@ -172,7 +179,30 @@ uint8_t Params::holding(const ParamSpec& p) const {
 
 int64_t Params::local_numel(const ParamSpec& p) const {
   if (!held(p)) return 0;
-  return p.expert_stack ? p.numel() / plan_.ep_size : p.numel();
+  if (p.expert_stack) return p.numel() / plan_.ep_size;
+  return tp_sharded(p) ? p.numel() / plan_.tp_size : p.numel();
+}
+
+std::vector<int64_t> Params::local_shape(const ParamSpec& p) const {
+  std::vector<int64_t> s = p.shape;
+  if (p.expert_stack) s[0] /= plan_.ep_size;
+  else if (tp_sharded(p)) s[p.shard_dim] /= plan_.tp_size;
+  return s;
+}
+
+GlobalLayout Params::global_layout(const ParamSpec& p) const {
+  const int64_t n = std::max<int64_t>(local_numel(p), 1);
+  if (!tp_sharded(p)) return {n, n, first_expert(p) * (p.numel() / p.n_experts())};
+  int64_t inner = 1;
+  for (size_t d = p.shard_dim; d < p.shape.size(); ++d) inner *= p.shape[d];
+  const int64_t run = inner / plan_.tp_size;
+  return {run, inner, plan_.tp_rank * run};
+}
+
+void Params::take_slice(const ParamSpec& p, const float* global, float* local) const {
+  const GlobalLayout g = global_layout(p);
+  const int64_t n = local_numel(p);
+  for (int64_t k0 = 0; k0 < n; k0 += g.run) std::copy_n(global + g.global(k0), std::min(g.run, n - k0), local + k0);
 }
 
 const ParamSpec& Params::spec(const std::string& name) const {

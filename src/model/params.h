@@ -47,10 +47,22 @@ ParamCounts count_params(const ModelConfig& c);
 // split into ep contiguous ranges; rank ep_rank holds experts [ep_rank*E/ep, (ep_rank+1)*E/ep).
 // Pipeline parallelism: a stage holds only its own parameters (held, by table index; empty = all) and possibly a
 // copy of one it shares with another stage (the word embedding, used by the MTP module on the last stage).
+// Tensor parallelism: a parameter with shard_dim >= 0 (not a routed expert: those are split by etp, which is 1) is
+// cut into tp equal slices along shard_dim; rank tp_rank holds slice tp_rank. A dim-0 slice is one contiguous
+// range of the global tensor; a dim-1 slice of a 2-D (out, in) weight is a column block, `out` strided runs.
 struct ShardPlan {
   int ep_size = 1, ep_rank = 0;
   std::vector<uint8_t> held;
+  int tp_size = 1, tp_rank = 0;
   static constexpr uint8_t kNotHeld = 0, kOwner = 1, kCopy = 2;
+};
+
+// Where the local elements of a parameter sit in the global (row-major) tensor: local element k is global element
+// (k / run) * stride + offset + k % run. Unsharded: one run (run = stride = local numel); routed experts: one run at
+// the first local expert; a tp slice along dim d: runs of prod(shape[d:])/tp elements, stride prod(shape[d:]).
+struct GlobalLayout {
+  int64_t run = 0, stride = 0, offset = 0;
+  int64_t global(int64_t k) const { return (k / run) * stride + offset + k % run; }
 };
 
 // FP32 storage of the parameters this rank holds, addressed by name (contiguous, in table order).
@@ -66,6 +78,13 @@ class Params {
   // the experts held here of a stacked expert tensor: [first, first + count); (0, 1) for other parameters
   int64_t first_expert(const ParamSpec& p) const { return p.expert_stack ? plan_.ep_rank * local_experts(p) : 0; }
   int64_t local_experts(const ParamSpec& p) const { return p.expert_stack ? p.shape[0] / plan_.ep_size : 1; }
+  // true when this rank holds a tensor-parallel slice of p (tp > 1, shard_dim >= 0, not a routed expert)
+  bool tp_sharded(const ParamSpec& p) const { return plan_.tp_size > 1 && p.shard_dim >= 0 && !p.expert_stack; }
+  // the shape of what this rank holds of p (a held parameter): shard_dim divided by tp, experts by ep
+  std::vector<int64_t> local_shape(const ParamSpec& p) const;
+  GlobalLayout global_layout(const ParamSpec& p) const;
+  // copies this rank's part of p out of the full global tensor (global: p.numel() values)
+  void take_slice(const ParamSpec& p, const float* global, float* local) const;
   const std::vector<ParamSpec>& table() const { return table_; }
   bool has(const std::string& name) const { return index_.count(name) != 0; }
   const ParamSpec& spec(const std::string& name) const;

@@ -79,12 +79,20 @@ AdamW::AdamW(const Params& params, const AdamWConfig& cfg, const Comm* comm) : c
     b.master.assign(flat.begin() + b.begin, flat.begin() + b.begin + b.shard);
     // per-element decay flags of my shard (padding: no decay, it never leaves the optimizer)
     b.decay.assign(b.shard, 0);
+    const bool tp_copy = params.plan().tp_size > 1 && params.plan().tp_rank > 0;  // replicated params: not counted
+    b.norm_partial = false;
     int64_t off = 0;
     for (int i : b.params) {
       const ParamSpec& p = table[i];
       const int64_t n_el = params.local_numel(p);
       const int64_t lo = std::max(off, b.begin), hi = std::min(off + n_el, b.begin + b.shard);
       for (int64_t k = lo; k < hi; ++k) b.decay[k - b.begin] = p.decay;
+      const bool counted = !tp_copy || p.expert_stack || params.tp_sharded(p);
+      if (!counted) b.norm_partial = true;
+      if (counted && lo < hi) {
+        if (!b.norm_ranges.empty() && b.norm_ranges.back().second == lo - b.begin) b.norm_ranges.back().second = hi - b.begin;
+        else b.norm_ranges.push_back({lo - b.begin, hi - b.begin});
+      }
       off += n_el;
     }
     if (cfg_.bf16_moments) {
@@ -128,10 +136,13 @@ double AdamW::reduce_grads(const Params& grads) {
       comm_->reduce_scatter((GroupKind)b.group, flat.data(), b.g.data(), b.shard);
     else
       std::copy(flat.begin(), flat.end(), b.g.begin());
-    ss += sum_squares(b.g.data(), b.shard);
+    if (!b.norm_partial)
+      ss += sum_squares(b.g.data(), b.shard);
+    else
+      for (const auto& [lo, hi] : b.norm_ranges) ss += sum_squares(b.g.data() + lo, hi - lo);
   }
-  // every unique element lives in exactly one shard of one rank (tp = 1; pipeline copies excluded): the world sum
-  // is the global norm
+  // every unique element is counted in exactly one shard of one rank (pipeline copies excluded; a tp-replicated
+  // parameter on tp rank 0 only): the world sum is the global norm
   if (comm_) comm_->allreduce_sum(GroupKind::world, &ss, 1);
   return std::sqrt(ss);
 }

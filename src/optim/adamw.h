@@ -13,6 +13,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "model/params.h"
@@ -55,6 +56,11 @@ class AdamW {
     std::vector<int> params;          // indices into the table
     int64_t size = 0, padded = 0, shard = 0, begin = 0;  // elements, padded to the group, shard length, my offset
     std::vector<uint8_t> decay;       // (shard) weight decay flag of each element of my shard
+    // tensor parallelism: the ranges [first, second) of my shard that the grad norm counts here. A parameter
+    // replicated over tp has the same gradient on every rank of the tp group: only tp rank 0 counts it; tp slices
+    // and experts count everywhere. Empty: the whole shard.
+    std::vector<std::pair<int64_t, int64_t>> norm_ranges;
+    bool norm_partial = false;        // true: only norm_ranges count
     std::vector<float> master, g;     // (shard) FP32 master weights, reduced gradients
     std::vector<float> m, v;          // (shard) FP32 moments, or
     std::vector<uint16_t> m16, v16;   //         BF16 moments

@@ -1,6 +1,7 @@
 #include "parallel/context.h"
 
 #include <cstring>
+#include <vector>
 
 #include "core/deck.h"
 #include "core/error.h"
@@ -11,12 +12,13 @@ namespace dsv3 {
 ParallelContext setup_parallel(Comm& comm, const Deck& deck, const ModelConfig& cfg) {
   ParallelContext ctx;
   ctx.sizes = resolve_sizes(deck, comm.size(), cfg);
-  DSV3_CHECK(ctx.sizes.tp == 1, "parallel.tp=" << ctx.sizes.tp << ": tensor parallelism is not implemented yet "
-                                                << "(data and expert parallel layouts are)");
+  DSV3_CHECK(!ctx.sizes.sp, "parallel.sp=true: sequence parallelism is not implemented yet (parallel.tp=" << ctx.sizes.tp
+                                                                                                   << " without it is)");
   DSV3_CHECK(ctx.sizes.etp == 1, "parallel.etp=" << ctx.sizes.etp << ": expert tensor parallelism is not implemented yet");
   ctx.coords = coords_of(ctx.sizes, comm.rank());
   comm.set_groups(groups_of(ctx.sizes, comm.rank()));
   ctx.ep = ExpertGroup{&comm, ctx.sizes.ep, ctx.coords.ep};
+  ctx.tp = TensorGroup{&comm, ctx.sizes.tp, ctx.coords.tp};
   const auto layout = parse_pp_layout(deck.get<std::string>("parallel.pp_layout"), ctx.sizes.pp,
                                       (int)cfg.num_hidden_layers, (int)cfg.num_nextn_predict_layers);
   ctx.stage.index = ctx.coords.pp;
@@ -24,20 +26,29 @@ ParallelContext setup_parallel(Comm& comm, const Deck& deck, const ModelConfig& 
   ctx.stage.layout = layout[ctx.coords.pp];
   DSV3_CHECK(comm.group_size(GroupKind::ep) == ctx.sizes.ep && comm.group_rank(GroupKind::ep) == ctx.coords.ep,
              "the expert-parallel communicator disagrees with the topology (rank " << comm.rank() << ")");
+  DSV3_CHECK(comm.group_size(GroupKind::tp) == ctx.sizes.tp && comm.group_rank(GroupKind::tp) == ctx.coords.tp,
+             "the tensor-parallel communicator disagrees with the topology (rank " << comm.rank() << ")");
   return ctx;
 }
 
 Params gather_experts(const Params& local, const Comm& comm) {
   Params full(local.table());
-  const int ep = local.plan().ep_size;
+  const int ep = local.plan().ep_size, tp = local.plan().tp_size;
   const bool staged = !local.plan().held.empty();
   for (const ParamSpec& p : local.table()) {
     float* dst = full.get(p.name);
     const int64_t n = local.local_numel(p);
     if (local.held(p) && !local.is_copy(p)) {
-      if (p.expert_stack && ep > 1)
+      if (p.expert_stack && ep > 1) {
         comm.allgather(GroupKind::ep, local.get(p.name), dst, n);  // rank order = expert order
-      else
+      } else if (local.tp_sharded(p)) {  // slice r of tp rank r: runs of the global tensor (params.h)
+        std::vector<float> all(n * tp);
+        comm.allgather(GroupKind::tp, local.get(p.name), all.data(), n);
+        const GlobalLayout g = local.global_layout(p);
+        for (int r = 0; r < tp; ++r)
+          for (int64_t k = 0; k < n; k += g.run)
+            std::copy_n(all.data() + r * n + k, g.run, dst + g.global(k) - g.offset + r * g.run);
+      } else
         std::memcpy(dst, local.get(p.name), n * sizeof(float));
     }
     // pipeline stages: the owner stage has it, the others contribute zeros

@@ -1,7 +1,7 @@
 // defines: ParallelContext, setup_parallel, gather_experts, reduce_grads_over_replicas
 // The run's layout: the sizes from the deck and the world (parallel/topology.h), this rank's coordinates, the
-// communicators (Comm::set_groups), and the expert group handed to the model. Today dsv3 runs data parallel and
-// expert parallel layouts; tensor and pipeline parallelism are refused here with a clear message.
+// communicators (Comm::set_groups), and the expert and tensor groups handed to the model. Sequence parallelism and
+// expert tensor parallelism are refused here with a clear message.
 #pragma once
 #include <cstdint>
 #include <utility>
@@ -21,6 +21,7 @@ struct ParallelContext {
   ParallelSizes sizes;
   RankCoords coords;
   ExpertGroup ep;
+  TensorGroup tp;       // size 1 without tensor parallelism
   PipelineStage stage;  // count 1 without pipeline parallelism
   int dp_rank() const { return coords.dp; }
   int dp() const { return sizes.dp; }
@@ -36,8 +37,9 @@ inline std::pair<int64_t, int64_t> dp_slice(int64_t B, int dp, int rank) {
 // communicators. Collective over the world.
 ParallelContext setup_parallel(Comm& comm, const Deck& deck, const ModelConfig& cfg);
 
-// Every parameter in full on every rank: the routed experts all-gathered over the expert-parallel group, and the
-// parameters of the other pipeline stages summed in from their owners (collective over the world).
+// Every parameter in full on every rank: the routed experts all-gathered over the expert-parallel group, the
+// tensor-parallel slices over the tp group, and the parameters of the other pipeline stages summed in from their
+// owners (collective over the world).
 Params gather_experts(const Params& local, const Comm& comm);
 
 // Sums gradients over the data-parallel replicas in place (dense over dp, experts over edp): what every rank's

@@ -110,7 +110,7 @@ int main(int argc, char** argv) {
     // under mpirun: the experts are spread over the ranks (parallel.ep=N); every rank runs the same sequence and
     // rank 0's choice of each token is broadcast, so the ranks never disagree about what to feed next
     const ParallelContext par = setup_parallel(comm, deck, cfg);
-    Model model(cfg, *be, par.ep, par.stage);
+    Model model(cfg, *be, par.ep, par.stage, par.tp);
     if (ckpt_file.empty())
       model.load_hf(HfCheckpoint(dir, cfg.fp8_block));
     else  // weights only; each rank reads its own experts / pipeline stage (the file is layout-independent)
