@@ -124,7 +124,31 @@ struct Job {
   int64_t global0 = 0, n = 0;   // this rank's elements [global0, global0 + n) in row-major order (n may be 0)
   float* mem = nullptr;         // n elements here
   bool hash = false;            // this rank's copy counts for the checksum (exactly one rank per element)
+  // a tensor-parallel slice (run > 0): mem[k] is local element l0 + k of the slice, whose global index is
+  // GlobalLayout{run, stride, global0}.global(l0 + k) (model/params.h): runs of `run` elements `stride` apart
+  int64_t run = 0, stride = 0, l0 = 0;
+  // calls f(global first, count, job-relative first) for each contiguous global piece of job elements [a, b)
+  template <class F>
+  void pieces(int64_t a, int64_t b, F&& f) const {
+    if (run == 0) {
+      if (a < b) f(global0 + a, b - a, a);
+      return;
+    }
+    const GlobalLayout g{run, stride, global0};
+    for (int64_t k = a; k < b;) {
+      const int64_t m = l0 + k, len = std::min(run - m % run, b - k);
+      f(g.global(m), len, k);
+      k += len;
+    }
+  }
 };
+
+// the checksum terms of this rank's elements of a job
+uint64_t job_checksum(const Job& j) {
+  uint64_t s = 0;
+  j.pieces(0, j.n, [&](int64_t g, int64_t len, int64_t k) { s += checkpoint_checksum(j.mem + k, len, g); });
+  return s;
+}
 
 struct Plan {
   std::vector<Job> jobs;
@@ -140,11 +164,16 @@ int group_rank(const Comm* comm, GroupKind k) { return comm ? comm->group_rank(k
 Plan make_plan(const Params& params, const AdamW* opt, const Comm* comm, bool writer_only, bool with_moments) {
   Plan plan;
   const auto& table = params.table();
-  DSV3_CHECK(params.plan().tp_size == 1, "checkpoints under parallel.tp=" << params.plan().tp_size
-                                                                          << " are not implemented yet");
+  // tensor parallelism: a tp slice is written by its own rank, a parameter replicated over tp by tp rank 0 only
+  const bool tp_first = params.plan().tp_rank == 0;
+  auto tp_writer = [&](const ParamSpec& p) { return p.expert_stack || params.tp_sharded(p) || tp_first; };
+  auto set_layout = [&](Job& j, const ParamSpec& p, int64_t l0) {
+    const GlobalLayout g = params.global_layout(p);
+    if (params.tp_sharded(p)) j.run = g.run, j.stride = g.stride, j.global0 = g.offset, j.l0 = l0;
+    else j.global0 = g.offset + l0;
+  };
   const bool dense_writer = group_rank(comm, GroupKind::dp) == 0;
   const bool expert_writer = group_rank(comm, GroupKind::edp) == 0;
-  auto per_expert = [](const ParamSpec& p) { return p.expert_stack ? p.numel() / p.shape[0] : 0; };
   for (const ParamSpec& p : table) {
     Job j;
     j.name = "/model/" + p.name;
@@ -153,8 +182,8 @@ Plan make_plan(const Params& params, const AdamW* opt, const Comm* comm, bool wr
     // pipeline parallelism: a stage has only its own parameters, and maybe a copy of one another stage owns (the
     // MTP's embedding): the copy is read on loading but neither written nor counted in the checksum
     const bool held = params.held(p), owner = held && !params.is_copy(p);
-    j.hash = owner && (p.expert_stack ? expert_writer : dense_writer);
-    j.global0 = params.first_expert(p) * per_expert(p);
+    j.hash = owner && (p.expert_stack ? expert_writer : dense_writer) && tp_writer(p);
+    set_layout(j, p, 0);
     j.n = !held || (writer_only && !j.hash) ? 0 : params.local_numel(p);
     j.mem = held ? const_cast<float*>(params.get(p.name)) : nullptr;
     plan.jobs.push_back(std::move(j));
@@ -173,7 +202,7 @@ Plan make_plan(const Params& params, const AdamW* opt, const Comm* comm, bool wr
   // param index -> (bucket, position of its shard intersection)
   struct Slot {
     int bucket = -1;
-    int64_t global0 = 0, n = 0, shard_off = 0;
+    int64_t local0 = 0, n = 0, shard_off = 0;  // elements [local0, local0 + n) of the parameter's local tensor
   };
   std::vector<Slot> slot(table.size());
   for (size_t bi = 0; bi < bs.size(); ++bi) {
@@ -186,7 +215,7 @@ Plan make_plan(const Params& params, const AdamW* opt, const Comm* comm, bool wr
       Slot& s = slot[i];
       s.bucket = (int)bi;
       if (lo < hi) {
-        s.global0 = params.first_expert(p) * per_expert(p) + (lo - off);
+        s.local0 = lo - off;
         s.n = hi - lo;
         s.shard_off = lo - b.begin;
       }
@@ -203,10 +232,10 @@ Plan make_plan(const Params& params, const AdamW* opt, const Comm* comm, bool wr
       j.name = std::string("/optim/") + kinds[kind] + "/" + p.name;
       j.shape = p.shape;
       j.numel = p.numel();
-      j.global0 = s.global0;
-      j.n = s.n;
-      j.hash = true;
-      if (s.n > 0) {  // (a parameter of another pipeline stage, or a copy, is in no bucket here: nothing to move)
+      set_layout(j, p, s.local0);
+      j.hash = tp_writer(p);  // a tp-replicated parameter's optimizer state: tp rank 0's copy
+      j.n = writer_only && !j.hash ? 0 : s.n;
+      if (j.n > 0) {  // (a parameter of another pipeline stage, or a copy, is in no bucket here: nothing to move)
         AdamW::Bucket& b = bs[s.bucket];
         if (kind == 0) j.mem = b.master.data() + s.shard_off;
         else if (kind == 1) j.mem = (m16 ? plan.m32[s.bucket].data() : b.m.data()) + s.shard_off;
@@ -219,14 +248,15 @@ Plan make_plan(const Params& params, const AdamW* opt, const Comm* comm, bool wr
 }
 
 // Selects the row-major element range [a, b) of a dataspace of shape dims as a union of at most 2*rank-1
-// hyperslab blocks (a is aligned coarsest-first: partial rows, whole slabs, partial rows).
+// hyperslab blocks (a is aligned coarsest-first: partial rows, whole slabs, partial rows); append: added to the
+// current selection.
 void select_range(hid_t space, const std::vector<int64_t>& dims, int64_t a, int64_t b, const std::string& path,
-                  const std::string& ds) {
+                  const std::string& ds, bool append = false) {
   const int nd = (int)dims.size();
   std::vector<int64_t> stride(nd, 1);
   for (int k = nd - 2; k >= 0; --k) stride[k] = stride[k + 1] * dims[k + 1];
   std::vector<hsize_t> start(nd), count(nd);
-  bool first = true;
+  bool first = !append;
   while (a < b) {
     int k = 0;
     while (k < nd - 1 && !(a % stride[k] == 0 && a + stride[k] <= b)) ++k;
@@ -243,7 +273,7 @@ void select_range(hid_t space, const std::vector<int64_t>& dims, int64_t a, int6
     first = false;
     a += c * unit;
   }
-  if (first) H5_CHECK(H5Sselect_none(space), path, "dataset " << ds);
+  if (first && !append) H5_CHECK(H5Sselect_none(space), path, "dataset " << ds);
 }
 
 // Moves this rank's part of one dataset in rounds of at most g_io_chunk elements of the global index space (the
@@ -253,20 +283,28 @@ void transfer(bool write, hid_t dset, hid_t dxpl, const Job& j, const std::strin
   const int64_t rounds = std::max<int64_t>(1, (j.numel + g_io_chunk - 1) / g_io_chunk);
   float dummy = 0;
   for (int64_t r = 0; r < rounds; ++r) {
-    const int64_t lo = std::max(j.global0, r * g_io_chunk);
-    const int64_t hi = std::min(j.global0 + j.n, (r + 1) * g_io_chunk);
+    // contiguous jobs: round r moves the global chunk r; tp slices: job elements [r*chunk, (r+1)*chunk)
+    const int64_t lo = j.run ? std::min(j.n, r * g_io_chunk) : std::max(j.global0, r * g_io_chunk);
+    const int64_t hi = j.run ? std::min(j.n, (r + 1) * g_io_chunk) : std::min(j.global0 + j.n, (r + 1) * g_io_chunk);
     const int64_t n = std::max<int64_t>(0, hi - lo);
     H5Id fspace(H5_CHECK(H5Screate_simple((int)dims.size(), dims.data(), nullptr), path, "dataset " << j.name),
                 H5Sclose);
     const hsize_t mdim = (hsize_t)std::max<int64_t>(n, 1);
     H5Id mspace(H5_CHECK(H5Screate_simple(1, &mdim, nullptr), path, "dataset " << j.name), H5Sclose);
-    if (n > 0) {
+    if (n > 0 && j.run) {
+      // TODO(perf): one hyperslab union per run (rows of a dim-1 slice); a strided 2-D block would be one call
+      bool first = true;
+      j.pieces(lo, hi, [&](int64_t g, int64_t len, int64_t) {
+        select_range(fspace, j.shape, g, g + len, path, j.name, !first);
+        first = false;
+      });
+    } else if (n > 0) {
       select_range(fspace, j.shape, lo, hi, path, j.name);
     } else {
       H5_CHECK(H5Sselect_none(fspace), path, "dataset " << j.name);
       H5_CHECK(H5Sselect_none(mspace), path, "dataset " << j.name);
     }
-    float* buf = n > 0 ? j.mem + (lo - j.global0) : &dummy;
+    float* buf = n > 0 ? j.mem + (j.run ? lo : lo - j.global0) : &dummy;
     if (write)
       H5_CHECK(H5Dwrite(dset, H5T_NATIVE_FLOAT, mspace, fspace, dxpl, buf), path, "writing dataset " << j.name);
     else
@@ -661,7 +699,7 @@ SaveResult save_checkpoint(const std::string& dir, const Comm* comm, const Param
   }
   std::vector<uint64_t> sums(plan.jobs.size(), 0);
   for (size_t i = 0; i < plan.jobs.size(); ++i)
-    sums[i] = checkpoint_checksum(plan.jobs[i].mem, plan.jobs[i].n, plan.jobs[i].global0);
+    sums[i] = job_checksum(plan.jobs[i]);
   allreduce_checksums(comm, sums);
 
   // The metadata (attributes, groups, every dataset with its checksum) is created and flushed before any data, so
@@ -842,7 +880,7 @@ TrainState load_checkpoint(const std::string& path, const Comm* comm, Params& pa
     H5Id d(open_dataset(file, j.name, j.shape, path), H5Dclose);
     stored[i] = get_attr_u64(d, "checksum", path, j.name);
     transfer(false, d, dxpl, j, path);
-    if (j.hash) sums[i] = checkpoint_checksum(j.mem, j.n, j.global0);
+    if (j.hash) sums[i] = job_checksum(j);
     if (!comm && j.n != j.numel) check[i] = 0;
   }
   allreduce_checksums(comm, sums);
