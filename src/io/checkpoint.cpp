@@ -872,8 +872,8 @@ TrainState load_checkpoint(const std::string& path, const Comm* comm, Params& pa
   const bool with_master = opt && (!weights_only || link_exists(file, "/optim/master", path));
   Plan plan = make_plan(params, with_master ? opt : nullptr, comm, /*writer_only=*/false, !weights_only);
   std::vector<uint64_t> stored(plan.jobs.size()), sums(plan.jobs.size(), 0);
-  // without a communicator a process holding part of a tensor (a ShardPlan with ep_size > 1) cannot complete its
-  // checksum: only whole tensors are checked then
+  // without a communicator a process holding part of a tensor (a ShardPlan with ep_size or tp_size > 1) cannot
+  // complete its checksum: only whole tensors it hashes are checked then
   std::vector<char> check(plan.jobs.size(), 1);
   for (size_t i = 0; i < plan.jobs.size(); ++i) {
     const Job& j = plan.jobs[i];
@@ -881,7 +881,7 @@ TrainState load_checkpoint(const std::string& path, const Comm* comm, Params& pa
     stored[i] = get_attr_u64(d, "checksum", path, j.name);
     transfer(false, d, dxpl, j, path);
     if (j.hash) sums[i] = job_checksum(j);
-    if (!comm && j.n != j.numel) check[i] = 0;
+    if (!comm && (j.n != j.numel || !j.hash)) check[i] = 0;
   }
   allreduce_checksums(comm, sums);
   for (size_t i = 0; i < plan.jobs.size(); ++i)
