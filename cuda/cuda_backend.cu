@@ -39,13 +39,17 @@ int cuda_select_device(int hint, int device_count) {
   return hint < 0 ? 0 : (device_count > 0 ? hint % device_count : hint);
 }
 
-std::unique_ptr<Backend> make_cuda_backend(int device_hint) {
+int cuda_usable_device(int device_hint) {
   std::string reason;
   DSV3_CHECK(cuda_device_usable(&reason),
              "run.device = cuda, but no CUDA device is usable on this node (" << reason << ")");
   int count = 0;
   DSV3_CUDA_CHECK(cudaGetDeviceCount(&count));
-  return std::make_unique<CudaBackend>(cuda_select_device(device_hint, count));
+  return cuda_select_device(device_hint, count);
+}
+
+std::unique_ptr<Backend> make_cuda_backend(int device_hint) {
+  return std::make_unique<CudaBackend>(cuda_usable_device(device_hint));
 }
 
 CudaBackend::CudaBackend(int device) : device_(device) {

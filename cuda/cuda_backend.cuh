@@ -23,6 +23,8 @@ bool cuda_device_usable(std::string* reason);
 // The device this process uses: the node-local rank (OMPI_COMM_WORLD_LOCAL_RANK, else SLURM_LOCALID, else
 // MPI_LOCALRANKID) modulo the device count when set, else `hint` (0 when negative).
 int cuda_select_device(int hint, int device_count);
+// the device this process uses (cuda_select_device); dsv3::Error naming the reason when no device is usable
+int cuda_usable_device(int device_hint);
 // make_backend("cuda"): a CudaBackend on cuda_select_device(hint); dsv3::Error with the reason when no device.
 std::unique_ptr<Backend> make_cuda_backend(int device_hint);
 // make_backend("cuda") today: the same ops on host pointers, each op copying its operands to the device and back

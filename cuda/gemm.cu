@@ -1,4 +1,4 @@
-// defines: CudaBackend::gemm_nt / gemm_nn / gemm_tn — cuBLAS FP32 SGEMM on row-major operands; in BF16 matmul mode
+// defines: CudaBackend::gemm_nt / gemm_nn / gemm_tn — cuBLAS FP32 GEMMs on row-major operands; in BF16 matmul mode
 // (Backend::set_bf16_matmul) both operands are rounded to BF16 in scratch and cublasGemmEx multiplies them on the
 // tensor cores with FP32 accumulation into the FP32 C. CudaBackend::gemm_bf16 takes operands already in BF16.
 // Row-major X (r, c) with leading dimension ld is, to column-major cuBLAS, X^T (c, r) with the same ld. So the
@@ -14,28 +14,19 @@
 namespace dsv3 {
 
 namespace {
-void sgemm_rowmajor(cublasHandle_t h, bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha,
-                    const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+// ab: CUDA_R_32F (FP32 SGEMM arithmetic) or CUDA_R_16BF (tensor cores); C is FP32 and accumulation FP32 either way
+void gemm_rowmajor(cublasHandle_t h, bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha,
+                   const void* A, int64_t lda, const void* B, int64_t ldb, float beta, float* C, int64_t ldc,
+                   cudaDataType_t ab) {
   if (M == 0 || N == 0) return;
   using cuda::to_int;
   // column-major: C^T (N, M) = op(B)^T (N, K) . op(A)^T (K, M). The column-major view of a stored operand is its
   // transpose, so op(X)^T is the view itself (CUBLAS_OP_N) when X is used as stored, and its transpose otherwise.
   const cublasOperation_t opB = transB ? CUBLAS_OP_T : CUBLAS_OP_N;
   const cublasOperation_t opA = transA ? CUBLAS_OP_T : CUBLAS_OP_N;
-  DSV3_CUBLAS_CHECK(cublasSgemm(h, opB, opA, to_int(N, "gemm N"), to_int(M, "gemm M"), to_int(K, "gemm K"), &alpha, B,
-                                to_int(ldb, "gemm ldb"), A, to_int(lda, "gemm lda"), &beta, C,
-                                to_int(ldc, "gemm ldc")));
-}
-// the BF16 form of the same call: A, B are __nv_bfloat16 with the same leading dimensions, C FP32
-void bf16gemm_rowmajor(cublasHandle_t h, bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha,
-                       const void* A, int64_t lda, const void* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  if (M == 0 || N == 0) return;
-  using cuda::to_int;
-  const cublasOperation_t opB = transB ? CUBLAS_OP_T : CUBLAS_OP_N;
-  const cublasOperation_t opA = transA ? CUBLAS_OP_T : CUBLAS_OP_N;
   DSV3_CUBLAS_CHECK(cublasGemmEx(h, opB, opA, to_int(N, "gemm N"), to_int(M, "gemm M"), to_int(K, "gemm K"), &alpha, B,
-                                 CUDA_R_16BF, to_int(ldb, "gemm ldb"), A, CUDA_R_16BF, to_int(lda, "gemm lda"), &beta,
-                                 C, CUDA_R_32F, to_int(ldc, "gemm ldc"), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+                                 ab, to_int(ldb, "gemm ldb"), A, ab, to_int(lda, "gemm lda"), &beta, C, CUDA_R_32F,
+                                 to_int(ldc, "gemm ldc"), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
 __global__ void to_bf16_kernel(const float* __restrict__ x, int64_t n, __nv_bfloat16* __restrict__ y) {
@@ -48,12 +39,12 @@ size_t extent(int64_t rows, int64_t cols, int64_t ld) { return rows && cols ? (s
 
 void CudaBackend::gemm_bf16(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha, const void* A,
                             int64_t lda, const void* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  bf16gemm_rowmajor(cublas_, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  gemm_rowmajor(cublas_, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, CUDA_R_16BF);
 }
 
 void CudaBackend::gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
                        const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  if (!bf16_matmul_) return sgemm_rowmajor(cublas_, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  if (!bf16_matmul_) return gemm_rowmajor(cublas_, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, CUDA_R_32F);
   if (M == 0 || N == 0) return;
   // the stored extents of A (M,K or K,M) and B (K,N or N,K), rounded to BF16 with the same leading dimensions
   const size_t na = extent(ta ? K : M, ta ? M : K, lda), nb = extent(tb ? N : K, tb ? K : N, ldb);
@@ -66,7 +57,7 @@ void CudaBackend::gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float 
   DSV3_CUDA_LAUNCH_CHECK();
   if (nb) to_bf16_kernel<<<grid_b, cuda::kBlock, 0, stream_>>>(B, (int64_t)nb, b16);
   DSV3_CUDA_LAUNCH_CHECK();
-  bf16gemm_rowmajor(cublas_, ta, tb, M, N, K, alpha, a16, lda, b16, ldb, beta, C, ldc);
+  gemm_rowmajor(cublas_, ta, tb, M, N, K, alpha, a16, lda, b16, ldb, beta, C, ldc, CUDA_R_16BF);
 }
 
 // C(M,N) = alpha A(M,K) B(N,K)^T + beta C

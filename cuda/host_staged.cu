@@ -224,12 +224,7 @@ class HostStagedCudaBackend final : public Backend {
 };
 
 std::unique_ptr<Backend> make_host_staged_cuda_backend(int device_hint) {
-  std::string reason;
-  DSV3_CHECK(cuda_device_usable(&reason),
-             "run.device = cuda, but no CUDA device is usable on this node (" << reason << ")");
-  int count = 0;
-  DSV3_CUDA_CHECK(cudaGetDeviceCount(&count));
-  return std::make_unique<HostStagedCudaBackend>(cuda_select_device(device_hint, count));
+  return std::make_unique<HostStagedCudaBackend>(cuda_usable_device(device_hint));
 }
 
 }  // namespace dsv3

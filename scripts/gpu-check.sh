@@ -5,7 +5,7 @@
 #   scripts/gpu-check.sh [build dir (default build-gpu)]
 #   scripts/gpu-check.sh --prebuilt ARCHIVE   binaries packed elsewhere by scripts/gpu-pack.sh (a GPU node without our
 #                                             build dependencies): no build, the node's own CUDA libraries
-#   env: LOG_DIR (logs; default <build>/gpu-check), SANITIZE=1 (also the op tests under compute-sanitizer memcheck),
+#   env: LOG_DIR (logs; default <build>/gpu-check), PROXY=0 (skip the proxy run: ~4 minutes), SANITIZE=1 (also the op tests under compute-sanitizer memcheck),
 #        JOBS (build parallelism, default nproc), BENCH_TOKENS (default 4096), BENCH_SECONDS (per measurement, 0.25)
 # Then the model on the CUDA backend (tests/gpu/cuda_model.sh, part of ctest -L gpu) and the proxy training benchmark
 # (input/bench-gpu-proxy.deck: the real hidden size and head dims, 2 layers; tokens/s, TFLOP/s, MFU).
@@ -100,13 +100,17 @@ if [ "$build_status" = OK ]; then
     echo "   model: $model_status ($(elapsed))"
   fi
 
-  echo "== proxy training benchmark: input/bench-gpu-proxy.deck (log: $LOG/proxy.log)"
-  (cd "$ROOT/input" && DSV3_NO_MPI=1 OMP_NUM_THREADS=$JOBS timeout 240 "$BIN_DIR/dsv3" bench-gpu-proxy.deck \
-     log.metrics="$LOG/proxy.jsonl") >"$LOG/proxy.log" 2>&1
-  proxy_rc=$?
-  grep -E "iter |done|error" "$LOG/proxy.log" | tail -6
-  case $proxy_rc in 0) proxy_status=OK ;; 124) proxy_status="TIMED OUT" ;; *) proxy_status=FAILED ;; esac
-  echo "   proxy: $proxy_status ($(elapsed))"
+  if [ "${PROXY:-1}" = 1 ]; then
+    echo "== proxy training benchmark: input/bench-gpu-proxy.deck (log: $LOG/proxy.log)"
+    (cd "$ROOT/input" && DSV3_NO_MPI=1 OMP_NUM_THREADS=$JOBS timeout 300 "$BIN_DIR/dsv3" bench-gpu-proxy.deck \
+       log.metrics="$LOG/proxy.jsonl") >"$LOG/proxy.log" 2>&1
+    proxy_rc=$?
+    grep -E "iter |done|error" "$LOG/proxy.log" | tail -6
+    case $proxy_rc in 0) proxy_status=OK ;; 124) proxy_status="TIMED OUT" ;; *) proxy_status=FAILED ;; esac
+    echo "   proxy: $proxy_status ($(elapsed))"
+  else
+    proxy_status="SKIPPED (PROXY=0)"
+  fi
 fi
 
 echo

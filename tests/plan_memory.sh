@@ -35,7 +35,6 @@ PY
 done
 
 # ---- planned vs measured memory of the tiny deck ------------------------------------------------------------------
-# Each layout runs one micro-batch per rank per step or fewer than the pipeline depth (see the note below).
 common=(train.iters=4 optim.decay_iters=600 data.paths=synthetic train.eval_interval=0 checkpoint.dir=
         checkpoint.load= checkpoint.export_hf= run.threads=1 log.level=info)
 measure() {  # measure NAME NP STRICT [overrides...]
@@ -64,7 +63,8 @@ measure one_rank 1 1 train.global_batch=8     # 1 micro-batch of 8 x 128
 measure dp2 2 1                               # the deck as `make run` runs it: 1 micro-batch per rank
 measure ep2 2 1 parallel.ep=2                 # experts split: the all-to-all buffers
 measure pp2 2 1 parallel.pp=2                 # stage 0 of 2 keeps both of its micro-batches (1F1B warmup)
-# Not checked: with more micro-batches than pipeline stages the executor (pipeline/executor.cpp) keeps every
-# micro-batch's activations until the step ends, not the min(pp - stage, m) 1F1B needs; reported, not failed.
-measure one_rank_2mb 1 0
+# more micro-batches than pipeline stages: a micro-batch's activations are freed after its backward, so at most
+# min(pp - stage, m) are alive (the 1F1B bound the planner uses), not m
+measure one_rank_2mb 1 1                      # 2 micro-batches of 8 on 1 rank
+measure pp2_4mb 2 1 parallel.pp=2 train.micro_batch=4   # stage 0 of 2, 4 micro-batches of 4: 2 in flight
 exit $fail

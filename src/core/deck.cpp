@@ -9,7 +9,9 @@
 #include <boost/program_options/parsers.hpp>
 #include <boost/program_options/value_semantic.hpp>
 #include <cctype>
+#include <cerrno>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -48,12 +50,9 @@ using Type = KeySpec::Type;
 
 const std::map<std::string, const KeySpec*>& key_index() {
   static const std::map<std::string, const KeySpec*> index = [] {
+    check_key_table(deck_keys());
     std::map<std::string, const KeySpec*> m;
-    for (const KeySpec& k : deck_keys()) {
-      DSV3_CHECK(m.emplace(k.name, &k).second, "deck key '" << k.name << "' is declared twice");
-      DSV3_CHECK(k.name.find('.') != std::string::npos, "deck key '" << k.name << "' has no section");
-      DSV3_CHECK(!(k.required && k.def), "deck key '" << k.name << "' is required and has a default");
-    }
+    for (const KeySpec& k : deck_keys()) m.emplace(k.name, &k);
     return m;
   }();
   return index;
@@ -78,42 +77,60 @@ const std::set<std::string>& known_sections() {
   return s;
 }
 
+// The typed value of a key's default (k.def set); a default that does not parse throws naming the key.
+boost::any default_value(const KeySpec& k) {
+  const std::string def = k.def;
+  switch (k.type) {
+    case Type::Int: {
+      int64_t x = 0;
+      DSV3_CHECK(boost::conversion::try_lexical_convert(def, x),
+                 "deck key '" << k.name << "' has a bad default '" << def << "' (expected an integer)");
+      return x;
+    }
+    case Type::Float: {
+      double x = 0;
+      DSV3_CHECK(boost::conversion::try_lexical_convert(def, x),
+                 "deck key '" << k.name << "' has a bad default '" << def << "' (expected a number)");
+      return x;
+    }
+    case Type::Bool: {
+      boost::any a;
+      try {
+        deck_detail::validate(a, {def}, static_cast<Flag*>(nullptr), 0);
+      } catch (const po::error&) {
+        DSV3_FAIL("deck key '" << k.name << "' has a bad default '" << def << "' (expected a bool)");
+      }
+      return a;
+    }
+    case Type::String:
+    case Type::Path: break;
+  }
+  return def;
+}
+
 // The Boost.Program_options description of every key: typed values, defaults, help.
 const po::options_description& options() {
   static const po::options_description desc = [] {
+    key_index();  // the table is checked (defaults included) before it is used
     po::options_description d("dsv3 deck keys");
     for (const KeySpec& k : deck_keys()) {
       const std::string def = k.def ? k.def : "";
       switch (k.type) {
         case Type::Int: {
           auto* v = po::value<int64_t>();
-          if (k.def) {
-            int64_t x = 0;
-            DSV3_CHECK(boost::conversion::try_lexical_convert(def, x),
-                       "deck key '" << k.name << "' has a bad default '" << def << "'");
-            v->default_value(x, def);
-          }
+          if (k.def) v->default_value(boost::any_cast<int64_t>(default_value(k)), def);
           d.add_options()(k.name.c_str(), v, k.help.c_str());
           break;
         }
         case Type::Float: {
           auto* v = po::value<double>();
-          if (k.def) {
-            double x = 0;
-            DSV3_CHECK(boost::conversion::try_lexical_convert(def, x),
-                       "deck key '" << k.name << "' has a bad default '" << def << "'");
-            v->default_value(x, def);
-          }
+          if (k.def) v->default_value(boost::any_cast<double>(default_value(k)), def);
           d.add_options()(k.name.c_str(), v, k.help.c_str());
           break;
         }
         case Type::Bool: {
           auto* v = po::value<Flag>();
-          if (k.def) {
-            boost::any a;
-            deck_detail::validate(a, {def}, static_cast<Flag*>(nullptr), 0);
-            v->default_value(boost::any_cast<Flag>(a), def);
-          }
+          if (k.def) v->default_value(boost::any_cast<Flag>(default_value(k)), def);
           d.add_options()(k.name.c_str(), v, k.help.c_str());
           break;
         }
@@ -223,8 +240,10 @@ std::string quote(const KeySpec& k, const std::string& raw) {
 }
 
 std::string read_file(const std::string& path) {
+  errno = 0;
   std::ifstream in(path, std::ios::binary);
-  DSV3_CHECK(in, "cannot read deck file '" << path << "'");
+  const int err = errno;
+  DSV3_CHECK(in, "cannot read deck file '" << path << "': " << (err ? std::strerror(err) : "open failed"));
   std::ostringstream os;
   os << in.rdbuf();
   return os.str();
@@ -385,6 +404,17 @@ void check_value(const KeySpec& k, const boost::any& v, const std::string& raw, 
 }
 }  // namespace
 
+void check_key_table(const std::vector<KeySpec>& keys) {
+  std::set<std::string> seen;
+  for (const KeySpec& k : keys) {
+    DSV3_CHECK(seen.insert(k.name).second, "deck key '" << k.name << "' is declared twice");
+    DSV3_CHECK(k.name.find('.') != std::string::npos && valid_name(k.name),
+               "deck key '" << k.name << "' has no section (expected section.key)");
+    DSV3_CHECK(!(k.required && k.def), "deck key '" << k.name << "' is required and has a default");
+    if (k.def) check_value(k, default_value(k), k.def, "default");
+  }
+}
+
 void Deck::finish() {
   const po::options_description& desc = options();
   vm_ = po::variables_map();
@@ -403,9 +433,7 @@ void Deck::finish() {
     }
     check_value(k, vm_[key].value(), e.raw, e.origin);
   }
-  po::store(po::parsed_options(&desc), vm_);  // the defaults of every key not given
-  for (const KeySpec& k : deck_keys())
-    if (!given_.count(k.name) && vm_.count(k.name)) check_value(k, vm_[k.name].value(), k.def, "default");
+  po::store(po::parsed_options(&desc), vm_);  // the defaults of every key not given (checked by check_key_table)
 }
 
 Deck Deck::parse_file(const std::string& path, const std::vector<std::string>& overrides) {
@@ -516,6 +544,17 @@ std::string Deck::origin(const std::string& key) const {
   auto it = given_.find(key);
   if (it != given_.end()) return it->second.origin;
   return k.def ? "default" : "unset";
+}
+
+std::string Deck::where_set(const std::vector<std::string>& keys) const {
+  std::string out;
+  for (const std::string& key : keys) {
+    const std::string o = origin(key);
+    out += (out.empty() ? "(" : ", ") + key + " " +
+           (o == "default" ? "by default" : o == "unset" ? "unset" : o == "command line" ? "on the command line"
+                                                                                          : "at " + o);
+  }
+  return out.empty() ? out : out + ")";
 }
 
 std::string Deck::resolve_path(const std::string& key, const std::string& p) const {

@@ -31,6 +31,10 @@ struct KeySpec {
   std::string help;                  // one line
 };
 const std::vector<KeySpec>& deck_keys();  // defined in deck_keys.cpp
+// Checks a key table (deck_keys() is checked once, before its first use): every name declared once and with a
+// section, no required key with a default, and every default a valid value of its key (type, bounds, choices).
+// Throws a dsv3::Error naming the key.
+void check_key_table(const std::vector<KeySpec>& keys);
 
 class Deck {
  public:
@@ -51,6 +55,9 @@ class Deck {
   T get(const std::string& key) const;
   std::string get_or(const std::string& key, const std::string& fallback) const;  // deck text or fallback
   std::string origin(const std::string& key) const;  // "file:line", "command line" or "default"
+  // Where the values of keys came from, for the messages of checks that involve several keys:
+  // "(parallel.tp at t.deck:5, parallel.pp on the command line, parallel.ep by default)".
+  std::string where_set(const std::vector<std::string>& keys) const;
   // A path-valued key resolved against the directory of the deck file it came from (unchanged for
   // absolute paths, the command line and defaults, i.e. relative to the cwd). "" stays "".
   std::string path(const std::string& key) const;

@@ -82,6 +82,8 @@ nlohmann::json model_config_to_json(const ModelConfig& c);
 namespace dsv3 {
 class Deck;
 // The model of a deck: model.hf_config (if given) read first, then every given model.<hf key> applied on top
-// (model.rope_scaling.<key> for the nested YaRN fields), then validated. Errors name the deck key or the file.
+// (model.rope_scaling.<key> for the nested YaRN fields), then validated. Errors name the deck key or the file; a
+// value the config rejects that the deck set also names its deck key, value and origin ("[model.n_group = 3 at
+// run.deck:12]").
 ModelConfig model_config_from_deck(const Deck& deck);
 }  // namespace dsv3

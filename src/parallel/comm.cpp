@@ -214,7 +214,29 @@ void Comm::pp_send(const float* x, int64_t n, int to, int tag) const {
   CommTimer timer(*this, GroupKind::pp);
   auto* req = new MPI_Request;
   MPI_CHECK(MPI_Isend(x, to_int(n, "pp_send"), MPI_FLOAT, to, tag, g.comm, req));
-  pending_.push_back(req);
+  pending_.push_back({req, {}});
+}
+
+void Comm::pp_send_owned(std::vector<float> x, int to, int tag) const {
+  pp_send(x.data(), (int64_t)x.size(), to, tag);
+  pending_.back().buf = std::move(x);  // the vector's heap block moves, the address MPI holds stays valid
+}
+
+void Comm::pp_reap_sends() const {
+  CommTimer timer(*this, GroupKind::pp);
+  size_t kept = 0;
+  for (size_t i = 0; i < pending_.size(); ++i) {
+    auto* req = static_cast<MPI_Request*>(pending_[i].request);
+    int done = 0;
+    MPI_CHECK(MPI_Test(req, &done, MPI_STATUS_IGNORE));
+    if (done) {
+      delete req;
+      continue;  // its buffer goes with the entry
+    }
+    if (kept != i) pending_[kept] = std::move(pending_[i]);
+    ++kept;
+  }
+  pending_.resize(kept);
 }
 
 void Comm::pp_recv(float* x, int64_t n, int from, int tag) const {
@@ -225,8 +247,8 @@ void Comm::pp_recv(float* x, int64_t n, int from, int tag) const {
 
 void Comm::pp_wait_sends() const {
   CommTimer timer(*this, GroupKind::pp);
-  for (void* p : pending_) {
-    auto* req = static_cast<MPI_Request*>(p);
+  for (PendingSend& p : pending_) {
+    auto* req = static_cast<MPI_Request*>(p.request);
     MPI_CHECK(MPI_Wait(req, MPI_STATUS_IGNORE));
     delete req;
   }

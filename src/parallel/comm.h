@@ -70,6 +70,11 @@ class Comm {
   void pp_send(const float* x, int64_t n, int to_stage, int tag) const;
   void pp_recv(float* x, int64_t n, int from_stage, int tag) const;
   void pp_wait_sends() const;
+  // The same send, the buffer handed over: the comm module keeps it until the send completed, then frees it (so the
+  // caller need not keep every micro-batch's buffer until the step ends).
+  void pp_send_owned(std::vector<float> x, int to_stage, int tag) const;
+  // Completes (and frees) the sends that have finished by now, without waiting for the others.
+  void pp_reap_sends() const;
   // every rank sends `per_rank` int64 to each rank of the group (the counts before an all-to-all)
   void alltoall(GroupKind k, const int64_t* send, int64_t* recv, int64_t per_rank) const;
   // variable all-to-all of floats; counts and displacements in elements, one per group rank
@@ -93,7 +98,11 @@ class Comm {
   std::vector<Group*> groups_;  // by GroupKind; world is groups_[0]
   const Group& group(GroupKind k) const;
   mutable double seconds_[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  mutable std::vector<void*> pending_;  // MPI_Request* of pp sends in flight
+  struct PendingSend {
+    void* request;           // MPI_Request*
+    std::vector<float> buf;  // the owned buffer of pp_send_owned (empty for pp_send)
+  };
+  mutable std::vector<PendingSend> pending_;  // pp sends in flight
   friend struct CommTimer;
 };
 

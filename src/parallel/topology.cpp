@@ -53,20 +53,24 @@ ParallelSizes resolve_sizes(const Deck& deck, int world, const ModelConfig& m) {
   const int dp_given = deck.get<int>("parallel.dp");
   s.sp = deck.get<bool>("parallel.sp");
   // The deck table bounds these at >= 1 (dp >= 0); re-checked so a hand-made Deck cannot divide by zero.
+  const std::vector<std::string> all = {"parallel.tp", "parallel.pp", "parallel.dp", "parallel.ep", "parallel.etp"};
   DSV3_CHECK(s.tp >= 1 && s.pp >= 1 && s.ep >= 1 && s.etp >= 1 && dp_given >= 0,
-             "parallel.tp/pp/ep/etp must be >= 1 and parallel.dp >= 0");
+             "parallel.tp/pp/ep/etp must be >= 1 and parallel.dp >= 0 " << deck.where_set(all));
 
   // ---- world = tp * dp * pp ----
   DSV3_CHECK(world % (s.tp * s.pp) == 0, "world size " << world << " is not a multiple of tp*pp=" << s.tp * s.pp
-                                                       << " (parallel.tp=" << s.tp << ", parallel.pp=" << s.pp << ")");
+                                                       << " (parallel.tp=" << s.tp << ", parallel.pp=" << s.pp << ") "
+                                                       << deck.where_set({"parallel.tp", "parallel.pp"}));
   s.dp = world / (s.tp * s.pp);
   DSV3_CHECK(dp_given == 0 || dp_given == s.dp,
              "parallel.dp=" << dp_given << " disagrees with world size " << world << " / (tp*pp=" << s.tp * s.pp
-                            << ") = " << s.dp << " (set parallel.dp = 0 to derive it)");
+                            << ") = " << s.dp << " (set parallel.dp = 0 to derive it) "
+                            << deck.where_set({"parallel.dp", "parallel.tp", "parallel.pp"}));
 
   // ---- tensor parallelism: every tp-sharded dimension divides evenly ----
   auto tp_divides = [&](int64_t n, const char* what) {
-    DSV3_CHECK(n % s.tp == 0, "parallel.tp=" << s.tp << " does not divide " << what << "=" << n);
+    DSV3_CHECK(n % s.tp == 0, "parallel.tp=" << s.tp << " does not divide " << what << "=" << n << " "
+                                              << deck.where_set({"parallel.tp"}));
   };
   tp_divides(m.num_attention_heads, "num_attention_heads");
   tp_divides(m.vocab_size, "vocab_size");  // vocab-parallel embedding and head: equal shards, no padding
@@ -78,26 +82,38 @@ ParallelSizes resolve_sizes(const Deck& deck, int world, const ModelConfig& m) {
   if (s.tp == 1) s.sp = false;  // nothing to shard over: a no-op, as in Megatron
   if (s.sp && deck.has("train.seq_length")) {
     const int64_t seq = deck.get<int64_t>("train.seq_length");
-    DSV3_CHECK(seq % s.tp == 0, "parallel.sp needs train.seq_length=" << seq << " divisible by parallel.tp=" << s.tp);
+    DSV3_CHECK(seq % s.tp == 0, "parallel.sp needs train.seq_length=" << seq << " divisible by parallel.tp=" << s.tp
+                                                                      << " "
+                                                                      << deck.where_set({"parallel.sp",
+                                                                                         "train.seq_length",
+                                                                                         "parallel.tp"}));
   }
 
   // ---- experts: ep splits the routed experts, etp splits each expert's width ----
   if (m.n_routed_experts == 0 || !has_moe_layer(m)) {
-    DSV3_CHECK(s.ep == 1, "parallel.ep=" << s.ep << " needs routed experts, but the model has no MoE layer");
-    DSV3_CHECK(s.etp == 1, "parallel.etp=" << s.etp << " needs routed experts, but the model has no MoE layer");
+    DSV3_CHECK(s.ep == 1, "parallel.ep=" << s.ep << " needs routed experts, but the model has no MoE layer "
+                                         << deck.where_set({"parallel.ep"}));
+    DSV3_CHECK(s.etp == 1, "parallel.etp=" << s.etp << " needs routed experts, but the model has no MoE layer "
+                                           << deck.where_set({"parallel.etp"}));
   } else {
-    DSV3_CHECK(m.n_routed_experts % s.ep == 0,
-               "parallel.ep=" << s.ep << " does not divide n_routed_experts=" << m.n_routed_experts);
-    DSV3_CHECK(m.moe_intermediate_size % s.etp == 0,
-               "parallel.etp=" << s.etp << " does not divide moe_intermediate_size=" << m.moe_intermediate_size);
+    DSV3_CHECK(m.n_routed_experts % s.ep == 0, "parallel.ep=" << s.ep << " does not divide n_routed_experts="
+                                                               << m.n_routed_experts << " "
+                                                               << deck.where_set({"parallel.ep"}));
+    DSV3_CHECK(m.moe_intermediate_size % s.etp == 0, "parallel.etp=" << s.etp << " does not divide moe_intermediate_size="
+                                                                     << m.moe_intermediate_size << " "
+                                                                     << deck.where_set({"parallel.etp"}));
   }
   DSV3_CHECK((s.tp * s.dp) % (s.ep * s.etp) == 0,
              "ep*etp=" << s.ep * s.etp << " must divide tp*dp=" << s.tp * s.dp << " (parallel.ep=" << s.ep
-                       << ", parallel.etp=" << s.etp << ", parallel.tp=" << s.tp << ", dp=" << s.dp << ")");
+                       << ", parallel.etp=" << s.etp << ", parallel.tp=" << s.tp << ", dp=" << s.dp << ") "
+                       << deck.where_set({"parallel.ep", "parallel.etp", "parallel.tp"}));
 
   // ---- pipeline: the layout (given, or the even split, which needs pp <= num_hidden_layers) must fit ----
   parse_pp_layout(deck.get<std::string>("parallel.pp_layout"), s.pp, static_cast<int>(m.num_hidden_layers),
-                  static_cast<int>(m.num_nextn_predict_layers));
+                  static_cast<int>(m.num_nextn_predict_layers),
+                  deck.where_set(deck.given("parallel.pp_layout") ? std::vector<std::string>{"parallel.pp_layout",
+                                                                                             "parallel.pp"}
+                                                                  : std::vector<std::string>{"parallel.pp"}));
   return s;
 }
 

@@ -18,8 +18,9 @@ PipelineResult run_pipeline(Model& m, const Comm* comm, const std::vector<MicroB
   DSV3_CHECK(stages == 1 || comm, "a pipeline of " << stages << " stages needs the communicator");
   PipelineResult out;
   out.traces.resize(keep_hidden ? M : 0);
+  // A micro-batch's activations live from its forward to its backward only (1F1B keeps at most stages - stage of them
+  // in flight); the buffers sent to the neighbours go to the comm module, which frees them once each send completed.
   std::vector<Activations> acts(M);
-  std::vector<std::vector<float>> sent(M);  // gradients sent back: alive until the sends complete
 
   auto forward = [&](int i, bool recv) {
     const MicroBatch& mb = mbs[i];
@@ -43,14 +44,16 @@ PipelineResult run_pipeline(Model& m, const Comm* comm, const std::vector<MicroB
       for (size_t e = 0; e < mt.counts.size(); ++e) load[e] += mt.counts[e];
     }
   };
-  auto send_forward = [&](int i) {
-    comm->pp_send(acts[i].x_final.data(), (int64_t)acts[i].x_final.size(), stage + 1, kTagActivation);
+  auto send_forward = [&](int i) {  // a non-last stage's output: the next stage's input, not needed here again
+    comm->pp_send_owned(std::move(acts[i].x_final), stage + 1, kTagActivation);
   };
 
   if (!grads) {  // forward only: the micro-batches in order through the stages
     for (int i = 0; i < M; ++i) {
       forward(i, stage > 0);
       if (stage + 1 < stages) send_forward(i);
+      acts[i] = Activations{};  // forward only: nothing of it is needed again (the traces hold their copies)
+      if (comm && stages > 1) comm->pp_reap_sends();
     }
     if (comm) comm->pp_wait_sends();
     return out;
@@ -66,12 +69,15 @@ PipelineResult run_pipeline(Model& m, const Comm* comm, const std::vector<MicroB
         dx_out.resize(mbs[i].n * S * D);
         comm->pp_recv(dx_out.data(), (int64_t)dx_out.size(), stage + 1, kTagGradient);
       }
+      std::vector<float> sent;
       m.backward_stage(acts[i], mtp_lambda, aux_alpha, mbs[i].weight, *grads, a.recv_bwd ? dx_out.data() : nullptr,
-                       a.send_bwd ? &sent[i] : nullptr);
-      if (a.send_bwd) comm->pp_send(sent[i].data(), (int64_t)sent[i].size(), stage - 1, kTagGradient);
+                       a.send_bwd ? &sent : nullptr);
+      acts[i] = Activations{};  // this micro-batch is done: its activations go now, not at the end of the step
+      if (a.send_bwd) comm->pp_send_owned(std::move(sent), stage - 1, kTagGradient);
     }
+    if (comm && stages > 1) comm->pp_reap_sends();
   }
-  if (comm) comm->pp_wait_sends();  // before the activations and the sent gradients go away
+  if (comm) comm->pp_wait_sends();  // every send completed before the step ends
   return out;
 }
 

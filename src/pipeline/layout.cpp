@@ -22,7 +22,7 @@ constexpr int kMaxDepth = 32;  // nested '(' (the recursion depth of the parser)
 
 class Parser {
  public:
-  explicit Parser(const std::string& spec) : spec_(spec) {}
+  Parser(const std::string& spec, const std::string& where) : spec_(spec), where_(where.empty() ? "" : " " + where) {}
 
   std::vector<Sym> expand() {
     std::vector<Sym> out = sequence(/*depth=*/0);
@@ -32,7 +32,7 @@ class Parser {
   }
 
   [[noreturn]] void fail_at(size_t pos, const std::string& what) const {
-    DSV3_FAIL("parallel.pp_layout \"" << spec_ << "\" at character " << pos + 1 << ": " << what);
+    DSV3_FAIL("parallel.pp_layout \"" << spec_ << "\" at character " << pos + 1 << ": " << what << where_);
   }
 
  private:
@@ -116,12 +116,14 @@ class Parser {
   }
 
   const std::string& spec_;
+  const std::string where_;  // " (parallel.pp_layout at run.deck:7, ...)" or ""
   size_t i_ = 0;
 };
 
-std::vector<StageLayout> even_split(int pp, int num_layers, int mtp_layers) {
+std::vector<StageLayout> even_split(int pp, int num_layers, int mtp_layers, const std::string& where) {
   DSV3_CHECK(pp <= num_layers, "parallel.pp=" << pp << " exceeds the decoder layers (" << num_layers
-                                              << "): the even split needs one per stage (or give parallel.pp_layout)");
+                                              << "): the even split needs one per stage (or give parallel.pp_layout)"
+                                              << where);
   std::vector<StageLayout> out(pp);
   const int base = num_layers / pp, extra = num_layers % pp;
   int next = 0;
@@ -137,13 +139,15 @@ std::vector<StageLayout> even_split(int pp, int num_layers, int mtp_layers) {
 
 }  // namespace
 
-std::vector<StageLayout> parse_pp_layout(const std::string& spec, int pp, int num_layers, int mtp_layers) {
-  DSV3_CHECK(pp >= 1, "parallel.pp=" << pp << " must be at least 1");
+std::vector<StageLayout> parse_pp_layout(const std::string& spec, int pp, int num_layers, int mtp_layers,
+                                         const std::string& where_set) {
+  const std::string where = where_set.empty() ? "" : " " + where_set;
+  DSV3_CHECK(pp >= 1, "parallel.pp=" << pp << " must be at least 1" << where);
   DSV3_CHECK(num_layers >= 1, "num_hidden_layers=" << num_layers << " must be at least 1");
   DSV3_CHECK(mtp_layers >= 0, "num_nextn_predict_layers=" << mtp_layers << " must be >= 0");
-  if (spec.find_first_not_of(" \t,\r\n") == std::string::npos) return even_split(pp, num_layers, mtp_layers);
+  if (spec.find_first_not_of(" \t,\r\n") == std::string::npos) return even_split(pp, num_layers, mtp_layers, where);
 
-  Parser parser(spec);
+  Parser parser(spec, where_set);
   const std::vector<Sym> syms = parser.expand();
 
   // Split into stages first so that a wrong stage count is reported before what is on the stages.
@@ -151,7 +155,7 @@ std::vector<StageLayout> parse_pp_layout(const std::string& spec, int pp, int nu
   for (const Sym& s : syms) stages += s.c == '|';
   if (stages != pp)
     DSV3_FAIL("parallel.pp_layout \"" << spec << "\" has " << stages << " stage" << (stages == 1 ? "" : "s")
-                                      << " but parallel.pp=" << pp);
+                                      << " but parallel.pp=" << pp << where);
 
   std::vector<StageLayout> out(pp);
   int stage = 0, layers = 0, mtps = 0;
@@ -209,7 +213,7 @@ std::vector<StageLayout> parse_pp_layout(const std::string& spec, int pp, int nu
         break;
     }
   }
-  auto whole = [&](const std::string& what) { DSV3_FAIL("parallel.pp_layout \"" << spec << "\": " << what); };
+  auto whole = [&](const std::string& what) { DSV3_FAIL("parallel.pp_layout \"" << spec << "\": " << what << where); };
   if (embedding_at == std::string::npos) whole("no E (embedding): the first stage must start with E");
   if (loss_at == std::string::npos) whole("no L (loss): the last stage must end with L");
   if (layers != num_layers)

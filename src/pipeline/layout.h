@@ -29,8 +29,10 @@ struct StageLayout {
 
 // One StageLayout per pipeline stage (size pp). An empty (or all-blank) spec gives the even split: every
 // stage floor(num_layers/pp) layers, the first num_layers % pp stages one more, E on stage 0, m and L on the
-// last stage; it needs pp <= num_layers. Throws dsv3::Error naming parallel.pp_layout.
-std::vector<StageLayout> parse_pp_layout(const std::string& spec, int pp, int num_layers, int mtp_layers);
+// last stage; it needs pp <= num_layers. Throws dsv3::Error naming parallel.pp_layout; `where` ends every message
+// (the deck's where_set: "(parallel.pp_layout at run.deck:7, parallel.pp on the command line)").
+std::vector<StageLayout> parse_pp_layout(const std::string& spec, int pp, int num_layers, int mtp_layers,
+                                         const std::string& where = "");
 
 // For the log, one line: "pp0: E t0-3 | pp1: t4-7 | ... | pp15: t60 m L" (an empty stage reads "pp1: -").
 std::string format_layout(const std::vector<StageLayout>& layout);

@@ -8,8 +8,11 @@
 #include <functional>
 #include <string>
 
+#include <sys/resource.h>
+
 #include "core/deck.h"
 #include "core/error.h"
+#include "model/config.h"
 
 namespace fs = std::filesystem;
 using dsv3::Deck;
@@ -446,6 +449,169 @@ TEST_F(DeckTest, ErrorBadOverride) {
                     "command line", "did you mean 'train.iters'");
   EXPECT_DECK_ERROR(Deck::parse_text(kRequired, "t.deck", {"train.iters=x"}), "bad value 'x'", "'train.iters'",
                     "command line");
+}
+
+// ---- every error path of the deck ------------------------------------------------------------------------
+// Each DSV3_FAIL / DSV3_CHECK / throw of the deck code and the deck checks of the topology and the pipeline
+// layout, and the test that triggers it. Messages name the key, the value and where it was set (file:line,
+// "on the command line", "by default") where there is one.
+//
+// src/core/deck.cpp
+//   Flag validate: not a bool (rethrown as 'bad value ... expected a bool')  DeckTest.ErrorBadValues
+//   check_key_table: declared twice                              DeckErrorPaths.KeyTableIsChecked
+//   check_key_table: no section                                  DeckErrorPaths.KeyTableIsChecked
+//   check_key_table: required and has a default                  DeckErrorPaths.KeyTableIsChecked
+//   default_value: bad int / float / bool default                DeckErrorPaths.KeyTableIsChecked
+//   check_key_table -> check_value: default out of range / not a choice  DeckErrorPaths.KeyTableIsChecked
+//   read_file: cannot read deck file (with the reason)           DeckTest.ErrorUnreadableDeckFile
+//   get_field: no ':' / bad length / truncated                   DeckTest.ErrorCorruptSerializedDeck,
+//                                                                FuzzRegressions.CorruptSerializedDeckIsAnError
+//   parse: malformed section header (unclosed, text after it)    DeckTest.ErrorMalformedLines
+//   parse: malformed section header (bad name, "[]")             DeckTest.ErrorMalformedLines
+//   parse: unknown section                                       DeckTest.ErrorUnknownKey
+//   parse: malformed line                                        DeckTest.ErrorMalformedLines
+//   parse: unterminated quote / text after it                    DeckTest.ErrorMalformedLines
+//   parse: key outside any section                               DeckTest.ErrorKeyBeforeSection
+//   include: without a file name / not found                     DeckTest.ErrorMissingInclude
+//   include: cycle                                               DeckTest.IncludeCycle
+//   overrides: no '=' / key without a section                    DeckTest.ErrorBadOverride
+//   overrides: value with a line break / unbalanced quote        FuzzRegressions.OverrideValueThatDeckTextCannotExpressIsAnError
+//   set: unknown key (deck file, text, command line, serialized) DeckTest.ErrorUnknownKey, DeckTest.ErrorBadOverride,
+//                                                                DeckTest.ErrorCorruptSerializedDeck
+//   check_bounds: not finite / below min / above max             DeckTest.ErrorBadValues, DeckTest.ErrorOutOfRange
+//   check_value: not one of the choices                          DeckTest.ErrorBadValues
+//   finish: value of the wrong type (po error)                   DeckTest.ErrorBadValues, DeckTest.ErrorOutOfRange
+//   parse_file: deck file not found                              DeckTest.ErrorMissingInclude
+//   require_keys: missing required keys                          DeckTest.ErrorMissingRequired, DeckTest.DefaultsOnly
+//   known: unknown deck key (get, given, origin, has, path)      DeckTest.ErrorUnknownKey, DeckTest.ErrorWrongTypeOrNoValue
+//   get: no value (optional, not given)                          DeckTest.DefaultsAndGiven, DeckTest.DefaultsOnly
+//   get: wrong type (bool, double, int, int64)                   DeckTest.ErrorOutOfRange, DeckTest.ErrorWrongTypeOrNoValue
+//   get<int>: does not fit an int                                DeckTest.ErrorOutOfRange
+//   deserialize: bad header / bad entry count / trailing bytes   DeckTest.ErrorCorruptSerializedDeck,
+//                                                                FuzzRegressions.CorruptSerializedDeckIsAnError
+// src/core/deck_keys.cpp: the table only, no error path of its own (the shipped table passes check_key_table:
+//   DeckErrorPaths.KeyTableIsChecked)
+// src/model/config_deck.cpp
+//   model.hf_config cannot be opened (key, path, file:line, why) DeckTest.ModelConfigFromDeckErrorsNameTheDeckKey
+//   model.hf_config is not valid JSON (key, path, file:line)     DeckTest.ModelConfigFromDeckErrorsNameTheDeckKey
+//   the deck describes no model                                  DeckTest.ModelConfigFromDeckErrorsNameTheDeckKey
+//   a model.* value the config rejects: the deck key, its value and file:line are added
+//                                                                DeckTest.ModelConfigFromDeckErrorsNameTheDeckKey
+// src/parallel/topology.cpp resolve_sizes (every message ends with where the keys were set)
+//   tp/pp/ep/etp >= 1, dp >= 0: unreachable through a Deck (the key table's bounds reject them first:
+//     DeckTest.ErrorOutOfRange); kept for ParallelSizes built by hand
+//   world size < 1                                               Topology.ResolveErrorsNameTheKeyAndTheConstraint
+//   world not a multiple of tp*pp / dp disagrees / tp does not divide heads, vocab, intermediate, shared experts /
+//   sp needs seq_length % tp / ep or etp without experts / ep does not divide experts / etp does not divide the
+//   expert width / ep*etp does not divide tp*dp                  Topology.ResolveErrorsNameTheKeyAndTheConstraint,
+//                                                                Topology.ResolveErrorsSayWhereTheKeysWereSet
+// src/pipeline/layout.cpp parse_pp_layout (every message ends with `where`, resolve_sizes passes the deck's)
+//   pp < 1, num_hidden_layers < 1, num_nextn_predict_layers < 0, pp > layers (even split)  PpLayout.DefaultErrors
+//   every syntax error (fail_at)                                 PpLayout.SyntaxErrors
+//   stage count, E / t / m / L placement, totals (whole)         PpLayout.PlacementErrors
+//   where the keys were set                                      PpLayout.ErrorsEndWithWhere,
+//                                                                Topology.ResolveErrorsSayWhereTheKeysWereSet
+
+TEST(DeckErrorPaths, KeyTableIsChecked) {
+  using T = dsv3::KeySpec::Type;
+  auto key = [](const char* name, T type, const char* def) {
+    dsv3::KeySpec k;
+    k.name = name, k.type = type, k.def = def, k.help = "h";
+    return k;
+  };
+  EXPECT_NO_THROW(dsv3::check_key_table(dsv3::deck_keys()));
+  EXPECT_NO_THROW(dsv3::check_key_table({key("a.x", T::Int, "3"), key("a.y", T::Bool, "on")}));
+  EXPECT_DECK_ERROR(dsv3::check_key_table({key("a.x", T::Int, "1"), key("a.x", T::Float, "2")}),
+                    "deck key 'a.x' is declared twice");
+  EXPECT_DECK_ERROR(dsv3::check_key_table({key("iters", T::Int, "1")}), "deck key 'iters' has no section");
+  EXPECT_DECK_ERROR(dsv3::check_key_table({key("a.", T::Int, "1")}), "deck key 'a.' has no section");
+  dsv3::KeySpec req = key("a.x", T::Int, "1");
+  req.required = true;
+  EXPECT_DECK_ERROR(dsv3::check_key_table({req}), "deck key 'a.x' is required and has a default");
+  EXPECT_DECK_ERROR(dsv3::check_key_table({key("a.x", T::Int, "ten")}),
+                    "deck key 'a.x' has a bad default 'ten' (expected an integer)");
+  EXPECT_DECK_ERROR(dsv3::check_key_table({key("a.x", T::Float, "fast")}),
+                    "deck key 'a.x' has a bad default 'fast' (expected a number)");
+  EXPECT_DECK_ERROR(dsv3::check_key_table({key("a.x", T::Bool, "maybe")}),
+                    "deck key 'a.x' has a bad default 'maybe' (expected a bool)");
+  dsv3::KeySpec low = key("a.x", T::Int, "0");
+  low.min = 1;
+  EXPECT_DECK_ERROR(dsv3::check_key_table({low}), "bad value '0' for key 'a.x' in the key table default (must be >= 1)");
+  dsv3::KeySpec choice = key("a.x", T::String, "gpu");
+  choice.choices = {"cpu", "cuda"};
+  EXPECT_DECK_ERROR(dsv3::check_key_table({choice}),
+                    "bad value 'gpu' for key 'a.x' in the key table default (expected one of cpu|cuda)");
+}
+
+TEST_F(DeckTest, ErrorUnreadableDeckFile) {
+  // A deck file that exists but cannot be opened (root reads any mode, so no file descriptor is left instead).
+  const std::string f = write("r.deck", kRequired);
+  rlimit old{};
+  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &old), 0);
+  rlimit none = old;
+  none.rlim_cur = 0;
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &none), 0);
+  const std::string msg = error_of([&] { Deck::parse_file(f); });
+  ::setrlimit(RLIMIT_NOFILE, &old);
+  EXPECT_CONTAINS(msg, "cannot read deck file '" + f + "': Too many open files");
+  EXPECT_EQ(msg.find('\n'), std::string::npos);
+}
+
+TEST_F(DeckTest, ErrorCorruptSerializedDeck) {
+  const std::string s = Deck::parse_text(kRequired, "t.deck").serialize();
+  EXPECT_DECK_ERROR(Deck::deserialize(s + "xyz"), "corrupt serialized deck (3 trailing bytes)");
+  EXPECT_DECK_ERROR(Deck::deserialize("dsv3-deck-v1"), "corrupt serialized deck (field at byte 12)");
+  EXPECT_DECK_ERROR(Deck::deserialize("dsv3-deck-v1x:1"), "corrupt serialized deck (field length at byte 12)");
+  EXPECT_DECK_ERROR(Deck::deserialize("dsv3-deck-v11:x"), "corrupt serialized deck (bad entry count)");
+  // an entry with a key the program does not know (a deck from another version): named with its origin
+  const std::string entry = "17:train.no_such_key" "1:5" "8:t.deck:7" "0:";  // key, value, origin, base dir
+  EXPECT_DECK_ERROR(Deck::deserialize("dsv3-deck-v1" "1:1" + entry), "unknown key 'train.no_such_key' at t.deck:7");
+}
+
+TEST_F(DeckTest, ErrorWrongTypeOrNoValue) {
+  Deck d = Deck::parse_text(kRequired, "t.deck");
+  EXPECT_DECK_ERROR(d.get<int64_t>("optim.lr"), "deck key 'optim.lr' is of type float, read as int64");
+  EXPECT_DECK_ERROR(d.get<bool>("run.name"), "deck key 'run.name' is of type string, read as bool");
+  EXPECT_DECK_ERROR(d.has("train.iter"), "unknown deck key 'train.iter'", "did you mean 'train.iters'");
+  EXPECT_DECK_ERROR(d.path("log.metric"), "unknown deck key 'log.metric'", "did you mean 'log.metrics'");
+  EXPECT_DECK_ERROR(d.where_set({"parallel.tpp"}), "unknown deck key 'parallel.tpp'");
+  EXPECT_EQ(Deck::parse_text("[parallel]\ntp = 2\n", "t.deck", {"parallel.pp=2"})
+                .where_set({"parallel.tp", "parallel.pp", "parallel.ep", "model.hidden_size"}),
+            "(parallel.tp at t.deck:2, parallel.pp on the command line, parallel.ep by default, "
+            "model.hidden_size unset)");
+}
+
+TEST_F(DeckTest, ModelConfigFromDeckErrorsNameTheDeckKey) {
+  const std::string tiny = std::string(DSV3_SOURCE_DIR) + "/input/models/tiny.json";
+  // cannot be opened: the key, the path, where it was set and why
+  std::string f = write("a.deck", std::string(kRequired) + "[model]\nhf_config = missing.json\n");
+  EXPECT_DECK_ERROR(dsv3::model_config_from_deck(Deck::parse_file(f)),
+                    "model.hf_config = '" + (dir_ / "missing.json").string() + "' (model.hf_config at " + f + ":6)",
+                    "cannot open it: No such file or directory");
+  // not valid JSON
+  write("bad.json", "{\"vocab_size\": 12,");
+  f = write("b.deck", std::string(kRequired) + "[model]\nhf_config = bad.json\n");
+  EXPECT_DECK_ERROR(dsv3::model_config_from_deck(Deck::parse_file(f)),
+                    "model.hf_config = '" + (dir_ / "bad.json").string() + "' (model.hf_config at " + f + ":6)",
+                    "not valid JSON");
+  // no model at all
+  EXPECT_DECK_ERROR(dsv3::model_config_from_deck(Deck::parse_text(kRequired, "t.deck")),
+                    "the deck describes no model", "model.hf_config");
+  // a model.* value the config rejects: its deck key, value and file:line
+  f = write("c.deck", std::string(kRequired) + "[model]\nhf_config = " + tiny + "\nn_group = 3\n");
+  EXPECT_DECK_ERROR(dsv3::model_config_from_deck(Deck::parse_file(f)), "model key 'n_routed_experts' (8)",
+                    "[model.n_group = 3 at " + f + ":7]");
+  f = write("e.deck", std::string(kRequired) + "[model]\nhf_config = " + tiny + "\n");
+  EXPECT_DECK_ERROR(dsv3::model_config_from_deck(Deck::parse_file(f, {"model.n_group=3"})),
+                    "[model.n_group = 3 on the command line]");
+  EXPECT_DECK_ERROR(dsv3::model_config_from_deck(Deck::parse_file(f, {"model.rope_scaling.factor=0.5"})),
+                    "'rope_scaling.factor' must be >= 1", "[model.rope_scaling.factor = 0.5 on the command line]");
+  // a value the deck did not set is named by the config file alone
+  write("odd.json", "{\"vocab_size\": 512, \"hidden_size\": 0}");
+  f = write("d.deck", std::string(kRequired) + "[model]\nhf_config = odd.json\n");
+  const std::string msg = error_of([&] { dsv3::model_config_from_deck(Deck::parse_file(f)); });
+  EXPECT_CONTAINS(msg, (dir_ / "odd.json").string() + ": model key 'hidden_size' must be > 0");
+  EXPECT_EQ(msg.find('['), std::string::npos) << msg;
 }
 
 }  // namespace

@@ -165,6 +165,19 @@ TEST(PpLayout, PlacementErrors) {
   expect_layout_error("E(tm|)tmL", 2, 2, 2, "at character 4: m (MTP) must be on the last stage");
 }
 
+// `where` (the deck's where_set) ends every message, syntax, placement and even-split errors alike.
+TEST(PpLayout, ErrorsEndWithWhere) {
+  const std::string w = "(parallel.pp_layout at run.deck:7, parallel.pp on the command line)";
+  EXPECT_ERROR(dsv3::parse_pp_layout("Ex|t*2mL", 2, 4, 1, w), "at character 2: unknown symbol 'x'");
+  EXPECT_ERROR(dsv3::parse_pp_layout("Ex|t*2mL", 2, 4, 1, w), ") " + w + " (src/");
+  EXPECT_ERROR(dsv3::parse_pp_layout("Et*2|t*2mL", 3, 4, 1, w), "has 2 stages but parallel.pp=3 " + w);
+  EXPECT_ERROR(dsv3::parse_pp_layout("Et*2|t*2m", 2, 4, 1, w), "no L (loss): the last stage must end with L " + w);
+  EXPECT_ERROR(dsv3::parse_pp_layout("", 8, 4, 1, "(parallel.pp at run.deck:3)"),
+               "(or give parallel.pp_layout) (parallel.pp at run.deck:3)");
+  EXPECT_ERROR(dsv3::parse_pp_layout("", 0, 4, 1, "(parallel.pp at run.deck:3)"),
+               "parallel.pp=0 must be at least 1 (parallel.pp at run.deck:3)");
+}
+
 TEST(PpLayout, SyntaxErrors) {
   expect_layout_error("Et*|t*2mL", 2, 4, 1, "at character 3: '*' needs a repeat count");
   expect_layout_error("Et*2|t*", 2, 4, 1, "at character 7: '*' needs a repeat count");

@@ -283,6 +283,41 @@ TEST(Topology, ResolveTheDeepSeekV3Recipe) {
   EXPECT_TRUE(g.embedding.empty());
 }
 
+// Every deck check ends with where the keys it names were set: file:line, the command line or the default.
+TEST(Topology, ResolveErrorsSayWhereTheKeysWereSet) {
+  const ModelConfig m = tiny_model();
+  auto resolve = [&](const std::string& text, std::vector<std::string> ov, int world, const ModelConfig& model) {
+    dsv3::resolve_sizes(Deck::parse_text(text, "run.deck", ov), world, model);
+  };
+  EXPECT_ERROR(resolve("[parallel]\ntp = 2\n", {"parallel.pp=2"}, 6, m),
+               "world size 6 is not a multiple of tp*pp=4 (parallel.tp=2, parallel.pp=2) "
+               "(parallel.tp at run.deck:2, parallel.pp on the command line)");
+  EXPECT_ERROR(resolve("[parallel]\ndp = 3\n", {"parallel.tp=2"}, 4, m),
+               "(parallel.dp at run.deck:2, parallel.tp on the command line, parallel.pp by default)");
+  EXPECT_ERROR(resolve("[parallel]\n\ntp = 3\n", {}, 3, m),
+               "parallel.tp=3 does not divide num_attention_heads=4 (parallel.tp at run.deck:3)");
+  EXPECT_ERROR(resolve("[parallel]\ntp = 2\nsp = on\n[train]\nseq_length = 7\n", {}, 2, m),
+               "(parallel.sp at run.deck:3, train.seq_length at run.deck:5, parallel.tp at run.deck:2)");
+  EXPECT_ERROR(resolve("[parallel]\nep = 2\n", {}, 2, dense_model()), "no MoE layer (parallel.ep at run.deck:2)");
+  EXPECT_ERROR(resolve("[parallel]\netp = 2\n", {}, 2, dense_model()), "no MoE layer (parallel.etp at run.deck:2)");
+  EXPECT_ERROR(resolve("[parallel]\nep = 3\n", {}, 3, m),
+               "parallel.ep=3 does not divide n_routed_experts=8 (parallel.ep at run.deck:2)");
+  EXPECT_ERROR(resolve("[parallel]\netp = 3\n", {}, 3, m),
+               "parallel.etp=3 does not divide moe_intermediate_size=32 (parallel.etp at run.deck:2)");
+  EXPECT_ERROR(resolve("[parallel]\nep = 2\netp = 2\n", {}, 2, m),
+               "(parallel.ep at run.deck:2, parallel.etp at run.deck:3, parallel.tp by default)");
+  // the pipeline layout: the even split names parallel.pp, a given layout both keys
+  EXPECT_ERROR(resolve("[parallel]\npp = 8\n", {}, 8, m),
+               "parallel.pp=8 exceeds the decoder layers (4)");
+  EXPECT_ERROR(resolve("[parallel]\npp = 8\n", {}, 8, m), "(parallel.pp at run.deck:2)");
+  EXPECT_ERROR(resolve("[parallel]\npp = 2\npp_layout = Et|tmL\n", {}, 2, m),
+               "has 2 decoder layers (t) but num_hidden_layers=4 "
+               "(parallel.pp_layout at run.deck:3, parallel.pp at run.deck:2)");
+  EXPECT_ERROR(resolve("[parallel]\npp = 2\n", {"parallel.pp_layout=Et*2|Xt*2mL"}, 2, m),
+               "at character 6: unknown symbol 'X' (expected E, t, m, L, |, (, ), *N) "
+               "(parallel.pp_layout on the command line, parallel.pp at run.deck:2)");
+}
+
 TEST(Topology, ResolveErrorsNameTheKeyAndTheConstraint) {
   const ModelConfig m = tiny_model();
   auto resolve = [&](std::vector<std::string> ov, int world, const ModelConfig& model) {
