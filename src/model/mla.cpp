@@ -83,8 +83,15 @@ void mla_forward(Backend& be, const ModelConfig& c, const MlaWeights& w, const R
   be.rope_forward(a.kva.data() + kvr, T, kvr + dr, 1, 0, dr, pos.data(), rope.cos.data(), rope.sin.data());
   be.mla_attention_forward(a.q.data(), a.kv.data(), a.kva.data() + kvr, kvr + dr, B, S, H, dn, dr, dv,
                            (float)attention_softmax_scale(c), a.o.data(), a.probs.data());
-  be.gemm_nt(T, D, H * dv, 1.0f, a.o.data(), H * dv, w.o, H * dv, 0.0f, out, D);
-  tp.allreduce(out, T * D);  // o_proj is row-parallel: each rank's heads give a partial sum
+  // o_proj is row-parallel: each rank's heads give a partial sum, completed over tp (sp: this rank's rows of it)
+  if (tp.sp) {
+    std::vector<float> part(T * D);
+    be.gemm_nt(T, D, H * dv, 1.0f, a.o.data(), H * dv, w.o, H * dv, 0.0f, part.data(), D);
+    tp.reduce_scatter_rows(part.data(), tp.sp_rows(T), D, out);
+  } else {
+    be.gemm_nt(T, D, H * dv, 1.0f, a.o.data(), H * dv, w.o, H * dv, 0.0f, out, D);
+    tp.allreduce(out, T * D);
+  }
 }
 
 void mla_backward(Backend& be, const ModelConfig& c, const MlaWeights& w, MlaWeights& g, const RopeTable& rope,
@@ -94,6 +101,8 @@ void mla_backward(Backend& be, const ModelConfig& c, const MlaWeights& w, MlaWei
   const int64_t dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim, dv = c.v_head_dim, kvr = c.kv_lora_rank;
   const int64_t dqk = dn + dr;
   const auto pos = positions(B, S);
+  // sp: dxn holds this rank's rows [t0, t0 + Tl) only (the transpose of the input's all-gather)
+  const int64_t Tl = tp.sp_rows(T), t0 = tp.sp ? tp.rank * Tl : 0;
   // o_proj: out = o Wo^T
   std::vector<float> d_o(T * H * dv), dq(T * H * dqk), dkv(T * H * (dn + dv)), dkva(T * (kvr + dr), 0.0f);
   be.gemm_tn(D, H * dv, T, 1.0f, dout, D, a.o.data(), H * dv, 1.0f, g.o, H * dv);
@@ -115,7 +124,8 @@ void mla_backward(Backend& be, const ModelConfig& c, const MlaWeights& w, MlaWei
                       g.kv_a_norm);
   // kv_a: kva = xn Wkva^T
   be.gemm_tn(kvr + dr, D, T, 1.0f, dkva.data(), kvr + dr, xn, D, 1.0f, g.kv_a, D);
-  be.gemm_nn(T, D, kvr + dr, 1.0f, dkva.data(), kvr + dr, w.kv_a, D, 1.0f, dxn, D);
+  // dkva is whole on every rank (summed above): the input gradient of this rank's rows needs no communication
+  be.gemm_nn(Tl, D, kvr + dr, 1.0f, dkva.data() + t0 * (kvr + dr), kvr + dr, w.kv_a, D, 1.0f, dxn, D);
   // q path
   if (c.q_lora_rank > 0) {
     const int64_t r = c.q_lora_rank;
@@ -125,7 +135,7 @@ void mla_backward(Backend& be, const ModelConfig& c, const MlaWeights& w, MlaWei
     tp.allreduce(dqan.data(), T * r);  // the q latent is shared by every head
     be.rmsnorm_backward(a.qa.data(), r, w.q_a_norm, a.qa_rstd.data(), dqan.data(), T, r, dqa.data(), r, g.q_a_norm);
     be.gemm_tn(r, D, T, 1.0f, dqa.data(), r, xn, D, 1.0f, g.q_a, D);
-    be.gemm_nn(T, D, r, 1.0f, dqa.data(), r, w.q_a, D, 1.0f, dxn, D);
+    be.gemm_nn(Tl, D, r, 1.0f, dqa.data() + t0 * r, r, w.q_a, D, 1.0f, dxn, D);
   } else {
     be.gemm_tn(H * dqk, D, T, 1.0f, dq.data(), H * dqk, xn, D, 1.0f, g.q, D);
     if (tp.size == 1) {
@@ -133,8 +143,14 @@ void mla_backward(Backend& be, const ModelConfig& c, const MlaWeights& w, MlaWei
     } else {  // q_proj is column-parallel: this rank's heads give a partial input gradient
       std::vector<float> dxq(T * D);
       be.gemm_nn(T, D, H * dqk, 1.0f, dq.data(), H * dqk, w.q, D, 0.0f, dxq.data(), D);
-      tp.allreduce(dxq.data(), T * D);
-      for (int64_t i = 0; i < T * D; ++i) dxn[i] += dxq[i];
+      if (tp.sp) {  // reduce-scatter: this rank's rows of the sum
+        std::vector<float> loc(Tl * D);
+        tp.reduce_scatter_rows(dxq.data(), Tl, D, loc.data());
+        for (int64_t i = 0; i < Tl * D; ++i) dxn[i] += loc[i];
+      } else {
+        tp.allreduce(dxq.data(), T * D);
+        for (int64_t i = 0; i < T * D; ++i) dxn[i] += dxq[i];
+      }
     }
   }
 }

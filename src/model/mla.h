@@ -53,12 +53,14 @@ struct MlaCache {
 };
 
 // x_norm (B*S, D) -> out (B*S, D); positions 0..S-1 in each sequence. Fills `acts` (required: the buffers live
-// there; pass a scratch object when backward is not needed). tp: this rank's heads; out is summed over the group.
+// there; pass a scratch object when backward is not needed). tp: this rank's heads; out is summed over the group
+// (sp: x_norm is the all-gathered (B*S, D), out this rank's rows (B*S/tp, D) of the sum: a reduce-scatter).
 void mla_forward(Backend& be, const ModelConfig& c, const MlaWeights& w, const RopeTable& rope, const float* x_norm,
                  int64_t B, int64_t S, float* out, MlaActs& acts, const TensorGroup& tp = {});
 // Gradients given dout (B*S, D): weight gradients accumulate into g, dx_norm (B*S, D) accumulates (+=). tp: the
 // gradients into the replicated q-LoRA latent, kv latent and k_pe (and into x_norm through q_proj) are summed over
-// the group, so dx_norm and the replicated weights' gradients are the same on every rank.
+// the group, so dx_norm and the replicated weights' gradients are the same on every rank. sp: dout is the
+// all-gathered (B*S, D), dx_norm this rank's rows (B*S/tp, D) (q_proj's partial input gradient reduce-scattered).
 void mla_backward(Backend& be, const ModelConfig& c, const MlaWeights& w, MlaWeights& g, const RopeTable& rope,
                   const float* x_norm, int64_t B, int64_t S, const MlaActs& a, const float* dout, float* dx_norm,
                   const TensorGroup& tp = {});

@@ -124,43 +124,52 @@ void Model::init_random(uint64_t seed) {
 }
 
 void Model::layer_forward(int64_t layer, float* x, int64_t B, int64_t S, MlaCache* cache, MoeTrace* mt,
-                          LayerActs* keep) {
-  const int64_t T = B * S, D = cfg_.hidden_size;
+                          LayerActs* keep, bool sp) {
+  // sp: x holds this rank's Tl = T/tp rows of the residual; the norms and the adds run on them, the tp regions on
+  // the all-gathered rows, their outputs reduce-scattered back to Tl rows
+  const TensorGroup tp = sp ? tp_ : tp_.without_sp();
+  const int64_t T = B * S, D = cfg_.hidden_size, Tl = tp.sp_rows(T);
   const std::string pre = "model.layers." + std::to_string(layer) + ".";
   const float eps = (float)cfg_.rms_norm_eps;
   LayerActs local;
   LayerActs& la = keep ? *keep : local;
   la.B = B;
   la.S = S;
-  if (keep) la.x_in.assign(x, x + T * D);
-  la.rstd1.resize(T);
-  la.xn1.resize(T * D);
-  std::vector<float> y(T * D);
+  la.sp = tp.sp;
+  if (keep) la.x_in.assign(x, x + Tl * D);
+  la.rstd1.resize(Tl);
+  la.xn1.resize(T * D);  // the tp region's input: all rows (gathered under sp)
+  std::vector<float> y(Tl * D), xn_loc(tp.sp ? Tl * D : 0);
 
   // attention block: x += MLA(rmsnorm(x))
-  be_.rmsnorm_forward(x, D, params_.get(pre + "input_layernorm.weight"), eps, T, D, la.xn1.data(), la.rstd1.data());
+  float* xn1 = tp.sp ? xn_loc.data() : la.xn1.data();
+  be_.rmsnorm_forward(x, D, params_.get(pre + "input_layernorm.weight"), eps, Tl, D, xn1, la.rstd1.data());
+  if (tp.sp) tp.gather_rows(xn1, Tl, D, la.xn1.data());
   const MlaWeights aw = MlaWeights::from(params_, cfg_, layer);
   if (cache)
-    mla_forward_cached(be_, cfg_, aw, rope_, la.xn1.data(), T, *cache, y.data(), tp_);
+    mla_forward_cached(be_, cfg_, aw, rope_, la.xn1.data(), T, *cache, y.data(), tp);
   else
-    mla_forward(be_, cfg_, aw, rope_, la.xn1.data(), B, S, y.data(), la.att, tp_);
-  for (int64_t i = 0; i < T * D; ++i) x[i] += y[i];
-  if (keep) la.x_mid.assign(x, x + T * D);
+    mla_forward(be_, cfg_, aw, rope_, la.xn1.data(), B, S, y.data(), la.att, tp);
+  for (int64_t i = 0; i < Tl * D; ++i) x[i] += y[i];
+  if (keep) la.x_mid.assign(x, x + Tl * D);
 
   // MLP block: x += MLP(rmsnorm(x)), dense SwiGLU or DeepSeekMoE
-  la.rstd2.resize(T);
+  la.rstd2.resize(Tl);
   la.xn2.resize(T * D);
-  be_.rmsnorm_forward(x, D, params_.get(pre + "post_attention_layernorm.weight"), eps, T, D, la.xn2.data(),
-                      la.rstd2.data());
+  float* xn2 = tp.sp ? xn_loc.data() : la.xn2.data();
+  be_.rmsnorm_forward(x, D, params_.get(pre + "post_attention_layernorm.weight"), eps, Tl, D, xn2, la.rstd2.data());
+  if (tp.sp) tp.gather_rows(xn2, Tl, D, la.xn2.data());
   if (!cfg_.is_moe_layer(layer)) {
     // column-parallel gate/up, row-parallel down: this rank's intermediate columns, then the sum over tp
-    swiglu_mlp_forward(be_, la.xn2.data(), T, D, cfg_.intermediate_size / tp_.size,
+    std::vector<float> part(tp.sp ? T * D : 0);
+    swiglu_mlp_forward(be_, la.xn2.data(), T, D, cfg_.intermediate_size / tp.size,
                        params_.get(pre + "mlp.gate_proj.weight"), params_.get(pre + "mlp.up_proj.weight"),
-                       params_.get(pre + "mlp.down_proj.weight"), y.data(), false, &la.mlp);
-    tp_.allreduce(y.data(), T * D);
+                       params_.get(pre + "mlp.down_proj.weight"), tp.sp ? part.data() : y.data(), false, &la.mlp);
+    if (tp.sp) tp.reduce_scatter_rows(part.data(), Tl, D, y.data());
+    else tp.allreduce(y.data(), T * D);
   } else {
     const MoeWeights mw = MoeWeights::from(params_, cfg_, layer);
-    moe_forward(be_, cfg_, mw, ep_, la.xn2.data(), B, S, y.data(), la.moe, tp_);
+    moe_forward(be_, cfg_, mw, ep_, la.xn2.data(), B, S, y.data(), la.moe, tp);
     if (mt) {
       mt->balance_loss = seq_balance_loss(la.moe.r, B);
       mt->idx = la.moe.r.idx;
@@ -168,35 +177,67 @@ void Model::layer_forward(int64_t layer, float* x, int64_t B, int64_t S, MlaCach
       mt->counts = la.moe.r.counts;
     }
   }
-  for (int64_t i = 0; i < T * D; ++i) x[i] += y[i];
+  for (int64_t i = 0; i < Tl * D; ++i) x[i] += y[i];
 }
 
 void Model::layer_backward(int64_t layer, const LayerActs& la, float* dx, double aux_coef, Params& grads) {
-  const int64_t T = la.B * la.S, D = cfg_.hidden_size;
+  const TensorGroup tp = la.sp ? tp_ : tp_.without_sp();
+  const int64_t T = la.B * la.S, D = cfg_.hidden_size, Tl = tp.sp_rows(T);
   const std::string pre = "model.layers." + std::to_string(layer) + ".";
-  std::vector<float> dxn(T * D, 0.0f);
+  std::vector<float> dxn(T * D, 0.0f), dy(tp.sp ? T * D : 0), dxn_loc(tp.sp ? Tl * D : 0);
+  // sp: the output gradient of a tp region all-gathered (the transpose of its reduce-scatter)
+  const float* dout = dx;
+  if (tp.sp) {
+    tp.gather_rows(dx, Tl, D, dy.data());
+    dout = dy.data();
+  }
   // MLP block: x_out = x_mid + mlp(rmsnorm(x_mid)); dx flows through the residual and through the norm
   if (!cfg_.is_moe_layer(layer)) {
-    swiglu_mlp_backward(be_, la.xn2.data(), T, D, cfg_.intermediate_size / tp_.size,
+    swiglu_mlp_backward(be_, la.xn2.data(), T, D, cfg_.intermediate_size / tp.size,
                         params_.get(pre + "mlp.gate_proj.weight"),
                         params_.get(pre + "mlp.up_proj.weight"), params_.get(pre + "mlp.down_proj.weight"),
-                        la.mlp.g.data(), la.mlp.u.data(), la.mlp.a.data(), dx, grads.get(pre + "mlp.gate_proj.weight"),
+                        la.mlp.g.data(), la.mlp.u.data(), la.mlp.a.data(), dout, grads.get(pre + "mlp.gate_proj.weight"),
                         grads.get(pre + "mlp.up_proj.weight"), grads.get(pre + "mlp.down_proj.weight"), dxn.data());
   } else {
     const MoeWeights mw = MoeWeights::from(params_, cfg_, layer);
     MoeWeights mg = MoeWeights::from(grads, cfg_, layer);
-    moe_backward(be_, cfg_, mw, mg, ep_, la.xn2.data(), la.moe, dx, aux_coef, dxn.data(), tp_);
+    moe_backward(be_, cfg_, mw, mg, ep_, la.xn2.data(), la.moe, dout, aux_coef, dxn.data(), tp);
   }
-  tp_.allreduce(dxn.data(), T * D);  // each rank's columns (and, MoE, token slice) gave a partial input gradient
-  be_.rmsnorm_backward(la.x_mid.data(), D, params_.get(pre + "post_attention_layernorm.weight"), la.rstd2.data(),
-                       dxn.data(), T, D, dx, D, grads.get(pre + "post_attention_layernorm.weight"));
+  // each rank's columns (and, MoE, token slice) gave a partial input gradient: summed over tp (sp: this rank's rows)
+  float* dxn2 = dxn.data();
+  if (tp.sp) {
+    tp.reduce_scatter_rows(dxn.data(), Tl, D, dxn_loc.data());
+    dxn2 = dxn_loc.data();
+  } else {
+    tp.allreduce(dxn.data(), T * D);
+  }
+  norm_backward(la.x_mid.data(), pre + "post_attention_layernorm.weight", la.rstd2.data(), dxn2, Tl, dx, grads, tp);
   // attention block: x_mid = x_in + mla(rmsnorm(x_in))
-  std::fill(dxn.begin(), dxn.end(), 0.0f);
+  if (tp.sp) {
+    tp.gather_rows(dx, Tl, D, dy.data());
+    std::fill(dxn_loc.begin(), dxn_loc.end(), 0.0f);
+  } else {
+    std::fill(dxn.begin(), dxn.end(), 0.0f);
+  }
   const MlaWeights aw = MlaWeights::from(params_, cfg_, layer);
   MlaWeights ag = MlaWeights::from(grads, cfg_, layer);
-  mla_backward(be_, cfg_, aw, ag, rope_, la.xn1.data(), la.B, la.S, la.att, dx, dxn.data(), tp_);
-  be_.rmsnorm_backward(la.x_in.data(), D, params_.get(pre + "input_layernorm.weight"), la.rstd1.data(), dxn.data(), T,
-                       D, dx, D, grads.get(pre + "input_layernorm.weight"));
+  mla_backward(be_, cfg_, aw, ag, rope_, la.xn1.data(), la.B, la.S, la.att, dout, dxn2, tp);
+  norm_backward(la.x_in.data(), pre + "input_layernorm.weight", la.rstd1.data(), dxn2, Tl, dx, grads, tp);
+}
+
+void Model::norm_backward(const float* x, const std::string& weight, const float* rstd, const float* dy, int64_t rows,
+                          float* dx, Params& grads, const TensorGroup& tp) {
+  const int64_t D = cfg_.hidden_size;
+  if (!tp.sp) {
+    be_.rmsnorm_backward(x, D, params_.get(weight), rstd, dy, rows, D, dx, D, grads.get(weight));
+    return;
+  }
+  // sp: each rank saw only its rows, so the replicated norm weight's gradient is summed over tp
+  std::vector<float> gw(D, 0.0f);
+  be_.rmsnorm_backward(x, D, params_.get(weight), rstd, dy, rows, D, dx, D, gw.data());
+  tp.sum_replicated_grad(gw.data(), D);
+  float* g = grads.get(weight);
+  for (int64_t i = 0; i < D; ++i) g[i] += gw[i];
 }
 
 namespace {
@@ -214,6 +255,19 @@ Losses Model::forward_into(const int64_t* tokens, const int64_t* labels, int64_t
   const int64_t T = B * S, D = cfg_.hidden_size, V = cfg_.vocab_size, L = cfg_.num_hidden_layers;
   const int64_t Vl = V / tp_.size;  // this rank's vocabulary slice of the LM head's logits
   const float eps = (float)cfg_.rms_norm_eps;
+  // sequence parallelism: the residual stream holds this rank's Tl = T/tp contiguous rows of the B*S tokens
+  const bool sp = tp_.sp;
+  DSV3_CHECK(!sp || T % tp_.size == 0, "parallel.sp=true with parallel.tp=" << tp_.size << ": a micro-batch of " << B
+                                           << " x " << S << " = " << T << " tokens does not split into "
+                                           << tp_.size << " equal sequence slices (train.seq_length*train.micro_batch "
+                                           << "must be divisible by parallel.tp)");
+  const int64_t Tl = tp_.sp_rows(T);
+  auto gathered = [&](const std::vector<float>& loc, int64_t rows_local) {  // the trace's whole tensors
+    if (!sp) return loc;
+    std::vector<float> all(rows_local * tp_.size * D);
+    tp_.gather_rows(loc.data(), rows_local, D, all.data());
+    return all;
+  };
   check_tokens(tokens, T, V);
   if (labels) check_tokens(labels, T, V);
   // next token of (b, s); -1 past the end of the sequence
@@ -232,20 +286,20 @@ Losses Model::forward_into(const int64_t* tokens, const int64_t* labels, int64_t
   Losses loss;
 
   // ---- main model: embedding -> layers -> final norm -> LM head (this pipeline stage's part of it)
-  std::vector<float> x(T * D);
-  if (stage_.layout.embedding) {
+  std::vector<float> x(Tl * D);
+  if (stage_.layout.embedding) {  // sp: reduce-scattered to this rank's rows
     vocab_embedding_forward(be_, tp_, tokens, T, params_.get("model.embed_tokens.weight"), V, D, x.data());
   } else {
     DSV3_CHECK(x_in || T == 0, "pipeline stage " << stage_.index << " needs the previous stage's activations");
-    std::copy(x_in, x_in + T * D, x.begin());
+    std::copy(x_in, x_in + Tl * D, x.begin());
   }
   if (keep) {
-    if (stage_.layout.embedding) tr->embed = x;
+    if (stage_.layout.embedding) tr->embed = gathered(x, Tl);
     tr->layer_out.resize(L);
   }
   for (int l : stage_.layout.layers) {
-    layer_forward(l, x.data(), B, S, nullptr, cfg_.is_moe_layer(l) ? &tr->moe[l] : nullptr, &a.layers[l]);
-    if (keep) tr->layer_out[l] = x;
+    layer_forward(l, x.data(), B, S, nullptr, cfg_.is_moe_layer(l) ? &tr->moe[l] : nullptr, &a.layers[l], sp);
+    if (keep) tr->layer_out[l] = gathered(x, Tl);
   }
   if (!stage_.layout.loss) {  // an inner stage: its output goes to the next stage
     a.x_final = std::move(x);
@@ -254,9 +308,14 @@ Losses Model::forward_into(const int64_t* tokens, const int64_t* labels, int64_t
     return loss;
   }
   a.x_final = std::move(x);
-  a.rstd_final.resize(T);
-  a.h.resize(T * D);
-  be_.rmsnorm_forward(a.x_final.data(), D, params_.get("model.norm.weight"), eps, T, D, a.h.data(), a.rstd_final.data());
+  a.rstd_final.resize(Tl);
+  a.h.resize(T * D);  // the heads' input: all rows (sp: the final norm on this rank's rows, then all-gathered)
+  {
+    std::vector<float> h_loc(sp ? Tl * D : 0);
+    float* h = sp ? h_loc.data() : a.h.data();
+    be_.rmsnorm_forward(a.x_final.data(), D, params_.get("model.norm.weight"), eps, Tl, D, h, a.rstd_final.data());
+    if (sp) tp_.gather_rows(h, Tl, D, a.h.data());
+  }
   if (keep) tr->final_norm = a.h;
   a.logits.resize(T * Vl);
   be_.gemm_nt(T, Vl, D, 1.0f, a.h.data(), D, params_.get("lm_head.weight"), D, 0.0f, a.logits.data(), Vl);
@@ -283,8 +342,11 @@ Losses Model::forward_into(const int64_t* tokens, const int64_t* labels, int64_t
         std::copy_n(a.h.data() + (b * S + i) * D, D, a.mtp_hin.data() + (b * Sm + i) * D);
       }
     a.mtp_e.resize(Tm * D);
-    vocab_embedding_forward(be_, tp_, a.mtp_next.data(), Tm, params_.get("model.embed_tokens.weight"), V, D,
-                            a.mtp_e.data());
+    // the MTP's input side (embedding, enorm/hnorm, eh_proj) runs on all Tm rows, replicated over tp as without sp;
+    // its decoder layer is sequence-parallel when tp divides Tm = B*(S-1) (a slice of the replicated rows, no
+    // communication), its shared_head.norm too, all-gathered again before the head
+    vocab_embedding_forward(be_, tp_.without_sp(), a.mtp_next.data(), Tm, params_.get("model.embed_tokens.weight"), V,
+                            D, a.mtp_e.data());
     // cat (Tm, 2D) = [enorm(e) | hnorm(h)]: the two norms write the two halves of each row
     a.mtp_cat.resize(Tm * 2 * D);
     a.mtp_e_rstd.resize(Tm);
@@ -301,13 +363,22 @@ Losses Model::forward_into(const int64_t* tokens, const int64_t* labels, int64_t
     be_.gemm_nt(Tm, D, 2 * D, 1.0f, a.mtp_cat.data(), 2 * D, params_.get(pre + "eh_proj.weight"), 2 * D, 0.0f,
                 xm.data(), D);
     if (keep) tr->mtp_eh_proj = xm;
-    layer_forward(L, xm.data(), B, Sm, nullptr, cfg_.is_moe_layer(L) ? &tr->moe[L] : nullptr, &a.layers[L]);
-    if (keep) tr->mtp_block = xm;
+    const bool msp = sp && Tm % tp_.size == 0;
+    const int64_t Tml = msp ? Tm / tp_.size : Tm;
+    if (msp) xm.erase(xm.begin(), xm.begin() + tp_.rank * Tml * D), xm.resize(Tml * D);  // this rank's rows
+    a.mtp_sp = msp;
+    layer_forward(L, xm.data(), B, Sm, nullptr, cfg_.is_moe_layer(L) ? &tr->moe[L] : nullptr, &a.layers[L], msp);
+    if (keep) tr->mtp_block = msp ? gathered(xm, Tml) : xm;
     a.mtp_x = std::move(xm);
-    a.mtp_rstd_out.resize(Tm);
+    a.mtp_rstd_out.resize(Tml);
     a.mtp_hn.resize(Tm * D);
-    be_.rmsnorm_forward(a.mtp_x.data(), D, params_.get(pre + "shared_head.norm.weight"), eps, Tm, D, a.mtp_hn.data(),
-                        a.mtp_rstd_out.data());
+    {
+      std::vector<float> hn_loc(msp ? Tml * D : 0);
+      float* hn = msp ? hn_loc.data() : a.mtp_hn.data();
+      be_.rmsnorm_forward(a.mtp_x.data(), D, params_.get(pre + "shared_head.norm.weight"), eps, Tml, D, hn,
+                          a.mtp_rstd_out.data());
+      if (msp) tp_.gather_rows(hn, Tml, D, a.mtp_hn.data());
+    }
     a.mtp_logits.resize(Tm * Vl);
     be_.gemm_nt(Tm, Vl, D, 1.0f, a.mtp_hn.data(), D, params_.get("lm_head.weight"), D, 0.0f, a.mtp_logits.data(),
                 Vl);
@@ -354,7 +425,9 @@ void Model::backward_stage(const Activations& a, double mtp_lambda, double aux_a
   const int64_t T = B * S, D = cfg_.hidden_size, V = cfg_.vocab_size, L = cfg_.num_hidden_layers;
   const int64_t Vl = V / tp_.size;  // this rank's vocabulary slice
   const double aux_coef = aux_alpha * loss_scale;
-  std::vector<float> dx(T * D, 0.0f);  // gradient w.r.t. the residual stream at this stage's output
+  const bool sp = tp_.sp;
+  const int64_t Tl = tp_.sp_rows(T), t0 = sp ? tp_.rank * Tl : 0;  // sp: this rank's rows of the residual
+  std::vector<float> dx(Tl * D, 0.0f);  // gradient w.r.t. the residual stream at this stage's output
 
   if (stage_.layout.loss) {
     float* g_head = grads.get("lm_head.weight");
@@ -367,15 +440,26 @@ void Model::backward_stage(const Activations& a, double mtp_lambda, double aux_a
       const std::string pre = "model.layers." + std::to_string(L) + ".";
       int64_t nm = 0;
       for (int64_t t : a.mtp_targets) nm += t >= 0;
-      std::vector<float> dlog(Tm * Vl), dhn(Tm * D), dxm(Tm * D, 0.0f);
+      const bool msp = a.mtp_sp;
+      const TensorGroup mtp = msp ? tp_ : tp_.without_sp();
+      const int64_t Tml = mtp.sp_rows(Tm);
+      std::vector<float> dlog(Tm * Vl), dhn(Tm * D), dxm(Tml * D, 0.0f);
       vocab_cross_entropy_backward(be_, tp_, a.mtp_logits.data(), a.mtp_lse.data(), Tm, V, a.mtp_targets.data(),
                                    nm ? (float)(loss_scale * mtp_lambda / nm) : 0.0f, dlog.data());
       be_.gemm_tn(Vl, D, Tm, 1.0f, dlog.data(), Vl, a.mtp_hn.data(), D, 1.0f, g_head, D);  // tied head: grads add up
       be_.gemm_nn(Tm, D, Vl, 1.0f, dlog.data(), Vl, w_head, D, 0.0f, dhn.data(), D);
-      tp_.allreduce(dhn.data(), Tm * D);  // each vocabulary slice's part of the gradient
-      be_.rmsnorm_backward(a.mtp_x.data(), D, params_.get(pre + "shared_head.norm.weight"), a.mtp_rstd_out.data(),
-                           dhn.data(), Tm, D, dxm.data(), D, grads.get(pre + "shared_head.norm.weight"));
+      // each vocabulary slice's part of the gradient, summed over tp (sp: this rank's rows of the sum)
+      if (msp) tp_.reduce_scatter_rows(std::vector<float>(dhn).data(), Tml, D, dhn.data());
+      else tp_.allreduce(dhn.data(), Tm * D);
+      norm_backward(a.mtp_x.data(), pre + "shared_head.norm.weight", a.mtp_rstd_out.data(), dhn.data(), Tml,
+                    dxm.data(), grads, mtp);
       layer_backward(L, a.layers[L], dxm.data(), aux_coef, grads);
+      if (msp) {  // back to all rows for the replicated input side (the transpose of taking this rank's slice:
+                  // the other rows' gradients come from their ranks)
+        std::vector<float> all(Tm * D);
+        tp_.gather_rows(dxm.data(), Tml, D, all.data());
+        dxm = std::move(all);
+      }
       // eh_proj: x = cat Weh^T
       std::vector<float> dcat(Tm * 2 * D);
       be_.gemm_tn(D, 2 * D, Tm, 1.0f, dxm.data(), D, a.mtp_cat.data(), 2 * D, 1.0f, grads.get(pre + "eh_proj.weight"),
@@ -405,24 +489,34 @@ void Model::backward_stage(const Activations& a, double mtp_lambda, double aux_a
     be_.gemm_tn(Vl, D, T, 1.0f, dlog.data(), Vl, a.h.data(), D, 1.0f, g_head, D);
     if (tp_.size == 1) {
       be_.gemm_nn(T, D, V, 1.0f, dlog.data(), V, w_head, D, 1.0f, dh.data(), D);
+    } else if (sp) {  // the transpose of the head input's all-gather: this rank's rows of the sum over tp
+      std::vector<float> dhh(T * D), loc(Tl * D);
+      be_.gemm_nn(T, D, Vl, 1.0f, dlog.data(), Vl, w_head, D, 0.0f, dhh.data(), D);
+      tp_.reduce_scatter_rows(dhh.data(), Tl, D, loc.data());
+      for (int64_t i = 0; i < Tl * D; ++i) loc[i] += dh[t0 * D + i];  // + the MTP's part (whole on every rank)
+      dh = std::move(loc);
     } else {  // each vocabulary slice's part of dh, summed over tp before it joins the MTP's (already whole) part
       std::vector<float> dhh(T * D);
       be_.gemm_nn(T, D, Vl, 1.0f, dlog.data(), Vl, w_head, D, 0.0f, dhh.data(), D);
       tp_.allreduce(dhh.data(), T * D);
       for (int64_t i = 0; i < T * D; ++i) dh[i] += dhh[i];
     }
-    be_.rmsnorm_backward(a.x_final.data(), D, params_.get("model.norm.weight"), a.rstd_final.data(), dh.data(), T, D,
-                         dx.data(), D, grads.get("model.norm.weight"));
+    norm_backward(a.x_final.data(), "model.norm.weight", a.rstd_final.data(), dh.data(), Tl, dx.data(), grads, tp_);
   } else {
     DSV3_CHECK(dx_out || T == 0, "pipeline stage " << stage_.index << " needs the next stage's gradient");
-    std::copy(dx_out, dx_out + T * D, dx.begin());
+    std::copy(dx_out, dx_out + Tl * D, dx.begin());
   }
   // ---- this stage's decoder layers in reverse, then the embedding (or the gradient for the previous stage)
   const auto& layers = stage_.layout.layers;
   for (auto it = layers.rbegin(); it != layers.rend(); ++it) layer_backward(*it, a.layers[*it], dx.data(), aux_coef, grads);
-  if (stage_.layout.embedding)
+  if (stage_.layout.embedding) {
+    if (sp) {  // the transpose of the embedding's reduce-scatter: every row's gradient, all-gathered
+      std::vector<float> all(T * D);
+      tp_.gather_rows(dx.data(), Tl, D, all.data());
+      dx = std::move(all);
+    }
     vocab_embedding_backward(be_, tp_, a.tokens.data(), T, dx.data(), V, D, grads.get("model.embed_tokens.weight"));
-  else if (dx_in)
+  } else if (dx_in)
     *dx_in = std::move(dx);
 }
 
@@ -434,9 +528,9 @@ std::vector<float> Model::infer(const int64_t* tokens, int64_t B, int64_t S, KvC
   check_tokens(tokens, T, V);
   const Comm* comm = ep_.comm;
   const bool staged = stage_.count > 1;
-  std::vector<float> x(T * D);
+  std::vector<float> x(T * D);  // generation does not shard the sequence (sp is for training's activations)
   if (stage_.layout.embedding)
-    vocab_embedding_forward(be_, tp_, tokens, T, params_.get("model.embed_tokens.weight"), V, D, x.data());
+    vocab_embedding_forward(be_, tp_.without_sp(), tokens, T, params_.get("model.embed_tokens.weight"), V, D, x.data());
   else
     comm->pp_recv(x.data(), T * D, stage_.index - 1, 3);
   for (int l : stage_.layout.layers)

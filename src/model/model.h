@@ -51,6 +51,7 @@ struct Losses {
 // Everything one decoder layer's backward needs from its forward.
 struct LayerActs {
   int64_t B = 0, S = 0;
+  bool sp = false;  // sequence parallel: x_in, x_mid, the rstds hold this rank's T/tp rows; xn1, xn2 all T rows
   std::vector<float> x_in, rstd1, xn1;   // residual in (T, D), input_layernorm rstd (T) and output (T, D)
   std::vector<float> x_mid, rstd2, xn2;  // residual after attention, post_attention_layernorm rstd and output
   MlaActs att;
@@ -63,7 +64,8 @@ struct Activations {
   int64_t B = 0, S = 0;
   std::vector<int64_t> tokens;           // (B, S)
   std::vector<LayerActs> layers;         // main layers, then the MTP layer
-  std::vector<float> x_final, rstd_final, h;  // residual after the last layer, model.norm rstd and output (T, D)
+  std::vector<float> x_final, rstd_final, h;  // residual after the last layer (sp: T/tp rows), model.norm rstd (same
+                                              // rows) and output (T, D: all rows, the heads' input)
   std::vector<float> logits, lse;        // (T, V/tp) this rank's vocabulary slice, per-row log-sum-exp (T)
   std::vector<int64_t> targets;          // (T), -1 where no target
   // MTP depth 1 (Tm = B*(S-1) positions)
@@ -71,6 +73,7 @@ struct Activations {
   std::vector<float> mtp_e, mtp_e_rstd, mtp_hin, mtp_h_rstd, mtp_cat;  // embedding (Tm,D), h slice (Tm,D), cat (Tm,2D)
   std::vector<float> mtp_x, mtp_rstd_out, mtp_hn, mtp_logits, mtp_lse;  // block output, shared_head.norm, logits
   std::vector<int64_t> mtp_targets;      // (Tm)
+  bool mtp_sp = false;                   // the MTP layer ran sequence-parallel (mtp_x, mtp_rstd_out: Tm/tp rows)
 };
 
 struct KvCache {
@@ -85,6 +88,8 @@ class Model {
   Model(const ModelConfig& cfg, Backend& be, const ExpertGroup& ep = {}, const PipelineStage& stage = {},
         const TensorGroup& tp = {});
   const TensorGroup& tensor_group() const { return tp_; }
+  // rows of the residual stream a pipeline stage sends/receives for B sequences of S tokens (B*S/tp under sp)
+  int64_t stage_rows(int64_t B, int64_t S) const { return tp_.sp_rows(B * S); }
   const ExpertGroup& expert_group() const { return ep_; }
   const PipelineStage& stage() const { return stage_; }
   const ModelConfig& config() const { return cfg_; }
@@ -135,9 +140,14 @@ class Model {
   // logits of every position (last_only: of each sequence's last), through the pipeline stages
   std::vector<float> infer(const int64_t* tokens, int64_t B, int64_t S, KvCache* cache, bool last_only);
   // `la` keeps what backward needs (null: inference, nothing kept beyond the call).
-  void layer_forward(int64_t layer, float* x, int64_t B, int64_t S, MlaCache* cache, MoeTrace* mt, LayerActs* la);
+  // sp: x holds this rank's B*S/tp rows (sequence parallelism; tp_.sp must be on), else all of them.
+  void layer_forward(int64_t layer, float* x, int64_t B, int64_t S, MlaCache* cache, MoeTrace* mt, LayerActs* la,
+                     bool sp = false);
   // dx (T, D): gradient w.r.t. the layer's output residual in, w.r.t. its input out (in place).
   void layer_backward(int64_t layer, const LayerActs& la, float* dx, double aux_coef, Params& grads);
+  // An RMSNorm's backward on `rows` rows: dx += , the weight's gradient += (summed over tp under tp.sp)
+  void norm_backward(const float* x, const std::string& weight, const float* rstd, const float* dy, int64_t rows,
+                     float* dx, Params& grads, const TensorGroup& tp);
   // The forward pass of the whole model into `a` (losses and trace filled); the shared path of forward() and
   // forward_backward().
   Losses forward_into(const int64_t* tokens, const int64_t* labels, int64_t B, int64_t S, double mtp_lambda,

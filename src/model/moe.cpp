@@ -227,13 +227,18 @@ void moe_forward(Backend& be, const ModelConfig& c, const MoeWeights& w, const E
   } else {
     moe_experts(be, c, w, a.d.offset, a.d.x.data(), a.d.y.data(), &a.experts);
   }
+  std::vector<float> part(tp.sp ? T * D : 0);  // sp: the partial sums of all rows before the reduce-scatter
+  float* o = tp.sp ? part.data() : out;
   if (w.sh_gate)  // shared experts on every token, this rank's columns of them
     swiglu_mlp_forward(be, xn_all, T, D, c.moe_intermediate_size * c.n_shared_experts / tp.size, w.sh_gate, w.sh_up,
-                       w.sh_down, out, false, &a.shared);
+                       w.sh_down, o, false, &a.shared);
   else
-    std::fill(out, out + T * D, 0.0f);
-  moe_combine(rs, a.d, D, out + a.t0 * D);  // combine (this rank's token slice)
-  tp.allreduce(out, T * D);  // shared partial sums + each slice from the rank that computed it
+    std::fill(o, o + T * D, 0.0f);
+  moe_combine(rs, a.d, D, o + a.t0 * D);  // combine (this rank's token slice)
+  // shared partial sums + each slice from the rank that computed it (sp: this rank's rows of the sum; its routed
+  // slice is exactly its sequence-parallel rows)
+  if (tp.sp) tp.reduce_scatter_rows(part.data(), tp.sp_rows(T), D, out);
+  else tp.allreduce(out, T * D);
 }
 
 void moe_backward(Backend& be, const ModelConfig& c, const MoeWeights& w, MoeWeights& g, const ExpertGroup& ep,

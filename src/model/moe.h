@@ -101,7 +101,9 @@ struct MoeActs {
 };
 // route -> dispatch (-> all-to-all to the experts' ranks) -> experts (-> all-to-all back) -> combine
 // tp: the router runs on every token everywhere (replicated), the routed part on this rank's token slice, the
-// shared experts column/row-parallel; one all-reduce over tp completes out.
+// shared experts column/row-parallel; one all-reduce over tp completes out (sp: x_norm is the all-gathered
+// (B*S, D), out this rank's rows (B*S/tp, D) of the sum, a reduce-scatter; the routed slice is those rows).
+// moe_backward is the same with and without sp: dout (B*S, D) whole (the caller all-gathers it under sp).
 void moe_forward(Backend& be, const ModelConfig& c, const MoeWeights& w, const ExpertGroup& ep, const float* x_norm,
                  int64_t B, int64_t S, float* out, MoeActs& acts, const TensorGroup& tp = {});
 // aux_coef: the weight of this layer's balance loss in the total loss (aux_alpha x loss scale). tp: dx_norm gets

@@ -13,6 +13,22 @@ void TensorGroup::allreduce(float* x, int64_t n) const {
   if (size > 1) comm->allreduce_sum(GroupKind::tp, x, n);
 }
 
+void TensorGroup::gather_rows(const float* local, int64_t rows_local, int64_t cols, float* all) const {
+  if (size == 1) {
+    std::copy_n(local, rows_local * cols, all);
+    return;
+  }
+  comm->allgather(GroupKind::tp, local, all, rows_local * cols);
+}
+
+void TensorGroup::reduce_scatter_rows(const float* partial, int64_t rows_local, int64_t cols, float* local) const {
+  if (size == 1) {
+    std::copy_n(partial, rows_local * cols, local);
+    return;
+  }
+  comm->reduce_scatter(GroupKind::tp, partial, local, rows_local * cols);
+}
+
 std::vector<float> TensorGroup::gather_columns(const float* local, int64_t rows, int64_t cols) const {
   if (size == 1) return std::vector<float>(local, local + rows * cols);
   std::vector<float> all(size * rows * cols), out(rows * size * cols);
@@ -27,13 +43,17 @@ void vocab_embedding_forward(Backend& be, const TensorGroup& tp, const int64_t* 
                              int64_t V, int64_t D, float* out) {
   if (tp.size == 1) return be.embedding_forward(ids, n, table, D, out);
   const int64_t Vl = V / tp.size, v0 = tp.rank * Vl;
+  std::vector<float> part(tp.sp ? n * D : 0);
+  float* o = tp.sp ? part.data() : out;
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < n; ++t) {
     const int64_t v = ids[t] - v0;
-    if (v >= 0 && v < Vl) std::copy_n(table + v * D, D, out + t * D);
-    else std::fill(out + t * D, out + (t + 1) * D, 0.0f);
+    if (v >= 0 && v < Vl) std::copy_n(table + v * D, D, o + t * D);
+    else std::fill(o + t * D, o + (t + 1) * D, 0.0f);
   }
-  tp.allreduce(out, n * D);  // exactly one rank contributes each row: the sum is the row itself
+  // exactly one rank contributes each row: the sum is the row itself
+  if (tp.sp) tp.reduce_scatter_rows(part.data(), n / tp.size, D, out);
+  else tp.allreduce(out, n * D);
 }
 
 void vocab_embedding_backward(Backend& be, const TensorGroup& tp, const int64_t* ids, int64_t n, const float* dy,

@@ -12,13 +12,11 @@ namespace dsv3 {
 ParallelContext setup_parallel(Comm& comm, const Deck& deck, const ModelConfig& cfg) {
   ParallelContext ctx;
   ctx.sizes = resolve_sizes(deck, comm.size(), cfg);
-  DSV3_CHECK(!ctx.sizes.sp, "parallel.sp=true: sequence parallelism is not implemented yet (parallel.tp=" << ctx.sizes.tp
-                                                                                                   << " without it is)");
   DSV3_CHECK(ctx.sizes.etp == 1, "parallel.etp=" << ctx.sizes.etp << ": expert tensor parallelism is not implemented yet");
   ctx.coords = coords_of(ctx.sizes, comm.rank());
   comm.set_groups(groups_of(ctx.sizes, comm.rank()));
   ctx.ep = ExpertGroup{&comm, ctx.sizes.ep, ctx.coords.ep};
-  ctx.tp = TensorGroup{&comm, ctx.sizes.tp, ctx.coords.tp};
+  ctx.tp = TensorGroup{&comm, ctx.sizes.tp, ctx.coords.tp, ctx.sizes.sp && ctx.sizes.tp > 1};
   const auto layout = parse_pp_layout(deck.get<std::string>("parallel.pp_layout"), ctx.sizes.pp,
                                       (int)cfg.num_hidden_layers, (int)cfg.num_nextn_predict_layers);
   ctx.stage.index = ctx.coords.pp;

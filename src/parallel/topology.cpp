@@ -80,13 +80,13 @@ ParallelSizes resolve_sizes(const Deck& deck, int world, const ModelConfig& m) {
 
   // ---- sequence parallelism: shards the sequence over the tp group between tp regions ----
   if (s.tp == 1) s.sp = false;  // nothing to shard over: a no-op, as in Megatron
-  if (s.sp && deck.has("train.seq_length")) {
-    const int64_t seq = deck.get<int64_t>("train.seq_length");
-    DSV3_CHECK(seq % s.tp == 0, "parallel.sp needs train.seq_length=" << seq << " divisible by parallel.tp=" << s.tp
-                                                                      << " "
-                                                                      << deck.where_set({"parallel.sp",
-                                                                                         "train.seq_length",
-                                                                                         "parallel.tp"}));
+  if (s.sp && deck.has("train.seq_length")) {  // each tp rank holds a contiguous 1/tp of a micro-batch's tokens
+    const int64_t seq = deck.get<int64_t>("train.seq_length"), mb = deck.get<int64_t>("train.micro_batch");
+    DSV3_CHECK((seq * mb) % s.tp == 0, "parallel.sp needs train.seq_length*train.micro_batch=" << seq << "*" << mb
+                                           << "=" << seq * mb << " divisible by parallel.tp=" << s.tp
+                                           << " (each tp rank holds a contiguous 1/tp of a micro-batch's tokens) "
+                                           << deck.where_set({"parallel.sp", "train.seq_length", "train.micro_batch",
+                                                              "parallel.tp"}));
   }
 
   // ---- experts: ep splits the routed experts, etp splits each expert's width ----

@@ -26,7 +26,7 @@ PipelineResult run_pipeline(Model& m, const Comm* comm, const std::vector<MicroB
     const MicroBatch& mb = mbs[i];
     std::vector<float> x_in;
     if (recv) {
-      x_in.resize(mb.n * S * D);
+      x_in.resize(m.stage_rows(mb.n, S) * D);  // sp: this rank's rows
       comm->pp_recv(x_in.data(), (int64_t)x_in.size(), stage - 1, kTagActivation);
     }
     ForwardTrace local;
@@ -66,7 +66,7 @@ PipelineResult run_pipeline(Model& m, const Comm* comm, const std::vector<MicroB
     } else {
       std::vector<float> dx_out;
       if (a.recv_bwd) {
-        dx_out.resize(mbs[i].n * S * D);
+        dx_out.resize(m.stage_rows(mbs[i].n, S) * D);
         comm->pp_recv(dx_out.data(), (int64_t)dx_out.size(), stage + 1, kTagGradient);
       }
       std::vector<float> sent;

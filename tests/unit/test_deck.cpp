@@ -502,7 +502,7 @@ TEST_F(DeckTest, ErrorBadOverride) {
 //     DeckTest.ErrorOutOfRange); kept for ParallelSizes built by hand
 //   world size < 1                                               Topology.ResolveErrorsNameTheKeyAndTheConstraint
 //   world not a multiple of tp*pp / dp disagrees / tp does not divide heads, vocab, intermediate, shared experts /
-//   sp needs seq_length % tp / ep or etp without experts / ep does not divide experts / etp does not divide the
+//   sp needs seq_length*micro_batch % tp / ep or etp without experts / ep does not divide experts / etp does not divide the
 //   expert width / ep*etp does not divide tp*dp                  Topology.ResolveErrorsNameTheKeyAndTheConstraint,
 //                                                                Topology.ResolveErrorsSayWhereTheKeysWereSet
 // src/pipeline/layout.cpp parse_pp_layout (every message ends with `where`, resolve_sizes passes the deck's)

@@ -297,7 +297,8 @@ TEST(Topology, ResolveErrorsSayWhereTheKeysWereSet) {
   EXPECT_ERROR(resolve("[parallel]\n\ntp = 3\n", {}, 3, m),
                "parallel.tp=3 does not divide num_attention_heads=4 (parallel.tp at run.deck:3)");
   EXPECT_ERROR(resolve("[parallel]\ntp = 2\nsp = on\n[train]\nseq_length = 7\n", {}, 2, m),
-               "(parallel.sp at run.deck:3, train.seq_length at run.deck:5, parallel.tp at run.deck:2)");
+               "(parallel.sp at run.deck:3, train.seq_length at run.deck:5, train.micro_batch by default, "
+               "parallel.tp at run.deck:2)");
   EXPECT_ERROR(resolve("[parallel]\nep = 2\n", {}, 2, dense_model()), "no MoE layer (parallel.ep at run.deck:2)");
   EXPECT_ERROR(resolve("[parallel]\netp = 2\n", {}, 2, dense_model()), "no MoE layer (parallel.etp at run.deck:2)");
   EXPECT_ERROR(resolve("[parallel]\nep = 3\n", {}, 3, m),
@@ -350,7 +351,11 @@ TEST(Topology, ResolveErrorsNameTheKeyAndTheConstraint) {
                  "parallel.etp=4 does not divide moe_intermediate_size=30");
   }
   EXPECT_ERROR(resolve({"parallel.tp=2", "parallel.sp=true", "train.seq_length=7"}, 2, m),
-               "parallel.sp needs train.seq_length=7 divisible by parallel.tp=2");
+               "parallel.sp needs train.seq_length*train.micro_batch=7*1=7 divisible by parallel.tp=2");
+  EXPECT_ERROR(resolve({"parallel.tp=4", "parallel.sp=true", "train.seq_length=6", "train.micro_batch=3"}, 4, m),
+               "parallel.sp needs train.seq_length*train.micro_batch=6*3=18 divisible by parallel.tp=4");
+  EXPECT_TRUE(dsv3::resolve_sizes(deck({"parallel.tp=2", "parallel.sp=true", "train.seq_length=7", "train.micro_batch=2"}),
+                            2, m).sp);  // 14 tokens: 7 per tp rank
   EXPECT_ERROR(resolve({"parallel.ep=3"}, 3, m), "parallel.ep=3 does not divide n_routed_experts=8");
   EXPECT_ERROR(resolve({"parallel.etp=3"}, 3, m), "parallel.etp=3 does not divide moe_intermediate_size=32");
   EXPECT_ERROR(resolve({"parallel.pp=2", "parallel.ep=4"}, 4, m), "ep*etp=4 must divide tp*dp=2");
