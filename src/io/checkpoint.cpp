@@ -7,8 +7,10 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <charconv>
 #include <chrono>
 #include <cerrno>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <deque>
@@ -80,6 +82,7 @@ struct H5Id {
   H5Id(hid_t i, herr_t (*c)(hid_t)) : id(i), closer(c) {}
   H5Id(const H5Id&) = delete;
   H5Id& operator=(const H5Id&) = delete;
+  H5Id(H5Id&& o) noexcept : id(o.release()), closer(o.closer) {}
   H5Id& operator=(H5Id&& o) noexcept {
     if (this != &o) {
       reset();
@@ -349,9 +352,34 @@ void put_attr_str(hid_t obj, const char* name, const std::string& v, const std::
 bool has_attr(hid_t obj, const char* name, const std::string& path) {
   return H5_CHECK(H5Aexists(obj, name), path, "attribute " << name) > 0;
 }
+// Opens attribute `name` (of dataset ds, or of the file when ds is empty) and checks that it holds exactly one
+// value: an array attribute would make H5Aread write past the one value it is read into, a null one leaves it unset.
+// number: it must be an integer (or, float_ok, a floating-point number); else any type (strings are checked after).
+H5Id open_one_value_attr(hid_t obj, const char* name, const std::string& path, const std::string& ds, int number,
+                         bool float_ok = false) {
+  std::ostringstream what_s;
+  if (!ds.empty()) what_s << "dataset " << ds << " ";
+  what_s << "attribute " << name;
+  const std::string what = what_s.str();
+  H5Id a(H5_CHECK(H5Aopen(obj, name, H5P_DEFAULT), path, what), H5Aclose);
+  H5Id sp(H5_CHECK(H5Aget_space(a), path, what), H5Sclose);
+  const H5S_class_t sc = H5Sget_simple_extent_type(sp);
+  const hssize_t n = H5_CHECK(H5Sget_simple_extent_npoints(sp), path, what);
+  DSV3_CHECK(sc == H5S_SCALAR || (sc == H5S_SIMPLE && n == 1),
+             "checkpoint " << path << ": " << what << " must hold one value, it holds "
+                           << (sc == H5S_NULL ? std::string("none (a null dataspace)")
+                                              : std::to_string(n) + " (an array)"));
+  if (number) {
+    H5Id t(H5_CHECK(H5Aget_type(a), path, what), H5Tclose);
+    const H5T_class_t c = H5_CHECK(H5Tget_class(t), path, what);
+    DSV3_CHECK(c == H5T_INTEGER || (float_ok && c == H5T_FLOAT),
+               "checkpoint " << path << ": " << what << " is not " << (float_ok ? "a number" : "an integer"));
+  }
+  return a;
+}
 int64_t get_attr_i64(hid_t obj, const char* name, const std::string& path) {
   DSV3_CHECK(has_attr(obj, name, path), "checkpoint " << path << ": attribute " << name << " is missing");
-  H5Id a(H5_CHECK(H5Aopen(obj, name, H5P_DEFAULT), path, "attribute " << name), H5Aclose);
+  H5Id a = open_one_value_attr(obj, name, path, "", 1);
   int64_t v = 0;
   H5_CHECK(H5Aread(a, H5T_NATIVE_INT64, &v), path, "attribute " << name);
   return v;
@@ -359,21 +387,21 @@ int64_t get_attr_i64(hid_t obj, const char* name, const std::string& path) {
 uint64_t get_attr_u64(hid_t obj, const char* name, const std::string& path, const std::string& ds) {
   DSV3_CHECK(has_attr(obj, name, path),
              "checkpoint " << path << ": dataset " << ds << " has no " << name << " attribute");
-  H5Id a(H5_CHECK(H5Aopen(obj, name, H5P_DEFAULT), path, "dataset " << ds << " attribute " << name), H5Aclose);
+  H5Id a = open_one_value_attr(obj, name, path, ds, 1);
   uint64_t v = 0;
   H5_CHECK(H5Aread(a, H5T_NATIVE_UINT64, &v), path, "dataset " << ds << " attribute " << name);
   return v;
 }
 double get_attr_f64(hid_t obj, const char* name, const std::string& path) {
   DSV3_CHECK(has_attr(obj, name, path), "checkpoint " << path << ": attribute " << name << " is missing");
-  H5Id a(H5_CHECK(H5Aopen(obj, name, H5P_DEFAULT), path, "attribute " << name), H5Aclose);
+  H5Id a = open_one_value_attr(obj, name, path, "", 1, /*float_ok=*/true);
   double v = 0;
   H5_CHECK(H5Aread(a, H5T_NATIVE_DOUBLE, &v), path, "attribute " << name);
   return v;
 }
 std::string get_attr_str(hid_t obj, const char* name, const std::string& path) {
   if (!has_attr(obj, name, path)) return "";
-  H5Id a(H5_CHECK(H5Aopen(obj, name, H5P_DEFAULT), path, "attribute " << name), H5Aclose);
+  H5Id a = open_one_value_attr(obj, name, path, "", 0);
   H5Id t(H5_CHECK(H5Aget_type(a), path, "attribute " << name), H5Tclose);
   DSV3_CHECK(H5_CHECK(H5Tget_class(t), path, "attribute " << name) == H5T_STRING &&
                  H5_CHECK(H5Tis_variable_str(t), path, "attribute " << name) == 0,
@@ -453,7 +481,11 @@ int64_t iteration_of(const std::string& name) {
   static const std::regex re(R"(^iter_(\d+)\.h5$)");
   std::smatch m;
   if (!std::regex_match(name, m, re)) return -1;
-  return std::stoll(m[1].str());
+  // digits beyond int64 (iter_99999999999999999999.h5) are no checkpoint of ours: std::stoll threw out_of_range
+  const std::string d = m[1].str();
+  int64_t it = -1;
+  const auto r = std::from_chars(d.data(), d.data() + d.size(), it);
+  return r.ec == std::errc() ? it : -1;
 }
 
 void prune(const std::string& dir, int64_t keep) {
@@ -824,25 +856,63 @@ bool link_exists(hid_t file, const std::string& name, const std::string& path) {
   return H5_CHECK(H5Lexists(file, name.c_str(), H5P_DEFAULT), path, "link " << name) > 0;
 }
 
-// Opens a dataset and checks it is fp32 of the given global shape.
-hid_t open_dataset(hid_t file, const std::string& name, const std::vector<int64_t>& shape, const std::string& path) {
-  DSV3_CHECK(link_exists(file, name, path), "checkpoint " << path << ": dataset " << name << " is missing");
-  H5Id d(H5_CHECK(H5Dopen2(file, name.c_str(), H5P_DEFAULT), path, "opening dataset " << name), H5Dclose);
+std::string shape_text(const std::vector<int64_t>& shape) {
+  std::ostringstream o;
+  o << "[";
+  for (size_t k = 0; k < shape.size(); ++k) o << (k ? "," : "") << shape[k];
+  o << "]";
+  return o.str();
+}
+
+// The global shape of an open dataset, after the checks of what dsv3 writes: fp32 elements, an array (simple)
+// dataspace (a scalar or a null dataspace has no shape to select row-major ranges of) and an element count that
+// fits in int64 (so that the byte count numel * 4 does too).
+std::vector<int64_t> dataset_shape(hid_t d, const std::string& name, const std::string& path) {
   H5Id t(H5_CHECK(H5Dget_type(d), path, "dataset " << name), H5Tclose);
   DSV3_CHECK(H5_CHECK(H5Tget_class(t), path, "dataset " << name) == H5T_FLOAT && H5Tget_size(t) == 4,
              "checkpoint " << path << ": dataset " << name << " is not fp32");
   H5Id s(H5_CHECK(H5Dget_space(d), path, "dataset " << name), H5Sclose);
+  const H5S_class_t sc = H5Sget_simple_extent_type(s);
+  DSV3_CHECK(sc == H5S_SIMPLE, "checkpoint " << path << ": dataset " << name << " is "
+                                             << (sc == H5S_SCALAR ? "a scalar" : "empty (a null dataspace)")
+                                             << ", not an array");
   const int nd = H5_CHECK(H5Sget_simple_extent_ndims(s), path, "dataset " << name);
   std::vector<hsize_t> dims(std::max(nd, 0));
   H5_CHECK(H5Sget_simple_extent_dims(s, dims.data(), nullptr), path, "dataset " << name);
-  const std::vector<int64_t> got(dims.begin(), dims.end());
-  if (got != shape) {
-    std::ostringstream a, b;
-    for (auto x : got) a << (a.tellp() ? "," : "") << x;
-    for (auto x : shape) b << (b.tellp() ? "," : "") << x;
-    DSV3_FAIL("checkpoint " << path << ": dataset " << name << " has shape [" << a.str() << "], the model has ["
-                            << b.str() << "]");
+  std::vector<int64_t> shape;
+  int64_t numel = 1;
+  bool overflow = false;
+  for (hsize_t x : dims) {
+    shape.push_back(x > (hsize_t)INT64_MAX ? INT64_MAX : (int64_t)x);
+    overflow |= x > (hsize_t)INT64_MAX || __builtin_mul_overflow(numel, (int64_t)x, &numel) || numel > INT64_MAX / 4;
   }
+  DSV3_CHECK(!overflow, "checkpoint " << path << ": dataset " << name << " has shape " << shape_text(shape)
+                                      << ": its size overflows int64");
+  return shape;
+}
+
+// Every element of the dataset's shape must be stored in the file. A dataset that was never written (no storage
+// allocated), is compressed, or whose shape promises more than the file holds (2^40 elements in a small file) is
+// refused before anything is allocated or read: dsv3 writes contiguous, uncompressed datasets.
+void check_stored(hid_t d, const std::string& name, const std::vector<int64_t>& shape, const std::string& path) {
+  int64_t bytes = 4;
+  for (int64_t x : shape) bytes *= x;  // cannot overflow: dataset_shape checked numel * 4
+  const hsize_t stored = H5Dget_storage_size(d);
+  DSV3_CHECK(stored >= (hsize_t)bytes, "checkpoint " << path << ": dataset " << name << " has shape "
+                                                     << shape_text(shape) << " (" << bytes << " bytes of fp32) but "
+                                                     << "the file stores " << stored << " bytes of it (never "
+                                                     << "written, or compressed: dsv3 writes contiguous datasets)");
+}
+
+// Opens a dataset and checks it is fp32 of the given global shape, all of it stored.
+hid_t open_dataset(hid_t file, const std::string& name, const std::vector<int64_t>& shape, const std::string& path) {
+  DSV3_CHECK(link_exists(file, name, path), "checkpoint " << path << ": dataset " << name << " is missing");
+  H5Id d(H5_CHECK(H5Dopen2(file, name.c_str(), H5P_DEFAULT), path, "opening dataset " << name), H5Dclose);
+  const std::vector<int64_t> got = dataset_shape(d, name, path);
+  if (got != shape)
+    DSV3_FAIL("checkpoint " << path << ": dataset " << name << " has shape " << shape_text(got)
+                            << ", the model has " << shape_text(shape));
+  check_stored(d, name, shape, path);
   return d.release();
 }
 
@@ -854,8 +924,19 @@ TrainState read_state(hid_t file, const std::string& path, int64_t* adam_t) {
   s.iteration = get_attr_i64(file, "iteration", path);
   s.consumed_samples = get_attr_i64(file, "consumed_samples", path);
   s.consumed_tokens = get_attr_f64(file, "consumed_tokens", path);
-  s.rng_seed = get_attr_i64(file, "rng_seed", path);
-  if (adam_t) *adam_t = get_attr_i64(file, "adam_t", path);
+  s.rng_seed = get_attr_i64(file, "rng_seed", path);  // any value: converted checkpoints have -1
+  // counters the run continues from: a negative one (or a NaN token count) would restart the schedules and the data
+  // order somewhere meaningless
+  DSV3_CHECK(s.iteration >= 0, "checkpoint " << path << ": attribute iteration is negative (" << s.iteration << ")");
+  DSV3_CHECK(s.consumed_samples >= 0, "checkpoint " << path << ": attribute consumed_samples is negative ("
+                                                    << s.consumed_samples << ")");
+  DSV3_CHECK(std::isfinite(s.consumed_tokens) && s.consumed_tokens >= 0,
+             "checkpoint " << path << ": attribute consumed_tokens is " << s.consumed_tokens
+                           << " (must be a finite number >= 0)");
+  if (adam_t) {
+    *adam_t = get_attr_i64(file, "adam_t", path);
+    DSV3_CHECK(*adam_t >= 0, "checkpoint " << path << ": attribute adam_t is negative (" << *adam_t << ")");
+  }
   return s;
 }
 
@@ -953,22 +1034,20 @@ std::string verify_checkpoint(const std::string& path) {
   try {
     H5Id fapl(make_fapl(nullptr, path), H5Pclose);
     H5Id file(H5_CHECK(H5Fopen(path.c_str(), H5F_ACC_RDONLY, fapl), path, "opening the file"), H5Fclose);
-    read_state(file, path, nullptr);
+    int64_t adam_t = 0;  // checked too: a file verify accepts is one that load_checkpoint does not refuse for it
+    read_state(file, path, &adam_t);
     std::vector<std::string> names;
     H5_CHECK(H5Ovisit(file, H5_INDEX_NAME, H5_ITER_NATIVE, collect_datasets, &names), path, "listing the datasets");
     DSV3_CHECK(link_exists(file, "/model", path), "checkpoint " << path << ": group /model is missing");
     std::vector<float> buf;
     for (const std::string& name : names) {
       H5Id d(H5_CHECK(H5Dopen2(file, name.c_str(), H5P_DEFAULT), path, "opening dataset " << name), H5Dclose);
-      H5Id s(H5_CHECK(H5Dget_space(d), path, "dataset " << name), H5Sclose);
-      const int nd = H5_CHECK(H5Sget_simple_extent_ndims(s), path, "dataset " << name);
-      std::vector<hsize_t> dims(std::max(nd, 0));
-      H5_CHECK(H5Sget_simple_extent_dims(s, dims.data(), nullptr), path, "dataset " << name);
       Job j;
       j.name = name;
-      j.shape.assign(dims.begin(), dims.end());
+      j.shape = dataset_shape(d, name, path);
+      check_stored(d, name, j.shape, path);
       j.numel = 1;
-      for (auto x : dims) j.numel *= (int64_t)x;
+      for (int64_t x : j.shape) j.numel *= x;
       const uint64_t stored = get_attr_u64(d, "checksum", path, name);
       uint64_t sum = 0;
       // in pieces of at most one I/O chunk
@@ -1256,7 +1335,8 @@ CheckpointFileReader::CheckpointFileReader(const std::string& file_or_dir) {
   H5Id fapl(make_fapl(nullptr, path_), H5Pclose);
   file_ = H5_CHECK(H5Fopen(path_.c_str(), H5F_ACC_RDONLY, fapl), path_, "opening the file");
   try {
-    read_state(file_, path_, nullptr);
+    int64_t adam_t = 0;
+    read_state(file_, path_, &adam_t);
   } catch (...) {
     H5Fclose(file_);
     throw;
@@ -1300,14 +1380,9 @@ int64_t CheckpointFileReader::open_dataset(const std::string& dataset) const {
 
 std::vector<int64_t> CheckpointFileReader::shape(const std::string& dataset) const {
   const hid_t d = open_dataset(dataset);
-  H5Id t(H5_CHECK(H5Dget_type(d), path_, "dataset " << dataset), H5Tclose);
-  DSV3_CHECK(H5_CHECK(H5Tget_class(t), path_, "dataset " << dataset) == H5T_FLOAT && H5Tget_size(t) == 4,
-             "checkpoint " << path_ << ": dataset " << dataset << " is not fp32");
-  H5Id s(H5_CHECK(H5Dget_space(d), path_, "dataset " << dataset), H5Sclose);
-  const int nd = H5_CHECK(H5Sget_simple_extent_ndims(s), path_, "dataset " << dataset);
-  std::vector<hsize_t> dims(std::max(nd, 0));
-  H5_CHECK(H5Sget_simple_extent_dims(s, dims.data(), nullptr), path_, "dataset " << dataset);
-  return std::vector<int64_t>(dims.begin(), dims.end());
+  std::vector<int64_t> sh = dataset_shape(d, dataset, path_);
+  check_stored(d, dataset, sh, path_);
+  return sh;
 }
 
 uint64_t CheckpointFileReader::stored_checksum(const std::string& dataset) const {
@@ -1319,9 +1394,9 @@ void CheckpointFileReader::read(const std::string& dataset, int64_t first, int64
   const std::vector<int64_t> sh = shape(dataset);
   int64_t numel = 1;
   for (int64_t s : sh) numel *= s;
-  DSV3_CHECK(first >= 0 && first + n <= numel, "checkpoint " << path_ << ": dataset " << dataset << ": elements ["
-                                                             << first << ", " << first + n << ") are outside its "
-                                                             << numel);
+  DSV3_CHECK(first >= 0 && first <= numel && n <= numel - first,  // (first + n could overflow)
+             "checkpoint " << path_ << ": dataset " << dataset << ": " << n << " elements from element " << first
+                           << " are outside its " << numel);
   transfer_range(false, open_dataset(dataset), H5P_DEFAULT, dataset, sh, first, n, out, path_);
 }
 

@@ -15,7 +15,7 @@ cd "$ROOT"
 SECONDS_EACH=${FUZZ_SECONDS:-60}
 B=${FUZZ_BUILD:-build-fuzz}
 RSS=${FUZZ_RSS_MB:-2048}
-ALL=(deck safetensors hf_index config tokenizer idx)
+ALL=(deck safetensors hf_index config tokenizer idx checkpoint)
 TARGETS=("$@")
 [ ${#TARGETS[@]} -eq 0 ] && TARGETS=("${ALL[@]}")
 
@@ -25,8 +25,10 @@ if [ ! -f "$B/CMakeCache.txt" ]; then
 fi
 cmake --build "$B" -j "${FUZZ_JOBS:-2}" || exit 2
 
-declare -A DICT=([deck]=deck [safetensors]=json [hf_index]=json [config]=json [tokenizer]=json [idx]=idx)
-declare -A MAXLEN=([deck]=8192 [safetensors]=16384 [hf_index]=16384 [config]=8192 [tokenizer]=65536 [idx]=4096)
+declare -A DICT=([deck]=deck [safetensors]=json [hf_index]=json [config]=json [tokenizer]=json [idx]=idx
+                [checkpoint]=checkpoint)
+declare -A MAXLEN=([deck]=8192 [safetensors]=16384 [hf_index]=16384 [config]=8192 [tokenizer]=65536 [idx]=4096
+                  [checkpoint]=1024)
 mkdir -p "$B/tmp"
 failed=()
 summary=()

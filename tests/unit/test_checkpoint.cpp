@@ -2,15 +2,19 @@
 // the optimizer state (FP32 and BF16 moments, any I/O chunking) and training continues bit-identically; a flipped
 // byte in a dataset is detected and named; a truncated file is rejected with its name; `latest` and keep-N
 // pruning; checkpoint.load = auto falls back to the previous good checkpoint; an expert-parallel rank reads its
-// slice of the global file (resharding). The multi-rank cases are tests/mpi_checkpoint.sh.
+// slice of the global file (resharding). The multi-rank cases are tests/mpi_checkpoint.sh. At the end: the inputs
+// tests/fuzz/fuzz_checkpoint.cpp found (CheckpointFuzzRegressions).
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <hdf5.h>
 
+#include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 
 #include "core/error.h"
 #include "io/checkpoint.h"
@@ -382,4 +386,219 @@ TEST(Checkpoint, WrongModelShapeIsNamed) {
   const std::string e = error_of([&] { load_checkpoint(r.path, nullptr, m.params(), nullptr); });
   EXPECT_THAT(e, HasSubstr(r.path));
   EXPECT_THAT(e, HasSubstr("has shape"));
+}
+
+// ---- inputs found by the libFuzzer target tests/fuzz/fuzz_checkpoint.cpp (metadata of a valid HDF5 file), fixed in
+// src/io/checkpoint.cpp. Each used to crash, overflow a buffer, hang or escape as a non-dsv3 exception.
+namespace {
+
+// Opens a checkpoint read-write, runs f(file), closes it (the test's own edits through the HDF5 API).
+void edit_h5(const std::string& path, const std::function<void(hid_t)>& f) {
+  const hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
+  H5Pset_libver_bounds(fapl, H5F_LIBVER_V18, H5F_LIBVER_LATEST);
+  const hid_t file = H5Fopen(path.c_str(), H5F_ACC_RDWR, fapl);
+  H5Pclose(fapl);
+  ASSERT_GE(file, 0) << path;
+  f(file);
+  ASSERT_GE(H5Fclose(file), 0);
+}
+
+// Replaces attribute `name` of object `obj` by one of type `type` over `space` holding `values` (converted from int64).
+void put_attr(hid_t file, const char* obj, const char* name, hid_t type, hid_t space, std::vector<int64_t> values) {
+  if (H5Aexists_by_name(file, obj, name, H5P_DEFAULT) > 0) H5Adelete_by_name(file, obj, name, H5P_DEFAULT);
+  const hid_t a = H5Acreate_by_name(file, obj, name, type, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+  ASSERT_GE(a, 0);
+  if (!values.empty()) {
+    EXPECT_GE(H5Awrite(a, H5T_NATIVE_INT64, values.data()), 0);
+  }
+  H5Aclose(a);
+  H5Sclose(space);
+}
+hid_t array_space(hsize_t n) { return H5Screate_simple(1, &n, nullptr); }
+
+// Replaces dataset `name` by an fp32 one over `space` (no data written: storage allocated late, i.e. never), with a
+// checksum attribute.
+void put_dataset(hid_t file, const char* name, hid_t space) {
+  if (H5Lexists(file, name, H5P_DEFAULT) > 0) H5Ldelete(file, name, H5P_DEFAULT);
+  const hid_t dcpl = H5Pcreate(H5P_DATASET_CREATE);
+  H5Pset_alloc_time(dcpl, H5D_ALLOC_TIME_LATE);
+  const hid_t d = H5Dcreate2(file, name, H5T_IEEE_F32LE, space, H5P_DEFAULT, dcpl, H5P_DEFAULT);
+  ASSERT_GE(d, 0) << name;
+  const hid_t sp = H5Screate(H5S_SCALAR);
+  const hid_t a = H5Acreate2(d, "checksum", H5T_STD_U64LE, sp, H5P_DEFAULT, H5P_DEFAULT);
+  const uint64_t zero = 0;
+  H5Awrite(a, H5T_NATIVE_UINT64, &zero);
+  H5Aclose(a);
+  H5Sclose(sp);
+  H5Dclose(d);
+  H5Pclose(dcpl);
+  H5Sclose(space);
+}
+
+std::string load_error(const std::string& path) {
+  return error_of([&] {
+    TinyRun b;
+    load_checkpoint(path, nullptr, b.model.params(), &b.trainer.optimizer());
+  });
+}
+
+}  // namespace
+
+// An attribute read as one value (H5Aread into an int64_t / a std::string of one string's size) that holds an array
+// was written past its end (ASan: stack-buffer-overflow in get_attr_i64, heap-buffer-overflow in get_attr_str); a
+// null dataspace left the value unset (format_version, iteration silently 0).
+TEST(CheckpointFuzzRegressions, AttributeArraysAndNullAttributesAreAnErrorNotAnOverflow) {
+  TmpDir dir;
+  TinyRun a;
+  const auto save = [&](int64_t it) {
+    return save_checkpoint(dir.path, nullptr, a.model.params(), &a.trainer.optimizer(), state_at(it), "", "", 0).path;
+  };
+  const std::string p1 = save(1);
+  edit_h5(p1, [](hid_t f) { put_attr(f, "/", "iteration", H5T_STD_I64LE, array_space(3), {5, 5, 5}); });
+  const std::string want1 = "checkpoint " + p1 + ": attribute iteration must hold one value, it holds 3 (an array)";
+  EXPECT_THAT(error_of([&] { read_checkpoint_info(p1); }), HasSubstr(want1));
+  EXPECT_THAT(error_of([&] { CheckpointFileReader rd(p1); }), HasSubstr(want1));
+  EXPECT_THAT(load_error(p1), HasSubstr(want1));
+  EXPECT_THAT(verify_checkpoint(p1), HasSubstr(want1));
+
+  const std::string p2 = save(2);
+  edit_h5(p2, [](hid_t f) {
+    const std::string text(40, 'x');
+    const hid_t t = H5Tcopy(H5T_C_S1);
+    H5Tset_size(t, text.size() + 1);
+    H5Adelete(f, "deck");
+    const hid_t sp = array_space(2);
+    const hid_t at = H5Acreate2(f, "deck", t, sp, H5P_DEFAULT, H5P_DEFAULT);
+    const std::string two = text + '\0' + text + '\0';
+    H5Awrite(at, t, two.data());
+    H5Aclose(at);
+    H5Sclose(sp);
+    H5Tclose(t);
+  });
+  EXPECT_THAT(error_of([&] { read_checkpoint_info(p2); }),
+              HasSubstr("checkpoint " + p2 + ": attribute deck must hold one value, it holds 2 (an array)"));
+  EXPECT_EQ(load_error(p2), "");  // the deck is not needed to load
+
+  const std::string p3 = save(3);
+  edit_h5(p3, [](hid_t f) {
+    put_attr(f, "/", "format_version", H5T_STD_I64LE, H5Screate(H5S_NULL), {});
+    put_attr(f, kExpert, "checksum", H5T_STD_U64LE, array_space(2), {1, 2});
+  });
+  EXPECT_THAT(load_error(p3),
+              HasSubstr("attribute format_version must hold one value, it holds none (a null dataspace)"));
+  const std::string p4 = save(4);
+  edit_h5(p4, [](hid_t f) { put_attr(f, kExpert, "checksum", H5T_STD_U64LE, array_space(2), {1, 2}); });
+  EXPECT_THAT(load_error(p4), HasSubstr(std::string("dataset ") + kExpert + " attribute checksum must hold one value"));
+  EXPECT_THAT(verify_checkpoint(p4), HasSubstr(std::string("dataset ") + kExpert + " attribute checksum must hold"));
+
+  const std::string p5 = save(5);
+  edit_h5(p5, [](hid_t f) {
+    const hid_t t = H5Tcopy(H5T_C_S1);
+    H5Tset_size(t, 4);
+    H5Adelete(f, "adam_t");
+    const hid_t sp = H5Screate(H5S_SCALAR);
+    const hid_t at = H5Acreate2(f, "adam_t", t, sp, H5P_DEFAULT, H5P_DEFAULT);
+    H5Awrite(at, t, "123");
+    H5Aclose(at);
+    H5Sclose(sp);
+    H5Tclose(t);
+  });
+  EXPECT_THAT(load_error(p5), HasSubstr("attribute adam_t is not an integer"));
+  // verify_checkpoint checks adam_t too: find_checkpoint no longer offers a file that resume_checkpoint refuses
+  EXPECT_THAT(verify_checkpoint(p5), HasSubstr("attribute adam_t is not an integer"));
+}
+
+// A dataset with a scalar or null dataspace (rank 0) made verify_checkpoint select hyperslabs with stride[0] of an
+// empty vector (_GLIBCXX_ASSERTIONS abort; out-of-bounds read in Release).
+TEST(CheckpointFuzzRegressions, ScalarOrNullDatasetIsAnErrorNotAnOutOfBoundsRead) {
+  TmpDir dir;
+  TinyRun a;
+  const auto r = save_checkpoint(dir.path, nullptr, a.model.params(), &a.trainer.optimizer(), state_at(1), "", "", 0);
+  edit_h5(r.path, [](hid_t f) { put_dataset(f, kExpert, H5Screate(H5S_SCALAR)); });
+  const std::string want = std::string("dataset ") + kExpert + " is a scalar, not an array";
+  EXPECT_THAT(verify_checkpoint(r.path), HasSubstr(want));
+  EXPECT_THAT(error_of([&] { CheckpointFileReader(r.path).shape(kExpert); }), HasSubstr(want));
+  EXPECT_THAT(load_error(r.path), HasSubstr(want));
+  edit_h5(r.path, [](hid_t f) { put_dataset(f, kExpert, H5Screate(H5S_NULL)); });
+  EXPECT_THAT(verify_checkpoint(r.path),
+              HasSubstr(std::string(kExpert) + " is empty (a null dataspace), not an array"));
+}
+
+// A dataset whose shape promises more than the file stores: [2^20, 2^20] with no storage made verify_checkpoint
+// allocate a 1 GiB buffer and read 4096 rounds of fill values (a hang); [2^40, 2^40] overflowed the element count
+// (signed overflow). Both are refused from the metadata now, before anything is allocated or read.
+TEST(CheckpointFuzzRegressions, DatasetShapeBeyondItsStorageIsAnErrorNotAHang) {
+  TmpDir dir;
+  TinyRun a;
+  const auto r = save_checkpoint(dir.path, nullptr, a.model.params(), &a.trainer.optimizer(), state_at(1), "", "", 0);
+  edit_h5(r.path, [](hid_t f) {
+    const hsize_t big[2] = {hsize_t(1) << 20, hsize_t(1) << 20};
+    put_dataset(f, "/model/extra", H5Screate_simple(2, big, nullptr));
+  });
+  const auto t0 = std::chrono::steady_clock::now();
+  EXPECT_THAT(verify_checkpoint(r.path),
+              HasSubstr("dataset /model/extra has shape [1048576,1048576] (4398046511104 bytes of fp32) but the file "
+                        "stores 0 bytes of it"));
+  EXPECT_THAT(error_of([&] { CheckpointFileReader(r.path).shape("/model/extra"); }), HasSubstr("stores 0 bytes"));
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(5));
+  EXPECT_EQ(load_error(r.path), "");  // an extra dataset does not matter to the model
+  edit_h5(r.path, [](hid_t f) {
+    const hsize_t huge[2] = {hsize_t(1) << 40, hsize_t(1) << 40};
+    put_dataset(f, "/model/extra", H5Screate_simple(2, huge, nullptr));
+  });
+  EXPECT_THAT(verify_checkpoint(r.path),
+              HasSubstr("has shape [1099511627776,1099511627776]: its size overflows int64"));
+  // a model dataset never written (storage not allocated) is named as such, not read as fill values
+  edit_h5(r.path, [](hid_t f) {
+    const hsize_t shape[3] = {8, 32, 64};
+    put_dataset(f, kExpert, H5Screate_simple(3, shape, nullptr));
+  });
+  EXPECT_THAT(load_error(r.path), HasSubstr(std::string(kExpert) + " has shape [8,32,64] (65536 bytes of fp32) but "
+                                            "the file stores 0 bytes of it"));
+}
+
+// Counters a run continues from were taken as they were: iteration -1, adam_t < 0 (bias corrections 1 - beta^t < 0),
+// a NaN token count (the schedules).
+TEST(CheckpointFuzzRegressions, NegativeOrNonFiniteCountersAreAnError) {
+  TmpDir dir;
+  TinyRun a;
+  const auto save = [&](int64_t it) {
+    return save_checkpoint(dir.path, nullptr, a.model.params(), &a.trainer.optimizer(), state_at(it), "", "", 0).path;
+  };
+  const std::string p1 = save(1), p2 = save(2), p3 = save(3);
+  edit_h5(p1, [](hid_t f) { put_attr(f, "/", "iteration", H5T_STD_I64LE, H5Screate(H5S_SCALAR), {-1}); });
+  edit_h5(p2, [](hid_t f) { put_attr(f, "/", "adam_t", H5T_STD_I32BE, H5Screate(H5S_SCALAR), {-3}); });
+  edit_h5(p3, [](hid_t f) {
+    const hid_t sp = H5Screate(H5S_SCALAR);
+    H5Adelete(f, "consumed_tokens");
+    const hid_t at = H5Acreate2(f, "consumed_tokens", H5T_IEEE_F64LE, sp, H5P_DEFAULT, H5P_DEFAULT);
+    const double nan = std::nan("");
+    H5Awrite(at, H5T_NATIVE_DOUBLE, &nan);
+    H5Aclose(at);
+    H5Sclose(sp);
+  });
+  EXPECT_THAT(error_of([&] { read_checkpoint_info(p1); }),
+              HasSubstr("checkpoint " + p1 + ": attribute iteration is negative (-1)"));
+  EXPECT_THAT(load_error(p2), HasSubstr("checkpoint " + p2 + ": attribute adam_t is negative (-3)"));
+  EXPECT_THAT(load_error(p3), HasSubstr("attribute consumed_tokens is nan (must be a finite number >= 0)"));
+  // auto resume skips all three (newest first) and says why about the oldest
+  EXPECT_THAT(error_of([&] {
+                TinyRun b;
+                resume_checkpoint(dir.path, true, nullptr, b.model.params(), &b.trainer.optimizer());
+              }),
+              HasSubstr("iteration is negative"));
+}
+
+// A file named iter_<digits beyond int64>.h5 in the checkpoint directory made list_checkpoints (std::stoll) throw
+// std::out_of_range out of find_checkpoint / checkpoint_candidates. It is no checkpoint of ours: it is ignored.
+TEST(CheckpointFuzzRegressions, CheckpointNameBeyondInt64IsNotACheckpoint) {
+  TmpDir dir;
+  TinyRun a;
+  const auto r = save_checkpoint(dir.path, nullptr, a.model.params(), &a.trainer.optimizer(), state_at(3), "", "", 0);
+  fs::copy_file(r.path, dir.path + "/iter_77777777777777777777777.h5");
+  EXPECT_EQ(list_checkpoints(dir.path), std::vector<std::string>{r.path});
+  EXPECT_EQ(checkpoint_candidates(dir.path, true), std::vector<std::string>{r.path});
+  EXPECT_EQ(find_checkpoint(dir.path, true).value(), r.path);
+  fs::remove(dir.path + "/latest");
+  EXPECT_EQ(find_checkpoint(dir.path, true).value(), r.path);
 }
