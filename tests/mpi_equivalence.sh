@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The first 20 iterations of input/tiny.deck (its 600-iteration schedule) on the shipped corpus give the same losses on 1 rank and under data- and
-# expert-parallel layouts (relative difference < 1e-5 per iteration, FP32).
+# The first 20 iterations of input/tiny.deck (its 600-iteration schedule) on the shipped corpus give the same losses on
+# 1 rank and under data-, expert-, pipeline-, tensor- and sequence-parallel layouts (relative difference < 1e-5 per
+# iteration, FP32).
 #   tests/mpi_equivalence.sh BUILD_DIR SOURCE_DIR
 set -euo pipefail
 BIN=$1 SRC=$2
@@ -18,6 +19,7 @@ run one 1
 run dp4_ep2 4 parallel.ep=2
 run dp8_ep4 8 parallel.ep=4
 run pp2_dp4_ep4 8 parallel.pp=2 parallel.ep=4
+run tp2_pp2_dp2_ep2_sp 8 parallel.tp=2 parallel.pp=2 parallel.ep=2 parallel.sp=true
 /usr/bin/python3 - "$tmp" <<'PY'
 import json, sys
 d = sys.argv[1]
@@ -26,7 +28,7 @@ def losses(name):
 ref = losses("one")
 assert len(ref) == 20, len(ref)
 ok = True
-for name in ("dp4_ep2", "dp8_ep4", "pp2_dp4_ep4"):
+for name in ("dp4_ep2", "dp8_ep4", "pp2_dp4_ep4", "tp2_pp2_dp2_ep2_sp"):
     got = losses(name)
     worst = max(abs(a - b) / abs(b) for g, r in zip(got, ref) for a, b in zip(g, r))
     print(f"{name}: {len(got)} iterations, worst relative difference to 1 rank {worst:.2e} "
