@@ -12,15 +12,11 @@
 #   tests/mpi_checkpoint.sh BUILD_DIR SOURCE_DIR
 set -euo pipefail
 BIN=$1 SRC=$2
-tmp=${KEEP:-$(mktemp -d)}; [ -n "${KEEP:-}" ] || trap 'rm -rf "$tmp"' EXIT
-export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-"$BIN/dsv3-preprocess" --input "$SRC/data/corpus.jsonl" --tokenizer "$SRC/data/tokenizer.json" \
-  --output-prefix "$tmp/corpus" --append-eod > /dev/null
+source "$(dirname "$0")/lib_tiny_mpi.sh"  # $tmp, the corpus, tiny_mpirun
 run() {  # run NAME NP [overrides...]
   local name=$1 np=$2; shift 2
-  mpirun -np "$np" --oversubscribe "$BIN/dsv3" "$SRC/input/tiny.deck" train.iters=20 optim.decay_iters=600 \
-    data.paths="$tmp/corpus" data.cache_dir="$tmp" log.metrics="$tmp/$name.jsonl" log.level=warning \
-    train.eval_interval=0 checkpoint.export_hf="" "$@" 2> "$tmp/$name.err" || { cat "$tmp/$name.err"; exit 1; }
+  tiny_mpirun "$np" train.iters=20 log.metrics="$tmp/$name.jsonl" "$@" 2> "$tmp/$name.err" ||
+    { cat "$tmp/$name.err"; exit 1; }
 }
 # uninterrupted runs that also checkpoint at 10 and 20
 run one 1 checkpoint.dir="$tmp/ck_one" checkpoint.interval=10
