@@ -451,17 +451,6 @@ void rename_durable(const std::string& from, const std::string& to) {
   fsync_path(fs::path(to).parent_path().empty() ? "." : fs::path(to).parent_path().string(), true);
 }
 
-// Throws on every rank when any rank failed. One message is printed: rank 0's when it failed (the others throw an
-// empty Error, which main() does not print), else each failing rank's own (and rank 0 points to them).
-void agree(const Comm* comm, const std::string& err, const std::string& what) {
-  const bool failed = comm ? comm->any(!err.empty()) : !err.empty();
-  if (!failed) return;
-  if (!comm) throw Error(err);
-  std::string root_err = err;
-  comm->bcast_string(root_err);
-  if (comm->rank() == 0) throw Error(err.empty() ? what + " failed on another rank (see its message)" : err);
-  throw Error(root_err.empty() ? err : "");
-}
 
 // The message of the lowest rank that failed, on every rank ("" when none failed), " (on rank k)" added when that
 // is not rank 0. Collective.
@@ -612,6 +601,16 @@ std::string abandon_file(const Comm* comm, hid_t file, const std::string& tmp_pa
 }
 
 }  // namespace
+
+void agree(const Comm* comm, const std::string& err, const std::string& what) {
+  const bool failed = comm ? comm->any(!err.empty()) : !err.empty();
+  if (!failed) return;
+  if (!comm) throw Error(err);
+  std::string root_err = err;
+  comm->bcast_string(root_err);
+  if (comm->rank() == 0) throw Error(err.empty() ? what + " failed on another rank (see its message)" : err);
+  throw Error(root_err.empty() ? err : "");
+}
 
 // a partial checksum as two 32-bit halves summed as int64 (no overflow for any number of ranks < 2^31), so that
 // the world sum mod 2^64 is exact
@@ -1007,10 +1006,9 @@ TrainState load_checkpoint(const std::string& path, const Comm* comm, Params& pa
   return state;
 }
 
-CheckpointInfo read_checkpoint_info(const std::string& path) {
-  quiet_hdf5();
-  H5Id fapl(make_fapl(nullptr, path), H5Pclose);
-  H5Id file(H5_CHECK(H5Fopen(path.c_str(), H5F_ACC_RDONLY, fapl), path, "opening the file"), H5Fclose);
+namespace {
+// the file-level attributes of an open checkpoint (read_state checks the counters)
+CheckpointInfo read_info(hid_t file, const std::string& path) {
   CheckpointInfo info;
   info.state = read_state(file, path, &info.adam_t);
   info.format_version = kFormatVersion;
@@ -1019,6 +1017,14 @@ CheckpointInfo read_checkpoint_info(const std::string& path) {
   info.layout = get_attr_str(file, "layout", path);
   info.moment_dtype = get_attr_str(file, "moment_dtype", path);
   return info;
+}
+}  // namespace
+
+CheckpointInfo read_checkpoint_info(const std::string& path) {
+  quiet_hdf5();
+  H5Id fapl(make_fapl(nullptr, path), H5Pclose);
+  H5Id file(H5_CHECK(H5Fopen(path.c_str(), H5F_ACC_RDONLY, fapl), path, "opening the file"), H5Fclose);
+  return read_info(file, path);
 }
 
 // ---- verification without a model (serial) ----------------------------------------------------------------------
@@ -1348,16 +1354,7 @@ CheckpointFileReader::~CheckpointFileReader() {
   if (file_ >= 0) H5Fclose(file_);
 }
 
-CheckpointInfo CheckpointFileReader::info() const {
-  CheckpointInfo info;
-  info.state = read_state(file_, path_, &info.adam_t);
-  info.format_version = kFormatVersion;
-  info.dsv3_version = get_attr_str(file_, "dsv3_version", path_);
-  info.deck = get_attr_str(file_, "deck", path_);
-  info.layout = get_attr_str(file_, "layout", path_);
-  info.moment_dtype = get_attr_str(file_, "moment_dtype", path_);
-  return info;
-}
+CheckpointInfo CheckpointFileReader::info() const { return read_info(file_, path_); }
 
 std::string CheckpointFileReader::attr(const std::string& name) const { return get_attr_str(file_, name.c_str(), path_); }
 

@@ -199,6 +199,11 @@ class CheckpointFileReader {
   int64_t open_dataset(const std::string& dataset) const;
 };
 
+// Throws on every rank when any rank failed (err non-empty on it). One message is printed: rank 0's when it failed
+// (the others throw an empty Error, which main() does not print), else each failing rank's own (and rank 0 points to
+// them, naming `what`). Without a communicator: throws err if it is non-empty.
+void agree(const Comm* comm, const std::string& err, const std::string& what);
+
 // Partial checksums of every rank summed element-wise mod 2^64 (as two 32-bit halves: exact for < 2^31 ranks);
 // comm null: nothing to do.
 void allreduce_checksums(const Comm* comm, std::vector<uint64_t>& h);

@@ -72,17 +72,6 @@ double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock:
 int rank_of(const Comm* c) { return c ? c->rank() : 0; }
 int size_of(const Comm* c) { return c ? c->size() : 1; }
 
-// Throws on every rank when any rank failed; one message is printed (rank 0's, or the failing rank's own).
-void agree_all(const Comm* comm, const std::string& err, const std::string& what) {
-  const bool failed = comm ? comm->any(!err.empty()) : !err.empty();
-  if (!failed) return;
-  if (!comm) throw Error(err);
-  std::string root_err = err;
-  comm->bcast_string(root_err);
-  if (comm->rank() == 0) throw Error(err.empty() ? what + " failed on another rank (see its message)" : err);
-  throw Error(root_err.empty() ? err : "");
-}
-
 int64_t allreduce_sum(const Comm* comm, int64_t x) {
   if (comm) comm->allreduce_sum(GroupKind::world, &x, 1);
   return x;
@@ -361,7 +350,7 @@ ConvertStats convert_hf_to_h5(const std::string& hf_dir, const std::string& ckpt
       err = e.what();
     }
   }
-  agree_all(comm, err, "reading " + cfg_path);
+  agree(comm, err, "reading " + cfg_path);
   if (comm) comm->bcast_string(text);
   const ModelConfig cfg = model_config_from_json(parse_json(text, cfg_path), cfg_path);
   cfg.validate();
@@ -429,7 +418,7 @@ ConvertStats convert_hf_to_h5(const std::string& hf_dir, const std::string& ckpt
   } catch (const std::exception& e) {
     err = e.what();
   }
-  agree_all(comm, err, "opening HF checkpoint " + hf_dir);
+  agree(comm, err, "opening HF checkpoint " + hf_dir);
 
   // (shard, offset) order; contiguous runs of equal bytes per rank
   std::map<const SafetensorsFile*, const uint8_t*> base;
@@ -594,7 +583,7 @@ ConvertStats convert_h5_to_hf(const std::string& ckpt, const std::string& hf_dir
   } catch (const std::exception& e) {
     err = e.what();
   }
-  agree_all(comm, err, "opening checkpoint " + ckpt);
+  agree(comm, err, "opening checkpoint " + ckpt);
   const std::array<int, 2> blk = opt.fp8_block[0] > 0 ? opt.fp8_block : cfg.fp8_block;
   const int b0 = blk[0], b1 = blk[1];
   DSV3_CHECK(b0 > 0 && b1 > 0, "invalid fp8 block " << b0 << "x" << b1);
@@ -655,7 +644,7 @@ ConvertStats convert_h5_to_hf(const std::string& ckpt, const std::string& hf_dir
     fs::create_directories(hf_dir, ec);
     if (ec) err = "cannot create the HF directory '" + hf_dir + "': " + ec.message();
   }
-  agree_all(comm, err, "creating " + hf_dir);
+  agree(comm, err, "creating " + hf_dir);
 
   Progress prog("h5tohf", my_tensors, my_bytes, rank == 0 && opt.progress,
                 size > 1 ? "  (rank 0's share of " + std::to_string(size) + ")" : "");
@@ -723,7 +712,7 @@ ConvertStats convert_h5_to_hf(const std::string& ckpt, const std::string& hf_dir
     if (lerr.empty()) lerr = "conversion failed";
   }
   prog.finish();
-  agree_all(comm, lerr, "writing " + hf_dir);
+  agree(comm, lerr, "writing " + hf_dir);
 
   // every dataset against its checksum (each element was read by one rank)
   allreduce_checksums(comm, sums);
@@ -765,7 +754,7 @@ ConvertStats convert_h5_to_hf(const std::string& ckpt, const std::string& hf_dir
       }
     }
   }
-  agree_all(comm, err, "writing " + hf_dir);
+  agree(comm, err, "writing " + hf_dir);
   ConvertStats out;
   out.tensors = (int64_t)items.size();
   for (const ParamSpec& p : table) out.params += p.numel();
