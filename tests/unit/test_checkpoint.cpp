@@ -21,6 +21,7 @@
 #include "model/model.h"
 #include "ops/cpu/cpu_backend.h"
 #include "train/trainer.h"
+#include "test_util.h"
 
 using namespace dsv3;
 using ::testing::HasSubstr;
@@ -30,14 +31,7 @@ namespace {
 
 ModelConfig tiny() { return model_config_from_file(std::string(DSV3_TEST_DIR) + "/golden/tiny/config.json"); }
 
-struct TmpDir {
-  std::string path;
-  TmpDir() {
-    char t[] = "/tmp/dsv3_ckpt_test_XXXXXX";
-    path = mkdtemp(t);
-  }
-  ~TmpDir() { fs::remove_all(path); }
-};
+using dsv3::test::TmpDir;
 
 std::string error_of(const std::function<void()>& f) {
   try {

@@ -24,6 +24,7 @@
 #include "model/model.h"
 #include "ops/cpu/cpu_backend.h"
 #include "train/trainer.h"
+#include "test_util.h"
 
 using namespace dsv3;
 using ::testing::HasSubstr;
@@ -33,14 +34,7 @@ namespace {
 
 const std::string kTiny = std::string(DSV3_TEST_DIR) + "/golden/tiny";
 
-struct TmpDir {
-  std::string path;
-  TmpDir() {
-    char t[] = "/tmp/dsv3_convert_test_XXXXXX";
-    path = mkdtemp(t);
-  }
-  ~TmpDir() { fs::remove_all(path); }
-};
+using dsv3::test::TmpDir;
 
 std::string error_of(const std::function<void()>& f) {
   try {

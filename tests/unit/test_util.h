@@ -1,8 +1,12 @@
-// defines: error_of, EXPECT_ERROR — the unit tests' check that a call fails with one dsv3::Error line naming a thing
+// defines: error_of, EXPECT_ERROR — the unit tests' check that a call fails with one dsv3::Error line naming a thing;
+// TmpDir — a scratch directory removed with everything in it when the test ends
 #pragma once
 #include <gtest/gtest.h>
+#include <stdlib.h>
 
+#include <filesystem>
 #include <functional>
+#include <stdexcept>
 #include <string>
 
 #include "core/error.h"
@@ -18,6 +22,19 @@ inline std::string error_of(const std::function<void()>& f) {
   }
   return "<no error>";
 }
+
+struct TmpDir {
+  std::string path;
+  TmpDir() {
+    char t[] = "/tmp/dsv3_test_XXXXXX";
+    const char* p = mkdtemp(t);
+    if (!p) throw std::runtime_error("mkdtemp failed");
+    path = p;
+  }
+  ~TmpDir() { std::filesystem::remove_all(path); }
+  TmpDir(const TmpDir&) = delete;
+  TmpDir& operator=(const TmpDir&) = delete;
+};
 
 }  // namespace dsv3::test
 
