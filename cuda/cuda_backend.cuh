@@ -66,9 +66,8 @@ class CudaBackend final : public Backend {
   void swiglu_forward(const float* gate, const float* up, int64_t rows, int64_t cols, int64_t ld_in,
                       float* out) override;
   void embedding_forward(const int64_t* ids, int64_t n, const float* table, int64_t dim, float* out) override;
-  void router_forward(const float* logits, const float* bias, int64_t T, int64_t E, int64_t n_group,
-                      int64_t topk_group, int64_t k, bool norm, float scale, float* scores, int32_t* idx,
-                      float* weight) override;
+  void router_forward(const float* logits, const float* bias, int64_t T, const RouterSpec& r, float* scores,
+                      int32_t* idx, float* weight) override;
   void rmsnorm_backward(const float* x, int64_t ldx, const float* w, const float* rstd, const float* dy, int64_t rows,
                         int64_t dim, float* dx, int64_t lddx, float* dw) override;
   void rope_backward(float* dx, int64_t rows, int64_t ldx, int64_t n_heads, int64_t head_stride, int64_t rope_dim,

@@ -138,13 +138,12 @@ class HostStagedCudaBackend final : public Backend {
                           contiguous(dtable, rows_for_ids(ids, n) * dim, kInOut)};
     run(r, [&] { be_.embedding_backward(i64(r[0]), n, f(r[1]), dim, f(r[2])); });
   }
-  void router_forward(const float* logits, const float* bias, int64_t T, int64_t E, int64_t n_group,
-                      int64_t topk_group, int64_t k, bool norm, float scale, float* scores, int32_t* idx,
-                      float* weight) override {
-    std::vector<Region> r{contiguous(logits, T * E, kIn), contiguous(bias, E, kIn), contiguous(scores, T * E, kOut),
-                          contiguous(idx, T * k, kOut), contiguous(weight, T * k, kOut)};
-    run(r, [&] { be_.router_forward(f(r[0]), f(r[1]), T, E, n_group, topk_group, k, norm, scale, f(r[2]),
-                                    static_cast<int32_t*>(r[3].dev), f(r[4])); });
+  void router_forward(const float* logits, const float* bias, int64_t T, const RouterSpec& rs, float* scores,
+                      int32_t* idx, float* weight) override {
+    std::vector<Region> r{contiguous(logits, T * rs.E, kIn), contiguous(bias, rs.E, kIn),
+                          contiguous(scores, T * rs.E, kOut), contiguous(idx, T * rs.k, kOut),
+                          contiguous(weight, T * rs.k, kOut)};
+    run(r, [&] { be_.router_forward(f(r[0]), f(r[1]), T, rs, f(r[2]), static_cast<int32_t*>(r[3].dev), f(r[4])); });
   }
   void router_backward(const float* scores, const int32_t* idx, const float* dweight, int64_t T, int64_t E, int64_t K,
                        bool norm, float scale, int64_t seq_len, const float* f_, float aux_coef,

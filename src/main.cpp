@@ -143,6 +143,7 @@ int main(int argc, char** argv) {
     try {
       cfg = model_config_from_deck(deck);
       par = setup_parallel(comm, deck, cfg);  // errors name the key and the constraint
+      apply_node_limited_routing(comm, deck, par, cfg);
     } catch (const Error& e) {
       throw DeckFailure(comm.rank() == 0 ? e.what() : "");
     }

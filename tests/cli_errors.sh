@@ -66,6 +66,10 @@ expect_error "on_nan=stop" "stopped at iteration 3" nan_run train.on_nan=stop ch
 # layouts that do not fit stop at start, naming the constraint
 expect_mpi_error "ep not dividing the experts" "n_routed_experts" mpirun --oversubscribe -np 3 "$BIN/dsv3" "$tmp/good.deck" \
   parallel.ep=3
+expect_error "node-limited routing over a bad node count" "moe.nodes" "$BIN/dsv3" "$tmp/good.deck" moe.max_nodes=1 \
+  moe.nodes=3
+expect_error "node limit too tight for top-k" "num_experts_per_tok" "$BIN/dsv3" "$tmp/good.deck" moe.max_nodes=1 \
+  moe.nodes=8 model.n_group=1 model.topk_group=1
 expect_mpi_error "pp larger than the layers" "parallel.pp" mpirun --oversubscribe -np 8 "$BIN/dsv3" "$tmp/good.deck" parallel.pp=8
 expect_mpi_error "dp disagreeing with the world" "parallel.dp" mpirun --oversubscribe -np 2 "$BIN/dsv3" "$tmp/good.deck" \
   parallel.dp=4

@@ -163,6 +163,11 @@ const std::vector<KeySpec>& deck_keys() {
        .help = "aux-loss-free balancing: expert bias update speed"},
       {.name = "moe.bias_update_stop_tokens", .type = T::Float, .def = "0", .min = 0,
        .help = "tokens after which the expert-bias update rate is 0 (0: never; paper: 14.3e12)"},
+      {.name = "moe.max_nodes", .type = T::Int, .def = "0", .min = 0,
+       .help = "node-limited routing: a token's experts lie on at most this many nodes (0: off; paper: 4)"},
+      {.name = "moe.nodes", .type = T::Int, .def = "0", .min = 0,
+       .help = "node-limited routing: the node groups the experts are split into (0: the nodes the expert-parallel "
+               "group spans; set it to make the routing independent of the placement)"},
 
       // ---- [debug] ---------------------------------------------------------------------------------
       {.name = "debug.inject_nan_at", .type = T::Int, .def = "0", .min = 0,

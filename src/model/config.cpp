@@ -1,5 +1,6 @@
 #include "model/config.h"
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 #include <initializer_list>
@@ -252,6 +253,23 @@ void ModelConfig::validate() const {
     DSV3_CHECK(num_experts_per_tok <= topk_group * (n_routed_experts / n_group),
                s << ": model key 'num_experts_per_tok' (" << num_experts_per_tok << ") exceeds the experts in the "
                  << topk_group << " kept groups (" << topk_group * (n_routed_experts / n_group) << ")");
+    if (route_max_nodes > 0) {  // node-limited routing: the deck's moe.max_nodes over moe.nodes
+      const int64_t N = route_nodes, M = route_max_nodes, E = n_routed_experts, K = num_experts_per_tok;
+      DSV3_CHECK(N >= 1 && E % N == 0, "moe.nodes: the " << E << " routed experts cannot be split evenly over " << N
+                                                          << " nodes");
+      DSV3_CHECK(n_group == 1 || n_group % N == 0,
+                 "moe.max_nodes: the " << n_group << " expert groups (model n_group) do not nest in the " << N
+                                       << " nodes (n_group must be 1 or a multiple of moe.nodes)");
+      // the experts left after both limits: whole groups of the kept nodes
+      const int64_t kept_groups = n_group == 1 ? 1 : std::min(topk_group, M * (n_group / N));
+      const int64_t left = n_group == 1 ? std::min(M, N) * (E / N) : kept_groups * (E / n_group);
+      DSV3_CHECK(K <= left, "moe.max_nodes = " << M << ": a token's " << K << " experts (num_experts_per_tok) do not fit "
+                                               << "in the " << left << " experts the limit leaves (" << std::min(M, N)
+                                               << " of " << N << " nodes of " << E / N << " experts"
+                                               << (n_group > 1 ? ", within the kept groups)" : ")"));
+      DSV3_CHECK(K / M <= 32, "moe.max_nodes = " << M << ": num_experts_per_tok / max_nodes = " << K / M
+                                                 << " exceeds 32 (the node score's top-k)");
+    }
     DSV3_CHECK(scoring_func == "sigmoid",
                s << ": model key 'scoring_func' = '" << scoring_func << "' is not supported (DeepSeek-V3: sigmoid)");
     DSV3_CHECK(topk_method == "noaux_tc", s << ": model key 'topk_method' = '" << topk_method

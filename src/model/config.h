@@ -56,6 +56,10 @@ struct ModelConfig {
   bool rope_interleave = true;
   int64_t bos_token_id = 0, eos_token_id = 1;
   double aux_loss_alpha = 1e-4;          // not in the released config (Megatron-Bridge default)
+  // Node-limited routing (deck moe.max_nodes / moe.nodes, not HF keys): the experts lie in route_nodes contiguous
+  // blocks (the nodes expert parallelism spreads them over); a token's experts span at most route_max_nodes of them.
+  // route_max_nodes 0: off. RouterSpec (ops/backend.h) states the rule.
+  int64_t route_nodes = 1, route_max_nodes = 0;
   double initializer_range = 0.006;
   RopeScaling rope_scaling;
   std::array<int, 2> fp8_block = {128, 128};  // quantization_config.weight_block_size

@@ -23,6 +23,19 @@ MoeWeights MoeWeights::from(Params& p, const ModelConfig& c, int64_t layer) {
   return w;
 }
 
+RouterSpec router_spec(const ModelConfig& c) {
+  RouterSpec s;
+  s.E = c.n_routed_experts;
+  s.k = c.num_experts_per_tok;
+  s.n_group = c.n_group;
+  s.topk_group = c.topk_group;
+  s.n_nodes = c.route_nodes;
+  s.max_nodes = c.route_max_nodes;
+  s.norm = c.norm_topk_prob;
+  s.scale = (float)c.routed_scaling_factor;
+  return s;
+}
+
 Routing moe_route(Backend& be, const ModelConfig& c, const MoeWeights& w, const float* xn, int64_t T) {
   Routing r;
   r.T = T;
@@ -33,8 +46,7 @@ Routing moe_route(Backend& be, const ModelConfig& c, const MoeWeights& w, const 
   r.scores.resize(T * r.E);
   r.idx.resize(T * r.K);
   r.weight.resize(T * r.K);
-  be.router_forward(logits.data(), w.bias, T, r.E, c.n_group, c.topk_group, r.K, c.norm_topk_prob,
-                    (float)c.routed_scaling_factor, r.scores.data(), r.idx.data(), r.weight.data());
+  be.router_forward(logits.data(), w.bias, T, router_spec(c), r.scores.data(), r.idx.data(), r.weight.data());
   r.counts.assign(r.E, 0);
   for (int32_t e : r.idx) ++r.counts[e];
   return r;

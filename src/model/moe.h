@@ -58,6 +58,8 @@ struct Dispatch {
   std::vector<float> y;          // (T*K, D) expert outputs
 };
 
+// The model's routing rule (group limit, node limit, k, normalisation, scale) for Backend::router_forward.
+RouterSpec router_spec(const ModelConfig& c);
 Routing moe_route(Backend& be, const ModelConfig& c, const MoeWeights& w, const float* x_norm, int64_t T);
 Dispatch moe_dispatch(const Routing& r, const float* x_norm, int64_t D);
 // The local experts' SwiGLU on rows grouped by local expert (offset: E_local+1 row offsets): y (rows, D).

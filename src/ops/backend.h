@@ -8,6 +8,25 @@
 
 namespace dsv3 {
 
+// The selection rule of the MoE router (model/config.h holds the model's values; moe_route builds it).
+//   node-limited (max_nodes > 0, DeepSeek-V3 section 2.1.2): the E experts lie in n_nodes contiguous blocks (the nodes
+//     that expert parallelism places them on); a node scores the sum of the node_topk = max(1, k / max_nodes) best
+//     biased scores of its experts (largest first); the max_nodes best nodes stay (ties: lower index), the experts
+//     of the others are masked. So a token's experts span at most max_nodes nodes and its all-to-all traffic as well.
+//   group-limited: n_group contiguous groups, a group scores the sum of its two best biased scores (one if it has a
+//     single expert); the topk_group best groups stay (ties: lower index). With a node limit the groups nest in the
+//     nodes (n_group a multiple of n_nodes; ModelConfig::validate), so a masked node masks whole groups.
+//   then the k best biased scores of the remaining experts (ties: lower id).
+struct RouterSpec {
+  int64_t E = 0, k = 0;
+  int64_t n_group = 1, topk_group = 1;
+  int64_t n_nodes = 1, max_nodes = 0;  // max_nodes 0 (or >= n_nodes): no node limit
+  bool norm = true;
+  float scale = 1.0f;
+  bool node_limited() const { return max_nodes > 0 && max_nodes < n_nodes; }
+  int64_t node_topk() const { return k / max_nodes > 1 ? k / max_nodes : 1; }
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -56,11 +75,10 @@ class Backend {
   virtual void embedding_forward(const int64_t* ids, int64_t n, const float* table, int64_t dim, float* out) = 0;
 
   // Router of one MoE layer for T tokens (sigmoid scoring, noaux_tc): scores = sigmoid(logits (T,E)); selection
-  // uses scores + bias, group-limited (n_group groups, sum of the top-2 biased scores per group, keep topk_group),
-  // then top-k. idx (T,k) ascending expert id; weight (T,k) = unbiased scores normalised (if norm) * scale.
-  virtual void router_forward(const float* logits, const float* bias, int64_t T, int64_t E, int64_t n_group,
-                              int64_t topk_group, int64_t k, bool norm, float scale, float* scores, int32_t* idx,
-                              float* weight) = 0;
+  // uses scores + bias, limited as RouterSpec says (nodes, then groups), then top-k. idx (T,k) ascending expert id;
+  // weight (T,k) = unbiased scores normalised (if norm) * scale.
+  virtual void router_forward(const float* logits, const float* bias, int64_t T, const RouterSpec& r, float* scores,
+                              int32_t* idx, float* weight) = 0;
 
   // ---- backward ops: gradients accumulate (+=) into dx/dw outputs unless stated otherwise ----------------
 

@@ -185,6 +185,26 @@ void Comm::reduce_scatter(GroupKind k, const float* in, float* out, int64_t chun
   MPI_CHECK(MPI_Reduce_scatter_block(in, out, to_int(chunk, "reduce_scatter"), MPI_FLOAT, MPI_SUM, g.comm));
 }
 
+std::vector<int> Comm::group_nodes(GroupKind k) const {
+  const Group& g = group(k);
+  if (!mpi_) return std::vector<int>(g.size, 0);
+  // a node is named by the lowest world rank on it
+  MPI_Comm node = MPI_COMM_NULL;
+  MPI_CHECK(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &node));
+  int leader = rank_;
+  MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &leader, 1, MPI_INT, MPI_MIN, node));
+  MPI_CHECK(MPI_Comm_free(&node));
+  std::vector<int> leaders(g.size, leader);
+  if (g.size > 1) MPI_CHECK(MPI_Allgather(&leader, 1, MPI_INT, leaders.data(), 1, MPI_INT, g.comm));
+  std::vector<int> seen, out(g.size);
+  for (int r = 0; r < g.size; ++r) {
+    auto it = std::find(seen.begin(), seen.end(), leaders[r]);
+    out[r] = (int)(it - seen.begin());
+    if (it == seen.end()) seen.push_back(leaders[r]);
+  }
+  return out;
+}
+
 void Comm::allgather(GroupKind k, const float* in, float* out, int64_t chunk) const {
   CommTimer timer(*this, k);
   const Group& g = group(k);

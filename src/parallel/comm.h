@@ -48,6 +48,9 @@ class Comm {
   int group_rank(GroupKind k) const;
   int group_size(GroupKind k) const;
   CommTimes times() const;
+  // The node (shared-memory domain) of each rank of a group, in group-rank order, nodes numbered by their first
+  // appearance in that order (0, 1, ...). Collective over the world.
+  std::vector<int> group_nodes(GroupKind k) const;
   // The MPI communicator of a group as an opaque handle (MPI_Comm), for libraries that take one (parallel HDF5's
   // MPI-IO driver). Only io/ code that must hand a communicator to such a library uses it.
   void* native_handle(GroupKind k) const;

@@ -1,10 +1,13 @@
 #include "parallel/context.h"
 
+#include <algorithm>
 #include <cstring>
+#include <sstream>
 #include <vector>
 
 #include "core/deck.h"
 #include "core/error.h"
+#include "core/log.h"
 #include "model/config.h"
 
 namespace dsv3 {
@@ -27,6 +30,47 @@ ParallelContext setup_parallel(Comm& comm, const Deck& deck, const ModelConfig& 
   DSV3_CHECK(comm.group_size(GroupKind::tp) == ctx.sizes.tp && comm.group_rank(GroupKind::tp) == ctx.coords.tp,
              "the tensor-parallel communicator disagrees with the topology (rank " << comm.rank() << ")");
   return ctx;
+}
+
+void apply_node_limited_routing(const Comm& comm, const Deck& deck, const ParallelContext& par, ModelConfig& cfg) {
+  const int64_t M = deck.get<int64_t>("moe.max_nodes");
+  const std::vector<int> node = comm.group_nodes(GroupKind::ep);  // collective: before any early return
+  const int64_t spans = node.empty() ? 1 : *std::max_element(node.begin(), node.end()) + 1;
+  if (M == 0) return;
+  std::string error;
+  int64_t N = deck.get<int64_t>("moe.nodes");
+  if (N == 0) {
+    N = spans;
+    // expert range r lives on ep rank r: a node holds a contiguous block of experts iff its ep ranks are contiguous
+    bool blocks = par.sizes.ep % spans == 0;
+    for (size_t r = 0; blocks && r < node.size(); ++r) blocks = node[r] == (int)(r / (par.sizes.ep / spans));
+    if (!blocks) {
+      std::ostringstream s;
+      s << "moe.max_nodes = " << M << " " << deck.where_set({"moe.max_nodes"}) << ": the " << par.sizes.ep
+        << " expert-parallel ranks do not sit on nodes in equal contiguous blocks (node of each ep rank:";
+      for (int n : node) s << " " << n;
+      s << "); set moe.nodes to name the node groups of the routing";
+      error = s.str();
+    }
+  }
+  if (error.empty()) {
+    try {
+      ModelConfig c = cfg;
+      c.route_nodes = N;
+      c.route_max_nodes = M;
+      c.validate();
+      cfg = c;
+    } catch (const Error& e) {
+      error = std::string(e.what()) + " " + deck.where_set({"moe.max_nodes", "moe.nodes"});
+    }
+  }
+  if (comm.any(!error.empty())) throw Error(error.empty() ? "node-limited routing: invalid on another rank" : error);
+  DSV3_LOG(info) << "node-limited routing: " << cfg.n_routed_experts << " experts in " << N << " node group(s) of "
+                 << cfg.n_routed_experts / N << ", a token's " << cfg.num_experts_per_tok << " on at most " << M
+                 << " (node score: the best " << router_spec(cfg).node_topk() << " biased scores)";
+  if (N != spans)
+    DSV3_LOG(warning) << "moe.nodes = " << N << " but the expert-parallel group spans " << spans
+                      << " node(s): the routing limit does not follow the placement";
 }
 
 Params gather_experts(const Params& local, const Comm& comm) {

@@ -37,6 +37,12 @@ inline std::pair<int64_t, int64_t> dp_slice(int64_t B, int dp, int rank) {
 // communicators. Collective over the world.
 ParallelContext setup_parallel(Comm& comm, const Deck& deck, const ModelConfig& cfg);
 
+// Node-limited routing (moe.max_nodes, moe.nodes): sets cfg.route_nodes / route_max_nodes and re-validates the
+// model. Without moe.nodes the node groups are the nodes the expert-parallel group spans (its ranks must then sit on
+// the nodes in equal contiguous blocks, as the expert ranges are). Collective over the world; the same error on
+// every rank (named by rank 0).
+void apply_node_limited_routing(const Comm& comm, const Deck& deck, const ParallelContext& par, ModelConfig& cfg);
+
 // Every parameter in full on every rank: the routed experts all-gathered over the expert-parallel group, the
 // tensor-parallel slices over the tp group, and the parameters of the other pipeline stages summed in from their
 // owners (collective over the world).

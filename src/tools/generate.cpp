@@ -110,6 +110,7 @@ int main(int argc, char** argv) {
     // under mpirun: the experts are spread over the ranks (parallel.ep=N); every rank runs the same sequence and
     // rank 0's choice of each token is broadcast, so the ranks never disagree about what to feed next
     const ParallelContext par = setup_parallel(comm, deck, cfg);
+    apply_node_limited_routing(comm, deck, par, cfg);  // moe.max_nodes: the routing rule a run trained with
     Model model(cfg, *be, par.ep, par.stage, par.tp);
     if (ckpt_file.empty())
       model.load_hf(HfCheckpoint(dir, cfg.fp8_block));

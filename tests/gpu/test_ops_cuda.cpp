@@ -426,21 +426,25 @@ struct RouterCfg {
   int64_t T, E, n_group, topk_group, k;
   bool norm;
   float scale;
+  int64_t n_nodes = 1, max_nodes = 0;  // node-limited routing when max_nodes > 0
+  RouterSpec spec() const {
+    return RouterSpec{.E = E, .k = k, .n_group = n_group, .topk_group = topk_group, .n_nodes = n_nodes,
+                      .max_nodes = max_nodes, .norm = norm, .scale = scale};
+  }
 };
 
 void check_router_forward(Backend& cpu, Backend& gpu, const RouterCfg& c, const std::vector<float>& logits,
                           const std::vector<float>& bias, const std::string& what) {
   std::vector<float> scores(c.T * c.E), weight(c.T * c.k);
   std::vector<int32_t> idx(c.T * c.k);
-  cpu.router_forward(logits.data(), bias.data(), c.T, c.E, c.n_group, c.topk_group, c.k, c.norm, c.scale,
-                     scores.data(), idx.data(), weight.data());
+  cpu.router_forward(logits.data(), bias.data(), c.T, c.spec(), scores.data(), idx.data(), weight.data());
   auto d_logits = dev(logits), d_bias = dev(bias);
   DeviceBuffer<float> d_scores(scores.size()), d_weight(weight.size());
   DeviceBuffer<int32_t> d_idx(idx.size());
-  gpu.router_forward(d_logits.get(), d_bias.get(), c.T, c.E, c.n_group, c.topk_group, c.k, c.norm, c.scale,
-                     d_scores.get(), d_idx.get(), d_weight.get());
+  gpu.router_forward(d_logits.get(), d_bias.get(), c.T, c.spec(), d_scores.get(), d_idx.get(), d_weight.get());
   const std::string tag = what + " T" + std::to_string(c.T) + " E" + std::to_string(c.E) + " g" +
-                          std::to_string(c.n_group) + "/" + std::to_string(c.topk_group) + " k" + std::to_string(c.k);
+                          std::to_string(c.n_group) + "/" + std::to_string(c.topk_group) + " k" + std::to_string(c.k) +
+                          (c.max_nodes ? " n" + std::to_string(c.n_nodes) + "/" + std::to_string(c.max_nodes) : "");
   const auto gidx = d_idx.to_host();
   EXPECT_EQ(idx, gidx) << "router_forward idx" << tag;
   std::printf("  [ idx      ] router_forward%-30s %s\n", tag.c_str(), idx == gidx ? "identical" : "DIFFER");
@@ -453,6 +457,11 @@ TEST_F(CudaOps, RouterForward) {
       {37, 64, 8, 3, 6, true, 2.5f},  {37, 48, 1, 1, 5, false, 1.0f}, {37, 16, 16, 4, 3, true, 1.0f},
       {131, 256, 8, 4, 8, true, 2.5f},  // DeepSeek-V3's router
       {20, 30, 4, 2, 5, true, 1.0f},    // 30 experts in 4 groups of 7: the last two are in no group
+      // node-limited routing: V3's router over 16 nodes (groups span nodes: n_group 1), at most 4 nodes; V3's
+      // groups nested in 4 nodes (2 groups each) at most 2 nodes; node_topk 3 (k 6, 2 nodes) on 37 tokens
+      {131, 256, 1, 1, 8, true, 2.5f, 16, 4},
+      {131, 256, 8, 4, 8, true, 2.5f, 4, 2},
+      {37, 48, 1, 1, 6, false, 1.0f, 6, 2},
   };
   uint64_t seed = 1100;
   for (const auto& c : cfgs) {
@@ -474,6 +483,10 @@ TEST_F(CudaOps, RouterForwardTies) {
   std::fill(bias.begin(), bias.end(), 0.0f);
   std::fill(logits.begin(), logits.end(), 0.0f);
   check_router_forward(cpu, gpu(), c, logits, bias, " all equal");
+  // the node limit's scores tie as much: lower node index must win on both sides
+  const RouterCfg cn{64, 32, 4, 2, 4, true, 1.0f, 4, 2};
+  for (auto& v : logits) v = vals[g() % 4];
+  check_router_forward(cpu, gpu(), cn, logits, bias, " ties");
 }
 
 TEST_F(CudaOps, RouterBackward) {
@@ -481,7 +494,8 @@ TEST_F(CudaOps, RouterBackward) {
   std::vector<float> logits = randn(T * E, 1300), bias = randn(E, 1301, 0.1f);
   std::vector<float> scores(T * E), weight(T * K);
   std::vector<int32_t> idx(T * K);
-  cpu.router_forward(logits.data(), bias.data(), T, E, 8, 4, K, true, 2.5f, scores.data(), idx.data(), weight.data());
+  const RouterSpec spec{.E = E, .k = K, .n_group = 8, .topk_group = 4, .norm = true, .scale = 2.5f};
+  cpu.router_forward(logits.data(), bias.data(), T, spec, scores.data(), idx.data(), weight.data());
   auto dweight = randn(T * K, 1302);
   std::vector<float> f(T / seq_len * E);
   std::mt19937_64 g(1303);

@@ -9,6 +9,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <set>
 
 #include "core/error.h"
 #include "io/safetensors.h"
@@ -187,22 +188,115 @@ TEST(Router, GroupLimitedTopKWithBiasForSelectionOnly) {
   std::vector<float> logits(8), bias(8, 0.0f), scores(8), w(2);
   std::vector<int32_t> idx(2);
   for (int e = 0; e < 8; ++e) logits[e] = logit(s[e]);
+  RouterSpec spec{.E = 8, .k = 2, .n_group = 4, .topk_group = 2, .norm = true, .scale = 2.5f};
+  RouterSpec raw = spec;
+  raw.norm = false;
   // group scores (top-2 sums): 1.00, 1.15, 1.35, 0.35 -> keep groups 2 and 1 -> experts 4 (0.70), 5 (0.65)
   // expert 0 has the best single score but its group is dropped
-  be.router_forward(logits.data(), bias.data(), 1, 8, 4, 2, 2, true, 2.5f, scores.data(), idx.data(), w.data());
+  be.router_forward(logits.data(), bias.data(), 1, spec, scores.data(), idx.data(), w.data());
   EXPECT_EQ(idx, (std::vector<int32_t>{4, 5}));
   EXPECT_NEAR(w[0], 0.70 / 1.35 * 2.5, 1e-5);
   EXPECT_NEAR(w[1], 0.65 / 1.35 * 2.5, 1e-5);
   for (int e = 0; e < 8; ++e) EXPECT_NEAR(scores[e], s[e], 1e-6);
   // a bias lifts group 0 and expert 1 into the selection; the weights stay the unbiased scores
   bias[1] = 0.8f;  // group 0 -> 0.9 + 0.9 = 1.8
-  be.router_forward(logits.data(), bias.data(), 1, 8, 4, 2, 2, true, 2.5f, scores.data(), idx.data(), w.data());
+  be.router_forward(logits.data(), bias.data(), 1, spec, scores.data(), idx.data(), w.data());
   EXPECT_EQ(idx, (std::vector<int32_t>{0, 1}));
   EXPECT_NEAR(w[0], 0.90 / 1.00 * 2.5, 1e-5);
   EXPECT_NEAR(w[1], 0.10 / 1.00 * 2.5, 1e-5);
   // without normalisation the weights are the raw scores times the scale
-  be.router_forward(logits.data(), bias.data(), 1, 8, 4, 2, 2, false, 2.5f, scores.data(), idx.data(), w.data());
+  be.router_forward(logits.data(), bias.data(), 1, raw, scores.data(), idx.data(), w.data());
   EXPECT_NEAR(w[0], 0.90 * 2.5, 1e-5);
+}
+
+// Node-limited routing (RouterSpec): 8 experts on 4 nodes of 2, one group, top-2, on the hand-made scores above.
+TEST(Router, NodeLimitedKeepsTheBestNodes) {
+  CpuBackend be(1);
+  auto logit = [](double s) { return (float)std::log(s / (1 - s)); };
+  const double s[8] = {0.90, 0.10, 0.60, 0.55, 0.70, 0.65, 0.20, 0.15};  // nodes {0,1} {2,3} {4,5} {6,7}
+  std::vector<float> logits(8), bias(8, 0.0f), scores(8), w(2);
+  std::vector<int32_t> idx(2);
+  for (int e = 0; e < 8; ++e) logits[e] = logit(s[e]);
+  RouterSpec spec{.E = 8, .k = 2, .n_nodes = 4, .max_nodes = 0, .scale = 1.0f};
+  be.router_forward(logits.data(), bias.data(), 1, spec, scores.data(), idx.data(), w.data());
+  EXPECT_EQ(idx, (std::vector<int32_t>{0, 4}));  // no limit: the two best scores, on nodes 0 and 2
+  // one node: node score = sum of the k/1 = 2 best (1.00, 1.15, 1.35, 0.35) -> node 2 -> experts 4, 5
+  spec.max_nodes = 1;
+  be.router_forward(logits.data(), bias.data(), 1, spec, scores.data(), idx.data(), w.data());
+  EXPECT_EQ(idx, (std::vector<int32_t>{4, 5}));
+  EXPECT_NEAR(w[0], 0.70 / 1.35, 1e-6);
+  // two nodes: node score = the k/2 = 1 best (0.90, 0.60, 0.70, 0.20) -> nodes 0 and 2 -> experts 0, 4
+  spec.max_nodes = 2;
+  be.router_forward(logits.data(), bias.data(), 1, spec, scores.data(), idx.data(), w.data());
+  EXPECT_EQ(idx, (std::vector<int32_t>{0, 4}));
+  // the bias steers the node choice as it steers the experts': node 3 lifted above all
+  bias[6] = bias[7] = 1.0f;
+  spec.max_nodes = 1;
+  be.router_forward(logits.data(), bias.data(), 1, spec, scores.data(), idx.data(), w.data());
+  EXPECT_EQ(idx, (std::vector<int32_t>{6, 7}));
+  EXPECT_NEAR(w[0], 0.20 / 0.35, 1e-6);  // weights: the unbiased scores
+}
+
+// DeepSeek-V3's router (256 experts, 8 groups keep 4, top-8) limited to M of N nodes, on random tokens: every token's
+// experts lie on at most M nodes, and those are among the M best nodes by the sum of their k/M best biased scores;
+// without groups the choice is exactly the top-k of the experts of those nodes; M = N changes nothing.
+TEST(Router, NodeLimitedInvariants) {
+  CpuBackend be(1);
+  const int64_t T = 300, E = 256, K = 8;
+  std::mt19937_64 g(77);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> logits(T * E), bias(E);
+  for (auto& v : logits) v = nd(g);
+  for (auto& v : bias) v = 0.1f * nd(g);
+  for (const int64_t groups : {int64_t(1), int64_t(8)})
+    for (const auto& [N, M] : {std::pair<int64_t, int64_t>{8, 4}, {4, 2}, {8, 1}, {2, 1}}) {
+      const RouterSpec free{.E = E, .k = K, .n_group = groups, .topk_group = groups == 1 ? 1 : 4, .scale = 2.5f};
+      RouterSpec lim = free;
+      lim.n_nodes = N;
+      lim.max_nodes = M;
+      std::vector<float> scores(T * E), w(T * K), w_free(T * K);
+      std::vector<int32_t> idx(T * K), idx_free(T * K);
+      be.router_forward(logits.data(), bias.data(), T, lim, scores.data(), idx.data(), w.data());
+      be.router_forward(logits.data(), bias.data(), T, free, scores.data(), idx_free.data(), w_free.data());
+      const int64_t per = E / N, m = std::max<int64_t>(1, K / M);
+      int64_t changed = 0;
+      for (int64_t t = 0; t < T; ++t) {
+        std::vector<float> sel(E);
+        for (int64_t e = 0; e < E; ++e) sel[e] = scores[t * E + e] + bias[e];
+        std::vector<std::pair<float, int64_t>> node_score(N);
+        for (int64_t n = 0; n < N; ++n) {
+          std::vector<float> v(sel.begin() + n * per, sel.begin() + (n + 1) * per);
+          std::sort(v.rbegin(), v.rend());
+          float sum = v[0];
+          for (int64_t j = 1; j < m; ++j) sum += v[j];
+          node_score[n] = {-sum, n};  // ascending = best first, ties: lower node
+        }
+        std::sort(node_score.begin(), node_score.end());
+        std::set<int64_t> best_nodes, used;
+        for (int64_t j = 0; j < M; ++j) best_nodes.insert(node_score[j].second);
+        for (int64_t j = 0; j < K; ++j) used.insert(idx[t * K + j] / per);
+        ASSERT_LE((int64_t)used.size(), M) << "token " << t;
+        for (int64_t n : used) ASSERT_TRUE(best_nodes.count(n)) << "token " << t << " node " << n;
+        if (groups == 1) {  // the top-k of the kept nodes' experts
+          std::vector<int32_t> cand;
+          for (int64_t n : best_nodes)
+            for (int64_t e = n * per; e < (n + 1) * per; ++e) cand.push_back((int32_t)e);
+          std::stable_sort(cand.begin(), cand.end(), [&](int32_t a, int32_t b) { return sel[a] > sel[b]; });
+          std::vector<int32_t> want(cand.begin(), cand.begin() + K);
+          std::sort(want.begin(), want.end());
+          ASSERT_EQ(std::vector<int32_t>(idx.begin() + t * K, idx.begin() + (t + 1) * K), want) << "token " << t;
+        }
+        changed += !std::equal(idx.begin() + t * K, idx.begin() + (t + 1) * K, idx_free.begin() + t * K);
+      }
+      if (!(groups == N && M == 4))  // 8 nodes = V3's 8 groups keeping 4: the same rule, nothing may change
+        EXPECT_GT(changed, 0) << "the limit never bound: N " << N << " M " << M << " groups " << groups;
+      else
+        EXPECT_EQ(changed, 0) << "node limit = group limit";
+      lim.max_nodes = N;  // every node allowed: the unlimited routing
+      be.router_forward(logits.data(), bias.data(), T, lim, scores.data(), idx.data(), w.data());
+      EXPECT_EQ(idx, idx_free);
+      EXPECT_EQ(w, w_free);
+    }
 }
 
 TEST(Moe, BalanceLossOfUniformRoutingIsOne) {
@@ -259,6 +353,49 @@ TEST(Model, RandomInitIsDeterministicWithTheRequestedSpread) {
   EXPECT_EQ(a.params().get("model.norm.weight")[0], 1.0f);
   b.init_random(43);
   EXPECT_NE(0, std::memcmp(a.params().data(), b.params().data(), a.params().size() * 4));
+}
+
+// Node-limited routing in the model (moe.max_nodes = 1 over moe.nodes = 2 on the tiny model: 8 experts, 4 per node,
+// 2 groups per node): every token of every MoE layer (the MTP layer too) routes inside one node, and the losses
+// differ from the unlimited model's (the limit binds).
+TEST(Model, NodeLimitedRoutingKeepsEachTokenOnOneNode) {
+  ModelConfig c = tiny();
+  CpuBackend be(1);
+  Model free(c, be);
+  c.route_nodes = 2;
+  c.route_max_nodes = 1;
+  c.validate();
+  Model lim(c, be);
+  free.init_random(5);
+  lim.init_random(5);
+  std::vector<int64_t> toks(2 * 24);
+  for (size_t i = 0; i < toks.size(); ++i) toks[i] = (int64_t)((i * 7919 + 13) % c.vocab_size);
+  ForwardTrace tf, tl;
+  const Losses lf = free.forward(toks.data(), 2, 24, 0.3, 1e-4, &tf);
+  const Losses ll = lim.forward(toks.data(), 2, 24, 0.3, 1e-4, &tl);
+  ASSERT_EQ(tl.moe.size(), 4u);  // layers 1-3 and the MTP layer
+  int64_t crossing_free = 0;
+  for (const auto& [layer, mt] : tl.moe) {
+    const int64_t K = c.num_experts_per_tok, T = (int64_t)mt.idx.size() / K;
+    for (int64_t t = 0; t < T; ++t) {
+      EXPECT_EQ(mt.idx[t * K] / 4, mt.idx[t * K + K - 1] / 4) << "layer " << layer << " token " << t;
+      const auto& f = tf.moe.at(layer).idx;
+      crossing_free += f[t * K] / 4 != f[t * K + K - 1] / 4;
+    }
+  }
+  EXPECT_GT(crossing_free, 0);  // unlimited, tokens do use both nodes
+  EXPECT_NE(lf.lm, ll.lm);
+  EXPECT_TRUE(std::isfinite(ll.total));
+  // the config refuses limits that cannot hold a token's experts or groups that straddle nodes
+  ModelConfig bad = c;
+  bad.route_nodes = 3;  // 8 experts over 3 nodes
+  EXPECT_THAT(error_of([&] { bad.validate(); }), HasSubstr("moe.nodes"));
+  bad.route_nodes = 8;  // 4 groups do not nest in 8 nodes
+  EXPECT_THAT(error_of([&] { bad.validate(); }), HasSubstr("nest"));
+  bad.n_group = 1;
+  bad.topk_group = 1;
+  bad.route_max_nodes = 1;  // 1 expert per node, 2 per token
+  EXPECT_THAT(error_of([&] { bad.validate(); }), HasSubstr("num_experts_per_tok"));
 }
 
 TEST(Sampling, GreedyTopPAndTemperature) {

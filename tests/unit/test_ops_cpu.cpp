@@ -281,8 +281,8 @@ TEST(CpuOpsBackward, RouterCombineWeightsAndBalanceLoss) {
   auto logits = randn(T * E, 32), dw = randn(T * K, 33);
   std::vector<float> bias(E, 0.0f), scores(T * E), weight(T * K);
   std::vector<int32_t> idx(T * K);
-  be.router_forward(logits.data(), bias.data(), T, E, n_group, topk_group, K, true, 2.5f, scores.data(), idx.data(),
-                    weight.data());
+  const RouterSpec spec{.E = E, .k = K, .n_group = n_group, .topk_group = topk_group, .norm = true, .scale = 2.5f};
+  be.router_forward(logits.data(), bias.data(), T, spec, scores.data(), idx.data(), weight.data());
   // balance-loss term for 2 sequences of 2 tokens: f fixed (from the selection), coefficient c
   std::vector<float> f(2 * E, 0.0f);
   for (int64_t t = 0; t < T; ++t)

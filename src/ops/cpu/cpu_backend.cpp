@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <numeric>
 #include <vector>
@@ -145,19 +146,39 @@ void CpuBackend::embedding_forward(const int64_t* ids, int64_t n, const float* t
   for (int64_t i = 0; i < n; ++i) std::copy(table + ids[i] * dim, table + (ids[i] + 1) * dim, out + i * dim);
 }
 
-void CpuBackend::router_forward(const float* logits, const float* bias, int64_t T, int64_t E, int64_t n_group,
-                                int64_t topk_group, int64_t k, bool norm, float scale, float* scores, int32_t* idx,
-                                float* weight) {
-  const int64_t per_group = E / n_group;
+void CpuBackend::router_forward(const float* logits, const float* bias, int64_t T, const RouterSpec& r,
+                                float* scores, int32_t* idx, float* weight) {
+  const int64_t E = r.E, k = r.k, n_group = r.n_group, topk_group = r.topk_group;
+  const int64_t per_group = E / n_group, per_node = E / r.n_nodes;
   const float ninf = -std::numeric_limits<float>::infinity();
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < T; ++t) {
-    std::vector<float> sel(E), gscore(n_group);
-    std::vector<int32_t> order(std::max(E, n_group));
+    std::vector<float> sel(E), gscore(std::max(n_group, r.n_nodes));
+    std::vector<int32_t> order(std::max({E, n_group, r.n_nodes}));
     float* s = scores + t * E;
     for (int64_t e = 0; e < E; ++e) {
       s[e] = 1.0f / (1.0f + std::exp(-logits[t * E + e]));
       sel[e] = s[e] + bias[e];  // the bias steers selection only; weights use the unbiased s
+    }
+    // keep the `keep` best of n blocks of `per` experts (ties: lower index), mask the experts of the others
+    auto keep_best = [&](int64_t n, int64_t per, int64_t keep) {
+      std::iota(order.begin(), order.begin() + n, 0);
+      std::stable_sort(order.begin(), order.begin() + n, [&](int32_t a, int32_t b) { return gscore[a] > gscore[b]; });
+      for (int64_t q = keep; q < n; ++q)
+        for (int64_t e = order[q] * per; e < (order[q] + 1) * per; ++e) sel[e] = ninf;
+    };
+    if (r.node_limited()) {
+      // node score = the node_topk best biased scores of its experts, summed largest first
+      const int64_t m = r.node_topk();
+      std::vector<float> best(per_node);
+      for (int64_t nd = 0; nd < r.n_nodes; ++nd) {
+        std::copy_n(sel.begin() + nd * per_node, per_node, best.begin());
+        std::partial_sort(best.begin(), best.begin() + m, best.end(), std::greater<float>());
+        float sum = best[0];
+        for (int64_t j = 1; j < m; ++j) sum += best[j];
+        gscore[nd] = sum;
+      }
+      keep_best(r.n_nodes, per_node, r.max_nodes);
     }
     // group score = sum of the two best biased scores in the group (one if a group has a single expert)
     for (int64_t g = 0; g < n_group; ++g) {
@@ -172,12 +193,7 @@ void CpuBackend::router_forward(const float* logits, const float* bias, int64_t 
       }
       gscore[g] = per_group >= 2 ? b1 + b2 : b1;
     }
-    // keep the topk_group best groups (ties: lower index), mask the others
-    std::iota(order.begin(), order.begin() + n_group, 0);
-    std::stable_sort(order.begin(), order.begin() + n_group,
-                     [&](int32_t a, int32_t b) { return gscore[a] > gscore[b]; });
-    for (int64_t r = topk_group; r < n_group; ++r)
-      for (int64_t e = order[r] * per_group; e < (order[r] + 1) * per_group; ++e) sel[e] = ninf;
+    keep_best(n_group, per_group, topk_group);
     // top-k of the remaining biased scores (ties: lower index), then reported in ascending expert id
     std::iota(order.begin(), order.begin() + E, 0);
     std::partial_sort(order.begin(), order.begin() + k, order.begin() + E, [&](int32_t a, int32_t b) {
@@ -188,7 +204,7 @@ void CpuBackend::router_forward(const float* logits, const float* bias, int64_t 
     for (int64_t j = 0; j < k; ++j) sum += s[order[j]];
     for (int64_t j = 0; j < k; ++j) {
       idx[t * k + j] = order[j];
-      weight[t * k + j] = (norm ? (float)(s[order[j]] / sum) : s[order[j]]) * scale;
+      weight[t * k + j] = (r.norm ? (float)(s[order[j]] / sum) : s[order[j]]) * r.scale;
     }
   }
 }
