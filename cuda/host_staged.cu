@@ -41,9 +41,10 @@ Region strided(const T* p, int64_t rows, int64_t cols, int64_t ld, int dir) {
   return Region{p, (size_t)std::max<int64_t>(rows, 0), (size_t)cols * sizeof(T), (size_t)ld * sizeof(T), dir};
 }
 
-int64_t rows_for_ids(const int64_t* ids, int64_t n) {  // table rows an id list touches: max id + 1
+template <class I>
+int64_t rows_for_ids(const I* ids, int64_t n) {  // table rows an id list touches: max id + 1
   int64_t mx = -1;
-  for (int64_t i = 0; i < n; ++i) mx = std::max(mx, ids[i]);
+  for (int64_t i = 0; i < n; ++i) mx = std::max<int64_t>(mx, ids[i]);
   return mx + 1;
 }
 
@@ -144,6 +145,31 @@ class HostStagedCudaBackend final : public Backend {
                           contiguous(scores, T * rs.E, kOut), contiguous(idx, T * rs.k, kOut),
                           contiguous(weight, T * rs.k, kOut)};
     run(r, [&] { be_.router_forward(f(r[0]), f(r[1]), T, rs, f(r[2]), static_cast<int32_t*>(r[3].dev), f(r[4])); });
+  }
+  void gather_rows(const float* x, int64_t ldx, const int32_t* src, int64_t rows, int64_t D, float* out) override {
+    std::vector<Region> r{strided(x, rows_for_ids(src, rows), D, ldx, kIn), contiguous(src, rows, kIn),
+                          contiguous(out, rows * D, kOut)};
+    run(r, [&] { be_.gather_rows(f(r[0]), ldx, static_cast<const int32_t*>(r[1].dev), rows, D, f(r[2])); });
+  }
+  void combine_rows(const float* y, const int32_t* pos, const float* weight, int64_t T, int64_t K, int64_t D,
+                    float* out) override {
+    std::vector<Region> r{contiguous(y, rows_for_ids(pos, T * K) * D, kIn), contiguous(pos, T * K, kIn),
+                          contiguous(weight, weight ? T * K : 0, kIn), contiguous(out, T * D, kInOut)};
+    run(r, [&] {
+      be_.combine_rows(f(r[0]), static_cast<const int32_t*>(r[1].dev), weight ? f(r[2]) : nullptr, T, K, D, f(r[3]));
+    });
+  }
+  void combine_rows_backward(const float* dout, const float* y, const int32_t* pos, const float* weight, int64_t T,
+                             int64_t K, int64_t D, float* dy, float* dweight) override {
+    const int64_t yrows = rows_for_ids(pos, T * K);
+    // dy: only the rows pos names are written; the others must survive the copy back, so dy is copied in too
+    std::vector<Region> r{contiguous(dout, T * D, kIn), contiguous(y, yrows * D, kIn), contiguous(pos, T * K, kIn),
+                          contiguous(weight, T * K, kIn), contiguous(dy, yrows * D, kInOut),
+                          contiguous(dweight, T * K, kOut)};
+    run(r, [&] {
+      be_.combine_rows_backward(f(r[0]), f(r[1]), static_cast<const int32_t*>(r[2].dev), f(r[3]), T, K, D, f(r[4]),
+                                f(r[5]));
+    });
   }
   void router_backward(const float* scores, const int32_t* idx, const float* dweight, int64_t T, int64_t E, int64_t K,
                        bool norm, float scale, int64_t seq_len, const float* f_, float aux_coef,

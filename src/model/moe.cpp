@@ -52,7 +52,7 @@ Routing moe_route(Backend& be, const ModelConfig& c, const MoeWeights& w, const 
   return r;
 }
 
-Dispatch moe_dispatch(const Routing& r, const float* xn, int64_t D) {
+Dispatch moe_dispatch(Backend& be, const Routing& r, const float* xn, int64_t D) {
   Dispatch d;
   d.offset.assign(r.E + 1, 0);
   for (int64_t e = 0; e < r.E; ++e) d.offset[e + 1] = d.offset[e] + r.counts[e];
@@ -60,10 +60,15 @@ Dispatch moe_dispatch(const Routing& r, const float* xn, int64_t D) {
   d.row_src.resize(rows);
   std::vector<int64_t> fill(d.offset.begin(), d.offset.end() - 1);
   for (int64_t tk = 0; tk < rows; ++tk) d.row_src[fill[r.idx[tk]]++] = (int32_t)tk;  // stable: token order kept
+  d.pos.resize(rows);
+  std::vector<int32_t> token(rows);  // the token each grouped row copies
+  for (int64_t i = 0; i < rows; ++i) {
+    d.pos[d.row_src[i]] = (int32_t)i;
+    token[i] = (int32_t)(d.row_src[i] / r.K);
+  }
   d.x.resize(rows * D);
   d.y.resize(rows * D);
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < rows; ++i) std::copy_n(xn + (d.row_src[i] / r.K) * D, D, d.x.data() + i * D);
+  be.gather_rows(xn, D, token.data(), rows, D, d.x.data());
   return d;
 }
 
@@ -117,19 +122,9 @@ void moe_experts(Backend& be, const ModelConfig& c, const MoeWeights& w, const s
   }
 }
 
-void moe_combine(const Routing& r, const Dispatch& d, int64_t D, float* out) {
-  // inverse permutation: grouped row of (token, slot)
-  std::vector<int64_t> row_of(r.T * r.K);
-  for (int64_t i = 0; i < r.T * r.K; ++i) row_of[d.row_src[i]] = i;
-#pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < r.T; ++t) {
-    float* o = out + t * D;
-    for (int64_t k = 0; k < r.K; ++k) {  // slots in ascending expert order: a fixed summation order
-      const float wk = r.weight[t * r.K + k];
-      const float* y = d.y.data() + row_of[t * r.K + k] * D;
-      for (int64_t i = 0; i < D; ++i) o[i] += wk * y[i];
-    }
-  }
+void moe_combine(Backend& be, const Routing& r, const Dispatch& d, int64_t D, float* out) {
+  // a token's slots in ascending expert order: a fixed summation order
+  be.combine_rows(d.y.data(), d.pos.data(), r.weight.data(), r.T, r.K, D, out);
 }
 
 double seq_balance_loss(const Routing& r, int64_t B) {
@@ -160,8 +155,8 @@ namespace {
 
 // Moves rows between the ranks of the expert group: `send` in dispatch order (grouped by global expert, so by
 // destination rank) -> this rank's received rows in expert-major order (forward), or the reverse.
-void exchange_rows(const ExpertGroup& ep, const ExpertExchange& ex, int64_t D, const float* in, float* out,
-                   bool to_experts) {
+void exchange_rows(Backend& be, const ExpertGroup& ep, const ExpertExchange& ex, int64_t D, const float* in,
+                   float* out, bool to_experts) {
   std::vector<int64_t> sc(ep.size), rc(ep.size);
   for (int p = 0; p < ep.size; ++p) {
     sc[p] = (to_experts ? ex.send_rows[p] : ex.recv_rows[p]) * D;
@@ -171,9 +166,9 @@ void exchange_rows(const ExpertGroup& ep, const ExpertExchange& ex, int64_t D, c
   std::vector<float> buf(n * D);
   if (to_experts) {
     ep.comm->ep_alltoallv(in, sc, buf.data(), rc);
-    for (int64_t i = 0; i < n; ++i) std::copy_n(buf.data() + i * D, D, out + ex.perm[i] * D);
+    be.gather_rows(buf.data(), D, ex.inv.data(), n, D, out);  // out[perm[i]] = buf[i]
   } else {
-    for (int64_t i = 0; i < n; ++i) std::copy_n(in + ex.perm[i] * D, D, buf.data() + i * D);
+    be.gather_rows(in, D, ex.perm.data(), n, D, buf.data());
     ep.comm->ep_alltoallv(buf.data(), sc, out, rc);
   }
 }
@@ -198,7 +193,9 @@ ExpertExchange plan_exchange(const ExpertGroup& ep, const Routing& r) {
   std::vector<int64_t> fill(ex.offset.begin(), ex.offset.end() - 1);
   for (int p = 0; p < ep.size; ++p)
     for (int64_t e = 0; e < El; ++e)
-      for (int64_t j = 0; j < recv_counts[p * El + e]; ++j) ex.perm.push_back(fill[e]++);
+      for (int64_t j = 0; j < recv_counts[p * El + e]; ++j) ex.perm.push_back((int32_t)fill[e]++);
+  ex.inv.resize(ex.perm.size());
+  for (size_t i = 0; i < ex.perm.size(); ++i) ex.inv[ex.perm[i]] = (int32_t)i;
   return ex;
 }
 
@@ -228,14 +225,14 @@ void moe_forward(Backend& be, const ModelConfig& c, const MoeWeights& w, const E
   if (tp.size > 1) a.rs = slice_routing(a.r, a.t0, (tp.rank + 1) * T / tp.size);
   const Routing& rs = routed(a, tp);
   const float* xn = xn_all + a.t0 * D;
-  a.d = moe_dispatch(rs, xn, D);     // dispatch: grouped by global expert = by the rank that holds it
+  a.d = moe_dispatch(be, rs, xn, D);     // dispatch: grouped by global expert = by the rank that holds it
   if (ep.size > 1) {                 // experts: on the rank that holds them
     a.ex = plan_exchange(ep, rs);
     a.ex.x.resize(a.ex.perm.size() * D);
-    exchange_rows(ep, a.ex, D, a.d.x.data(), a.ex.x.data(), true);
+    exchange_rows(be, ep, a.ex, D, a.d.x.data(), a.ex.x.data(), true);
     std::vector<float> y(a.ex.x.size());
     moe_experts(be, c, w, a.ex.offset, a.ex.x.data(), y.data(), &a.experts);
-    exchange_rows(ep, a.ex, D, y.data(), a.d.y.data(), false);
+    exchange_rows(be, ep, a.ex, D, y.data(), a.d.y.data(), false);
   } else {
     moe_experts(be, c, w, a.d.offset, a.d.x.data(), a.d.y.data(), &a.experts);
   }
@@ -246,7 +243,7 @@ void moe_forward(Backend& be, const ModelConfig& c, const MoeWeights& w, const E
                        w.sh_down, o, false, &a.shared);
   else
     std::fill(o, o + T * D, 0.0f);
-  moe_combine(rs, a.d, D, o + a.t0 * D);  // combine (this rank's token slice)
+  moe_combine(be, rs, a.d, D, o + a.t0 * D);  // combine (this rank's token slice)
   // shared partial sums + each slice from the rank that computed it (sp: this rank's rows of the sum; its routed
   // slice is exactly its sequence-parallel rows)
   if (tp.sp) tp.reduce_scatter_rows(part.data(), tp.sp_rows(T), D, out);
@@ -269,19 +266,8 @@ void moe_backward(Backend& be, const ModelConfig& c, const MoeWeights& w, MoeWei
   // combine: out_t += w_tk y_row  ->  dy_row = w_tk dout_t,  dw_tk = dout_t . y_row (dweight: every token's slots,
   // 0 outside this rank's slice)
   std::vector<float> dy(rows * D), dx(rows * D, 0.0f), dweight(T * K, 0.0f);
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < rows; ++i) {
-    const int64_t tk = d.row_src[i] + t0 * K, t = tk / K;
-    const float wk = r.weight[tk];
-    const float* go = dout + t * D;
-    const float* y = d.y.data() + i * D;
-    double dot = 0;
-    for (int64_t j = 0; j < D; ++j) {
-      dy[i * D + j] = wk * go[j];
-      dot += (double)go[j] * y[j];
-    }
-    dweight[tk] = (float)dot;
-  }
+  be.combine_rows_backward(dout + t0 * D, d.y.data(), d.pos.data(), rsl.weight.data(), rsl.T, K, D, dy.data(),
+                           dweight.data() + t0 * K);
   // experts, each on its contiguous rows (on the rank that holds it: the row gradients travel there and back)
   auto experts_backward = [&](const std::vector<int64_t>& offset, const float* x, const float* gy, float* gx) {
     for (int64_t e = 0; e + 1 < (int64_t)offset.size(); ++e) {
@@ -295,18 +281,14 @@ void moe_backward(Backend& be, const ModelConfig& c, const MoeWeights& w, MoeWei
   if (ep.size > 1) {
     const int64_t n = (int64_t)a.ex.perm.size();
     std::vector<float> gy(n * D), gx(n * D, 0.0f);
-    exchange_rows(ep, a.ex, D, dy.data(), gy.data(), true);
+    exchange_rows(be, ep, a.ex, D, dy.data(), gy.data(), true);
     experts_backward(a.ex.offset, a.ex.x.data(), gy.data(), gx.data());
-    exchange_rows(ep, a.ex, D, gx.data(), dx.data(), false);
+    exchange_rows(be, ep, a.ex, D, gx.data(), dx.data(), false);
   } else {
     experts_backward(d.offset, d.x.data(), dy.data(), dx.data());
   }
-  // dispatch: rows were copies of their token's input -> scatter-add back (fixed order: grouped row order)
-  for (int64_t i = 0; i < rows; ++i) {
-    float* o = dxn + (t0 + d.row_src[i] / K) * D;
-    const float* s = dx.data() + i * D;
-    for (int64_t j = 0; j < D; ++j) o[j] += s[j];
-  }
+  // dispatch: rows were copies of their token's input -> summed back per token (slot order = grouped row order)
+  be.combine_rows(dx.data(), d.pos.data(), nullptr, rsl.T, K, D, dxn + t0 * D);
   // route: gradient into the router logits from the combine weights and from the balance loss's P_i
   if (T == 0) return;  // a data-parallel rank without sequences: it only took part in the exchanges
   const int64_t B = a.B, Ts = T / B;

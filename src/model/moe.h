@@ -54,6 +54,7 @@ struct Routing {
 struct Dispatch {
   std::vector<int64_t> offset;   // (E+1) first row of each expert in the grouped buffer
   std::vector<int32_t> row_src;  // (T*K) token*K + slot that each grouped row came from
+  std::vector<int32_t> pos;      // (T*K) the inverse: the grouped row of each (token, slot)
   std::vector<float> x;          // (T*K, D) gathered inputs, grouped by expert
   std::vector<float> y;          // (T*K, D) expert outputs
 };
@@ -61,12 +62,12 @@ struct Dispatch {
 // The model's routing rule (group limit, node limit, k, normalisation, scale) for Backend::router_forward.
 RouterSpec router_spec(const ModelConfig& c);
 Routing moe_route(Backend& be, const ModelConfig& c, const MoeWeights& w, const float* x_norm, int64_t T);
-Dispatch moe_dispatch(const Routing& r, const float* x_norm, int64_t D);
+Dispatch moe_dispatch(Backend& be, const Routing& r, const float* x_norm, int64_t D);
 // The local experts' SwiGLU on rows grouped by local expert (offset: E_local+1 row offsets): y (rows, D).
 void moe_experts(Backend& be, const ModelConfig& c, const MoeWeights& w, const std::vector<int64_t>& offset,
                  const float* x, float* y, MlpActs* acts = nullptr);
 // out (T, D) = sum_k weight * expert_k(x)  (+ shared experts when present)
-void moe_combine(const Routing& r, const Dispatch& d, int64_t D, float* out);
+void moe_combine(Backend& be, const Routing& r, const Dispatch& d, int64_t D, float* out);
 
 // Sequence-wise balance loss (paper eq. 17-20, without alpha), averaged over the B sequences of T/B tokens:
 // f_i = E/(K*T_seq) * tokens of the sequence dispatched to i, P_i = mean_t s_it / sum_j s_jt, L = sum_i f_i P_i.
@@ -85,7 +86,8 @@ void swiglu_mlp_backward(Backend& be, const float* x, int64_t T, int64_t D, int6
 struct ExpertExchange {
   std::vector<int64_t> send_rows, recv_rows;  // (ep) rows to / from each rank of the group
   std::vector<int64_t> offset;                // (E_local+1) rows of each local expert in the expert-major buffer
-  std::vector<int64_t> perm;                  // received row (source-rank major) -> expert-major row
+  std::vector<int32_t> perm;                  // received row (source-rank major) -> expert-major row
+  std::vector<int32_t> inv;                   // the inverse: expert-major row -> received row
   std::vector<float> x;                       // (rows received, D) expert-major inputs of the local experts
 };
 

@@ -80,6 +80,15 @@ class Backend {
   virtual void router_forward(const float* logits, const float* bias, int64_t T, const RouterSpec& r, float* scores,
                               int32_t* idx, float* weight) = 0;
 
+  // ---- MoE permutation: dispatch and combine as row gathers, fused with the combine weights ----------------
+  // Deterministic everywhere (a token's rows are summed in slot order; no atomics), so the CPU stays the oracle.
+  // out (rows, D) = x rows src[i] (x rows ldx apart): the dispatch gather and the expert-parallel reorderings.
+  virtual void gather_rows(const float* x, int64_t ldx, const int32_t* src, int64_t rows, int64_t D, float* out) = 0;
+  // out (T, D) += sum_k weight[t,k] * y[pos[t,k]] in slot order k = 0..K-1 (weight null: plain sums): the combine
+  // (pos: the grouped row of each (token, slot)), and with weight null the gradient of the dispatch gather.
+  virtual void combine_rows(const float* y, const int32_t* pos, const float* weight, int64_t T, int64_t K, int64_t D,
+                            float* out) = 0;
+
   // ---- backward ops: gradients accumulate (+=) into dx/dw outputs unless stated otherwise ----------------
 
   // dx(rows, dim) += d/dx of rmsnorm given dy(rows, dim); dw(dim) += sum_r dy * x * rstd. rstd from the forward.
@@ -110,6 +119,11 @@ class Backend {
   virtual void router_backward(const float* scores, const int32_t* idx, const float* dweight, int64_t T,
                                int64_t E, int64_t K, bool norm, float scale, int64_t seq_len, const float* f,
                                float aux_coef, float* dlogits) = 0;
+
+  // The combine's gradients (written): dy[pos[t,k]] = weight[t,k] * dout[t] (rows no (t,k) names stay untouched)
+  // and dweight[t,k] = dout[t] . y[pos[t,k]] accumulated in double.
+  virtual void combine_rows_backward(const float* dout, const float* y, const int32_t* pos, const float* weight,
+                                     int64_t T, int64_t K, int64_t D, float* dy, float* dweight) = 0;
 
   // Mean-free cross entropy: per row loss_r = logsumexp(logits_r) - logits_r[target_r] (rows with target < 0 give
   // 0 and do not count). Returns the sum of the row losses (double) and writes the counted rows to *count and the

@@ -519,4 +519,51 @@ TEST_F(CudaOps, RouterBackward) {
       }
 }
 
+// ---- MoE permutation ---------------------------------------------------------------------------------------------
+
+// DeepSeek-V3's shape in small (top-8, D 7168 columns: the column loop runs 28 times per thread) and odd ones; the
+// grouped rows are a random bijection of (token, slot) as moe_dispatch makes one. gather: exact; combine and its
+// backward: mul-then-add in slot order on both sides (exact but for the CPU compiler's own contraction), the dot
+// products in double.
+TEST_F(CudaOps, MoePermutation) {
+  struct Shape {
+    int64_t T, K, D, ldx;
+  };
+  const Shape shapes[] = {{37, 8, 7168, 7168}, {101, 3, 13, 16}, {1, 1, 300, 301}};
+  uint64_t seed = 1500;
+  for (const auto& sh : shapes) {
+    const int64_t rows = sh.T * sh.K;
+    const std::string tag = " T" + std::to_string(sh.T) + " K" + std::to_string(sh.K) + " D" + std::to_string(sh.D);
+    std::vector<int32_t> pos(rows), token(rows);
+    for (int32_t i = 0; i < (int32_t)rows; ++i) pos[i] = i;
+    std::mt19937_64 g(++seed);
+    std::shuffle(pos.begin(), pos.end(), g);
+    for (int64_t tk = 0; tk < rows; ++tk) token[pos[tk]] = (int32_t)(tk / sh.K);
+    auto x = randn(sh.T * sh.ldx, ++seed), y = randn(rows * sh.D, ++seed), w = randn(rows, ++seed);
+    auto dout = randn(sh.T * sh.D, ++seed), out0 = randn(sh.T * sh.D, ++seed);
+    auto d_x = dev(x), d_y = dev(y), d_w = dev(w), d_dout = dev(dout);
+    auto d_pos = dev(pos), d_token = dev(token);
+    std::vector<float> gx(rows * sh.D);
+    DeviceBuffer<float> d_gx(gx.size());
+    cpu.gather_rows(x.data(), sh.ldx, token.data(), rows, sh.D, gx.data());
+    gpu().gather_rows(d_x.get(), sh.ldx, d_token.get(), rows, sh.D, d_gx.get());
+    expect_nmse("gather_rows (exact)" + tag, gx, d_gx.to_host(), 0.0);
+    for (const bool weighted : {true, false}) {
+      std::vector<float> out = out0;
+      DeviceBuffer<float> d_out(out0);
+      cpu.combine_rows(y.data(), pos.data(), weighted ? w.data() : nullptr, sh.T, sh.K, sh.D, out.data());
+      gpu().combine_rows(d_y.get(), d_pos.get(), weighted ? d_w.get() : nullptr, sh.T, sh.K, sh.D, d_out.get());
+      expect_nmse(std::string("combine_rows") + (weighted ? " weighted" : " plain") + tag, out, d_out.to_host(),
+                  kTolElementwise);
+    }
+    std::vector<float> dy(rows * sh.D), dw(rows);
+    DeviceBuffer<float> d_dy(dy.size()), d_dw(dw.size());
+    cpu.combine_rows_backward(dout.data(), y.data(), pos.data(), w.data(), sh.T, sh.K, sh.D, dy.data(), dw.data());
+    gpu().combine_rows_backward(d_dout.get(), d_y.get(), d_pos.get(), d_w.get(), sh.T, sh.K, sh.D, d_dy.get(),
+                                d_dw.get());
+    expect_nmse("combine_rows_backward dy" + tag, dy, d_dy.to_host(), kTolElementwise);
+    expect_nmse("combine_rows_backward dweight" + tag, dw, d_dw.to_host(), kTolElementwise);
+  }
+}
+
 }  // namespace

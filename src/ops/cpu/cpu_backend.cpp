@@ -209,6 +209,45 @@ void CpuBackend::router_forward(const float* logits, const float* bias, int64_t 
   }
 }
 
+void CpuBackend::gather_rows(const float* x, int64_t ldx, const int32_t* src, int64_t rows, int64_t D, float* out) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < rows; ++i) std::copy_n(x + src[i] * ldx, D, out + i * D);
+}
+
+void CpuBackend::combine_rows(const float* y, const int32_t* pos, const float* weight, int64_t T, int64_t K, int64_t D,
+                              float* out) {
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < T; ++t) {
+    float* o = out + t * D;
+    for (int64_t k = 0; k < K; ++k) {
+      const float* yr = y + (int64_t)pos[t * K + k] * D;
+      if (weight) {
+        const float wk = weight[t * K + k];
+        for (int64_t i = 0; i < D; ++i) o[i] += wk * yr[i];
+      } else {
+        for (int64_t i = 0; i < D; ++i) o[i] += yr[i];
+      }
+    }
+  }
+}
+
+void CpuBackend::combine_rows_backward(const float* dout, const float* y, const int32_t* pos, const float* weight,
+                                       int64_t T, int64_t K, int64_t D, float* dy, float* dweight) {
+#pragma omp parallel for schedule(static)
+  for (int64_t tk = 0; tk < T * K; ++tk) {
+    const float* go = dout + (tk / K) * D;
+    const float* yr = y + (int64_t)pos[tk] * D;
+    float* g = dy + (int64_t)pos[tk] * D;
+    const float wk = weight[tk];
+    double dot = 0;
+    for (int64_t j = 0; j < D; ++j) {
+      g[j] = wk * go[j];
+      dot += (double)go[j] * yr[j];
+    }
+    dweight[tk] = (float)dot;
+  }
+}
+
 double CpuBackend::cross_entropy_forward(const float* logits, int64_t rows, int64_t V, const int64_t* targets,
                                          int64_t* count, float* lse) {
   // per-row losses summed serially afterwards: bit-identical results run to run (an OpenMP reduction is not)

@@ -28,6 +28,11 @@ class CpuBackend final : public Backend {
   void embedding_forward(const int64_t* ids, int64_t n, const float* table, int64_t dim, float* out) override;
   void router_forward(const float* logits, const float* bias, int64_t T, const RouterSpec& r, float* scores,
                       int32_t* idx, float* weight) override;
+  void gather_rows(const float* x, int64_t ldx, const int32_t* src, int64_t rows, int64_t D, float* out) override;
+  void combine_rows(const float* y, const int32_t* pos, const float* weight, int64_t T, int64_t K, int64_t D,
+                    float* out) override;
+  void combine_rows_backward(const float* dout, const float* y, const int32_t* pos, const float* weight, int64_t T,
+                             int64_t K, int64_t D, float* dy, float* dweight) override;
   void rmsnorm_backward(const float* x, int64_t ldx, const float* w, const float* rstd, const float* dy, int64_t rows,
                         int64_t dim, float* dx, int64_t lddx, float* dw) override;
   void rope_backward(float* dx, int64_t rows, int64_t ldx, int64_t n_heads, int64_t head_stride, int64_t rope_dim,
