@@ -1,7 +1,7 @@
 // defines: CudaBackend::mla_attention_forward / mla_attention_backward — MLA causal attention, the straightforward
 // way: per sequence and chunk of heads, cuBLAS strided-batched SGEMMs for the (S,S) scores and the products with V,
 // and one block per score row for the causal softmax (forward) and its gradient (backward). probs (B,H,S,S) has the
-// CPU op's layout: row i holds P(i, 0..i) and zeros after. A flash-style kernel comes later.
+// CPU op's layout: row i holds P(i, 0..i) and zeros after. The flash form (no probs): flash_attention.cu.
 #include <algorithm>
 
 #include "cuda_backend.cuh"

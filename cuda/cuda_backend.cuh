@@ -2,7 +2,8 @@
 // by op against the CPU backend (tests/gpu). Every pointer an op takes is a device pointer; ops are queued on the
 // backend's stream (a blocking stream: ordered with the legacy default stream, so a plain cudaMemcpy after an op sees
 // its result), cross_entropy_forward returns only after its work finished. The ops of one family live in one .cu
-// file each: gemm.cu, rmsnorm.cu, rope.cu, attention.cu, swiglu.cu, embedding.cu, cross_entropy.cu, router.cu.
+// file each: gemm.cu, rmsnorm.cu, rope.cu, attention.cu, flash_attention.cu, swiglu.cu, embedding.cu,
+// cross_entropy.cu, router.cu.
 // Host-only header (includable from .cpp files compiled by the C++ compiler).
 #pragma once
 #include <cublas_v2.h>
@@ -80,6 +81,13 @@ class CudaBackend final : public Backend {
   void mla_attention_backward(const float* q, const float* kv, const float* kpe, int64_t ldkpe, const float* probs,
                               const float* dout, int64_t B, int64_t S, int64_t H, int64_t dn, int64_t dr, int64_t dv,
                               float scale, float* dq, float* dkv, float* dkpe) override;
+  // flash_attention.cu: tiled online-softmax kernels, nothing (S,S); backward uses scratch for (B,H,S,dr+1) floats
+  void mla_flash_attention_forward(const float* q, const float* kv, const float* kpe, int64_t ldkpe, int64_t B,
+                                   int64_t S, int64_t H, int64_t dn, int64_t dr, int64_t dv, float scale, float* o,
+                                   float* lse) override;
+  void mla_flash_attention_backward(const float* q, const float* kv, const float* kpe, int64_t ldkpe, const float* o,
+                                    const float* lse, const float* dout, int64_t B, int64_t S, int64_t H, int64_t dn,
+                                    int64_t dr, int64_t dv, float scale, float* dq, float* dkv, float* dkpe) override;
   void swiglu_backward(const float* gate, const float* up, const float* dout, int64_t rows, int64_t cols,
                        float* dgate, float* dup) override;
   void embedding_backward(const int64_t* ids, int64_t n, const float* dy, int64_t dim, float* dtable) override;

@@ -116,6 +116,29 @@ class HostStagedCudaBackend final : public Backend {
     run(r, [&] { be_.mla_attention_backward(f(r[0]), f(r[1]), f(r[2]), ldkpe, f(r[3]), f(r[4]), B, S, H, dn, dr,
                                             dv, scale, f(r[5]), f(r[6]), f(r[7])); });
   }
+  void mla_flash_attention_forward(const float* q, const float* kv, const float* kpe, int64_t ldkpe, int64_t B,
+                                   int64_t S, int64_t H, int64_t dn, int64_t dr, int64_t dv, float scale, float* o,
+                                   float* lse) override {
+    const int64_t T = B * S;
+    std::vector<Region> r{contiguous(q, T * H * (dn + dr), kIn), contiguous(kv, T * H * (dn + dv), kIn),
+                          strided(kpe, T, dr, ldkpe, kIn), contiguous(o, T * H * dv, kOut),
+                          contiguous(lse, B * H * S, kOut)};
+    run(r, [&] { be_.mla_flash_attention_forward(f(r[0]), f(r[1]), f(r[2]), ldkpe, B, S, H, dn, dr, dv, scale,
+                                                 f(r[3]), f(r[4])); });
+  }
+  void mla_flash_attention_backward(const float* q, const float* kv, const float* kpe, int64_t ldkpe, const float* o,
+                                    const float* lse, const float* dout, int64_t B, int64_t S, int64_t H, int64_t dn,
+                                    int64_t dr, int64_t dv, float scale, float* dq, float* dkv,
+                                    float* dkpe) override {
+    const int64_t T = B * S;
+    std::vector<Region> r{contiguous(q, T * H * (dn + dr), kIn),    contiguous(kv, T * H * (dn + dv), kIn),
+                          strided(kpe, T, dr, ldkpe, kIn),          contiguous(o, T * H * dv, kIn),
+                          contiguous(lse, B * H * S, kIn),          contiguous(dout, T * H * dv, kIn),
+                          contiguous(dq, T * H * (dn + dr), kOut),  contiguous(dkv, T * H * (dn + dv), kOut),
+                          strided(dkpe, T, dr, ldkpe, kInOut)};
+    run(r, [&] { be_.mla_flash_attention_backward(f(r[0]), f(r[1]), f(r[2]), ldkpe, f(r[3]), f(r[4]), f(r[5]), B, S,
+                                                  H, dn, dr, dv, scale, f(r[6]), f(r[7]), f(r[8])); });
+  }
   void swiglu_forward(const float* gate, const float* up, int64_t rows, int64_t cols, int64_t ld_in,
                       float* out) override {
     std::vector<Region> r{strided(gate, rows, cols, ld_in, kIn), strided(up, rows, cols, ld_in, kIn),

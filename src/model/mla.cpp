@@ -70,7 +70,10 @@ void mla_forward(Backend& be, const ModelConfig& c, const MlaWeights& w, const R
   a.c_rstd.resize(T);
   a.cn.resize(T * kvr);
   a.kv.resize(T * H * (dn + dv));
-  a.probs.resize(B * H * S * S);
+  if (be.flash_attention())
+    a.lse.resize(B * H * S);
+  else
+    a.probs.resize(B * H * S * S);
   a.o.resize(T * H * dv);
   const auto pos = positions(B, S);
 
@@ -81,8 +84,13 @@ void mla_forward(Backend& be, const ModelConfig& c, const MlaWeights& w, const R
   // RoPE on q_pe of every head and on the single shared k_pe (the last dr columns of kv_a's output)
   be.rope_forward(a.q.data() + dn, T, H * (dn + dr), H, dn + dr, dr, pos.data(), rope.cos.data(), rope.sin.data());
   be.rope_forward(a.kva.data() + kvr, T, kvr + dr, 1, 0, dr, pos.data(), rope.cos.data(), rope.sin.data());
-  be.mla_attention_forward(a.q.data(), a.kv.data(), a.kva.data() + kvr, kvr + dr, B, S, H, dn, dr, dv,
-                           (float)attention_softmax_scale(c), a.o.data(), a.probs.data());
+  const float scale = (float)attention_softmax_scale(c);
+  if (be.flash_attention())
+    be.mla_flash_attention_forward(a.q.data(), a.kv.data(), a.kva.data() + kvr, kvr + dr, B, S, H, dn, dr, dv, scale,
+                                   a.o.data(), a.lse.data());
+  else
+    be.mla_attention_forward(a.q.data(), a.kv.data(), a.kva.data() + kvr, kvr + dr, B, S, H, dn, dr, dv, scale,
+                             a.o.data(), a.probs.data());
   // o_proj is row-parallel: each rank's heads give a partial sum, completed over tp (sp: this rank's rows of it)
   if (tp.sp) {
     std::vector<float> part(T * D);
@@ -108,9 +116,17 @@ void mla_backward(Backend& be, const ModelConfig& c, const MlaWeights& w, MlaWei
   be.gemm_tn(D, H * dv, T, 1.0f, dout, D, a.o.data(), H * dv, 1.0f, g.o, H * dv);
   be.gemm_nn(T, H * dv, D, 1.0f, dout, D, w.o, H * dv, 0.0f, d_o.data(), H * dv);
   // attention core -> dq (rotated space), dkv, dk_pe (rotated space, into the k_pe columns of dkva)
-  be.mla_attention_backward(a.q.data(), a.kv.data(), a.kva.data() + kvr, kvr + dr, a.probs.data(), d_o.data(), B, S,
-                            H, dn, dr, dv, (float)attention_softmax_scale(c), dq.data(), dkv.data(),
-                            dkva.data() + kvr);
+  const float scale = (float)attention_softmax_scale(c);
+  if (be.flash_attention()) {  // the forward ran on the same backend: it kept lse, not probs
+    DSV3_CHECK((int64_t)a.lse.size() == B * H * S, "mla_backward: run.attention = flash, but the forward kept no lse");
+    be.mla_flash_attention_backward(a.q.data(), a.kv.data(), a.kva.data() + kvr, kvr + dr, a.o.data(), a.lse.data(),
+                                    d_o.data(), B, S, H, dn, dr, dv, scale, dq.data(), dkv.data(), dkva.data() + kvr);
+  } else {
+    DSV3_CHECK((int64_t)a.probs.size() == B * H * S * S,
+               "mla_backward: run.attention = standard, but the forward kept no probs");
+    be.mla_attention_backward(a.q.data(), a.kv.data(), a.kva.data() + kvr, kvr + dr, a.probs.data(), d_o.data(), B,
+                              S, H, dn, dr, dv, scale, dq.data(), dkv.data(), dkva.data() + kvr);
+  }
   be.rope_backward(dq.data() + dn, T, H * dqk, H, dqk, dr, pos.data(), rope.cos.data(), rope.sin.data());
   be.rope_backward(dkva.data() + kvr, T, kvr + dr, 1, 0, dr, pos.data(), rope.cos.data(), rope.sin.data());
   // kv_b: kv = cn Wkvb^T;  cn = rmsnorm(c)

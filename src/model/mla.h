@@ -38,7 +38,8 @@ struct MlaActs {
   std::vector<float> kva;               // (T, kvr+dr): latent c (pre-norm) | k_pe (RoPE applied)
   std::vector<float> c_rstd, cn;        // (T), (T, kvr)
   std::vector<float> kv;                // (T, H*(dn+dv))
-  std::vector<float> probs;             // (B, H, S, S)
+  std::vector<float> probs;             // (B, H, S, S)  run.attention = standard
+  std::vector<float> lse;               // (B, H, S)     run.attention = flash: per-row log-sum-exp instead of probs
   std::vector<float> o;                 // (T, H*dv)
 };
 

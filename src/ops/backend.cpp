@@ -26,6 +26,7 @@ std::unique_ptr<Backend> make_backend(const std::string& device, int threads) {
 std::unique_ptr<Backend> make_backend(const Deck& deck) {
   auto be = make_backend(deck.get<std::string>("run.device"), deck.get<int>("run.threads"));
   be->set_bf16_matmul(deck.get<std::string>("run.matmul_dtype") == "bf16");
+  be->set_flash_attention(deck.get<std::string>("run.attention") == "flash");
   return be;
 }
 

@@ -37,6 +37,11 @@ class Backend {
   // arithmetic on every backend, so the CPU stays the oracle of a BF16 run.
   virtual void set_bf16_matmul(bool on) { bf16_matmul_ = on; }
   bool bf16_matmul() const { return bf16_matmul_; }
+  // Which attention ops the model calls (run.attention): false = mla_attention_* keeping probs (B,H,S,S) for
+  // backward; true = mla_flash_attention_* keeping lse (B,H,S) only. Every backend implements both; the flag only
+  // travels with the backend so that whatever builds one from the deck (driver, golden, generate) gets the choice.
+  void set_flash_attention(bool on) { flash_attention_ = on; }
+  bool flash_attention() const { return flash_attention_; }
 
   // C(M,N) = alpha * A(M,K) . B(N,K)^T + beta * C   — a Linear layer: y = x W^T with W stored (out, in)
   virtual void gemm_nt(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
@@ -103,6 +108,21 @@ class Backend {
                                       const float* probs, const float* dout, int64_t B, int64_t S, int64_t H,
                                       int64_t dn, int64_t dr, int64_t dv, float scale, float* dq, float* dkv,
                                       float* dkpe) = 0;
+  // The same attention in the FlashAttention-2 form: no (S,S) matrix is ever kept (at S = 4096, 128 heads, probs
+  // would be 8 GiB per sequence and layer). Same q/kv/kpe conventions as mla_attention_forward.
+  //   o   (B*S, H*dv)
+  //   lse (B, H, S)  log-sum-exp of row i's scaled scores over keys 0..i: the one number per row that lets the
+  //                  backward recompute P(i,j) = exp(scale q_i.k_j - lse_i) instead of storing it
+  virtual void mla_flash_attention_forward(const float* q, const float* kv, const float* kpe, int64_t ldkpe,
+                                           int64_t B, int64_t S, int64_t H, int64_t dn, int64_t dr, int64_t dv,
+                                           float scale, float* o, float* lse) = 0;
+  // Gradients of mla_flash_attention_forward with mla_attention_backward's semantics (dq, dkv written; dkpe
+  // accumulates over heads +=), from o and lse (B, H, S) of the forward: P is recomputed block by block and the
+  // softmax gradient uses D_i = rowsum(dout_i * o_i) (= rowsum(dP_i * P_i), FlashAttention-2), so again nothing S x S.
+  virtual void mla_flash_attention_backward(const float* q, const float* kv, const float* kpe, int64_t ldkpe,
+                                            const float* o, const float* lse, const float* dout, int64_t B, int64_t S,
+                                            int64_t H, int64_t dn, int64_t dr, int64_t dv, float scale, float* dq,
+                                            float* dkv, float* dkpe) = 0;
   // dgate/dup (rows, cols) written from dout (rows, cols)
   virtual void swiglu_backward(const float* gate, const float* up, const float* dout, int64_t rows, int64_t cols,
                                float* dgate, float* dup) = 0;
@@ -133,11 +153,12 @@ class Backend {
 
  protected:
   bool bf16_matmul_ = false;
+  bool flash_attention_ = false;
 };
 
 // "cpu" or "cuda"; throws dsv3::Error when the device is not available (e.g. no GPU, or built without CUDA).
 std::unique_ptr<Backend> make_backend(const std::string& device, int threads = 0);
-// the deck's backend: run.device, run.threads, run.matmul_dtype
+// the deck's backend: run.device, run.threads, run.matmul_dtype, run.attention
 class Deck;
 std::unique_ptr<Backend> make_backend(const Deck& deck);
 

@@ -3,6 +3,7 @@
 # model level against the golden data and against the CPU backend:
 #   1. FP32: tests/golden/tiny and tests/golden/alt, every check (forward, grads, train, generate, fp8), with the
 #      golden tolerances (the same as the CPU backend's)
+#      and tiny again with run.attention=flash (the flash kernels instead of attention.cu's probs path)
 #   2. BF16 matmul mode (run.matmul_dtype=bf16), tiny and alt, against the FP32 golden with the stated BF16 criteria
 #      of validation/golden.cpp (per-token median relative error of hidden states and logits <= 5e-2; forward and
 #      first-step losses within 1e-3 relative; the rest reported)
@@ -31,6 +32,8 @@ step() {  # step NAME command...: the summary line, or the failures
 G="$BIN/dsv3-golden"
 step "fp32 tiny vs golden" "$G" "$SRC/tests/golden/tiny" run.device=cuda
 step "fp32 alt vs golden" "$G" "$SRC/tests/golden/alt" run.device=cuda
+# flash-form attention (cuda/flash_attention.cu) at model level: the same golden checks and tolerances
+step "fp32 tiny flash attention vs golden" "$G" "$SRC/tests/golden/tiny" run.device=cuda run.attention=flash
 # BF16 matmul mode against the FP32 golden: the losses and the per-token median errors (validation/golden.cpp)
 step "bf16 tiny vs golden" "$G" "$SRC/tests/golden/tiny" run.device=cuda run.matmul_dtype=bf16
 step "bf16 alt vs golden" "$G" "$SRC/tests/golden/alt" run.device=cuda run.matmul_dtype=bf16

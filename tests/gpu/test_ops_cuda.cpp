@@ -318,6 +318,97 @@ TEST_F(CudaOps, MlaAttentionBackward) {
   }
 }
 
+// ---- MLA flash attention -------------------------------------------------------------------------------------
+// cuda/flash_attention.cu against the CPU flash ops (which equal the probs form: tests/unit/test_ops_cpu.cpp): S not a
+// multiple of the 32-row/32-key tiles, S = 300 across ten query and key blocks, S = 1, S = 32 (one full tile), the
+// golden models' head dims (tiny 16/8/16, alt 8/4/12) and DeepSeek-V3's (128/64/128, k_pe inside kv_a's output row:
+// ldkpe = 512 + 64; ~86-130 KiB of shared memory per block) with small H and S.
+const AttnCfg kFlashCfgs[] = {{2, 37, 3, 5, 4, 6, 7},    {1, 300, 2, 16, 8, 16, 24}, {3, 1, 2, 3, 2, 5, 2},
+                              {1, 32, 4, 16, 8, 16, 24}, {2, 45, 3, 8, 4, 12, 28},   {1, 70, 2, 128, 64, 128, 576},
+                              {2, 33, 3, 128, 64, 128, 64}};
+
+std::string flash_tag(const AttnCfg& c) {
+  return attn_tag(c) + " d" + std::to_string(c.dn) + "/" + std::to_string(c.dr) + "/" + std::to_string(c.dv);
+}
+
+TEST_F(CudaOps, MlaFlashAttentionForward) {
+  uint64_t seed = 1400;
+  for (const auto& c : kFlashCfgs) {
+    const int64_t T = c.B * c.S;
+    const float scale = 1.0f / std::sqrt((float)(c.dn + c.dr));
+    auto q = randn(T * c.H * (c.dn + c.dr), ++seed), kv = randn(T * c.H * (c.dn + c.dv), ++seed),
+         kpe = randn(T * c.ldkpe, ++seed);
+    std::vector<float> o(T * c.H * c.dv), lse(c.B * c.H * c.S);
+    cpu.mla_flash_attention_forward(q.data(), kv.data(), kpe.data(), c.ldkpe, c.B, c.S, c.H, c.dn, c.dr, c.dv, scale,
+                                    o.data(), lse.data());
+    auto d_q = dev(q), d_kv = dev(kv), d_kpe = dev(kpe);
+    DeviceBuffer<float> d_o(o.size()), d_lse(lse.size());
+    gpu().mla_flash_attention_forward(d_q.get(), d_kv.get(), d_kpe.get(), c.ldkpe, c.B, c.S, c.H, c.dn, c.dr, c.dv,
+                                      scale, d_o.get(), d_lse.get());
+    expect_nmse("mla_flash_attention_forward o" + flash_tag(c), o, d_o.to_host(), kTolGemm);
+    expect_nmse("mla_flash_attention_forward lse" + flash_tag(c), lse, d_lse.to_host(), kTolGemm);
+  }
+}
+
+TEST_F(CudaOps, MlaFlashAttentionBackward) {
+  uint64_t seed = 1500;
+  for (const auto& c : kFlashCfgs) {
+    const int64_t T = c.B * c.S;
+    const float scale = 1.0f / std::sqrt((float)(c.dn + c.dr));
+    auto q = randn(T * c.H * (c.dn + c.dr), ++seed), kv = randn(T * c.H * (c.dn + c.dv), ++seed),
+         kpe = randn(T * c.ldkpe, ++seed), dout = randn(T * c.H * c.dv, ++seed);
+    std::vector<float> o(T * c.H * c.dv), lse(c.B * c.H * c.S);
+    cpu.mla_flash_attention_forward(q.data(), kv.data(), kpe.data(), c.ldkpe, c.B, c.S, c.H, c.dn, c.dr, c.dv, scale,
+                                    o.data(), lse.data());
+    // dq and dkv are written (start from garbage), dkpe accumulates; both sides get the CPU's o and lse
+    auto dq = randn(q.size(), ++seed, 100.0f), dkv = randn(kv.size(), ++seed, 100.0f),
+         dkpe = randn(kpe.size(), ++seed);
+    const auto dkpe0 = dkpe;
+    auto d_q = dev(q), d_kv = dev(kv), d_kpe = dev(kpe), d_o = dev(o), d_lse = dev(lse), d_dout = dev(dout),
+         d_dq = dev(dq), d_dkv = dev(dkv), d_dkpe = dev(dkpe);
+    cpu.mla_flash_attention_backward(q.data(), kv.data(), kpe.data(), c.ldkpe, o.data(), lse.data(), dout.data(), c.B,
+                                     c.S, c.H, c.dn, c.dr, c.dv, scale, dq.data(), dkv.data(), dkpe.data());
+    gpu().mla_flash_attention_backward(d_q.get(), d_kv.get(), d_kpe.get(), c.ldkpe, d_o.get(), d_lse.get(),
+                                       d_dout.get(), c.B, c.S, c.H, c.dn, c.dr, c.dv, scale, d_dq.get(), d_dkv.get(),
+                                       d_dkpe.get());
+    expect_nmse("mla_flash_attention_backward dq" + flash_tag(c), dq, d_dq.to_host(), kTolGemm);
+    expect_nmse("mla_flash_attention_backward dkv" + flash_tag(c), dkv, d_dkv.to_host(), kTolGemm);
+    const auto got_dkpe = d_dkpe.to_host();
+    expect_nmse("mla_flash_attention_backward dkpe" + flash_tag(c), dkpe, got_dkpe, kTolGemm);
+    int64_t pad_changed = 0;  // the columns of a k_pe row past dr (kv_a's latent in the model) are never written
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t k = c.dr; k < c.ldkpe; ++k) pad_changed += got_dkpe[t * c.ldkpe + k] != dkpe0[t * c.ldkpe + k];
+    EXPECT_EQ(pad_changed, 0) << flash_tag(c);
+  }
+}
+
+// the flash pair on host pointers (make_backend("cuda"), what run.device=cuda run.attention=flash calls)
+TEST_F(CudaOps, MlaFlashAttentionHostStaged) {
+  auto staged = make_backend("cuda");
+  const AttnCfg c{2, 41, 3, 16, 8, 16, 24};  // the tiny golden model's head dims, k_pe inside kv_a's row
+  const int64_t T = c.B * c.S;
+  const float scale = 0.25f;
+  auto q = randn(T * c.H * (c.dn + c.dr), 1601), kv = randn(T * c.H * (c.dn + c.dv), 1602),
+       kpe = randn(T * c.ldkpe, 1603), dout = randn(T * c.H * c.dv, 1604);
+  std::vector<float> o(T * c.H * c.dv), lse(c.B * c.H * c.S), o_g(o.size()), lse_g(lse.size());
+  cpu.mla_flash_attention_forward(q.data(), kv.data(), kpe.data(), c.ldkpe, c.B, c.S, c.H, c.dn, c.dr, c.dv, scale,
+                                  o.data(), lse.data());
+  staged->mla_flash_attention_forward(q.data(), kv.data(), kpe.data(), c.ldkpe, c.B, c.S, c.H, c.dn, c.dr, c.dv,
+                                      scale, o_g.data(), lse_g.data());
+  expect_nmse("host-staged mla_flash_attention_forward o", o, o_g, kTolGemm);
+  expect_nmse("host-staged mla_flash_attention_forward lse", lse, lse_g, kTolGemm);
+  auto dq = randn(q.size(), 1605, 100.0f), dkv = randn(kv.size(), 1606, 100.0f), dkpe = randn(kpe.size(), 1607);
+  auto dq_g = dq, dkv_g = dkv, dkpe_g = dkpe;
+  cpu.mla_flash_attention_backward(q.data(), kv.data(), kpe.data(), c.ldkpe, o.data(), lse.data(), dout.data(), c.B,
+                                   c.S, c.H, c.dn, c.dr, c.dv, scale, dq.data(), dkv.data(), dkpe.data());
+  staged->mla_flash_attention_backward(q.data(), kv.data(), kpe.data(), c.ldkpe, o.data(), lse.data(), dout.data(),
+                                       c.B, c.S, c.H, c.dn, c.dr, c.dv, scale, dq_g.data(), dkv_g.data(),
+                                       dkpe_g.data());
+  expect_nmse("host-staged mla_flash_attention_backward dq", dq, dq_g, kTolGemm);
+  expect_nmse("host-staged mla_flash_attention_backward dkv", dkv, dkv_g, kTolGemm);
+  expect_nmse("host-staged mla_flash_attention_backward dkpe (+=, strided)", dkpe, dkpe_g, kTolGemm);
+}
+
 // ---- SwiGLU --------------------------------------------------------------------------------------------------
 
 TEST_F(CudaOps, SwigluForward) {

@@ -387,6 +387,8 @@ TEST_F(DeckTest, ErrorBadValues) {
                     "t.deck:2", "bool");
   EXPECT_DECK_ERROR(Deck::parse_text("[run]\ndevice = gpu\n", "t.deck"), "bad value 'gpu'", "'run.device'",
                     "t.deck:2", "cpu|cuda");
+  EXPECT_DECK_ERROR(Deck::parse_text("[run]\nattention = fast\n", "t.deck"), "bad value 'fast'", "'run.attention'",
+                    "t.deck:2", "standard|flash");
   EXPECT_DECK_ERROR(Deck::parse_text("[optim]\nlr_schedule = Cosine\n", "t.deck"), "'optim.lr_schedule'",
                     "constant|cosine|multiphase");
   EXPECT_DECK_ERROR(Deck::parse_text("[log]\nlevel = verbose\n", "t.deck"), "'log.level'", "warning");

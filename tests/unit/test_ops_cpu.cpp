@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <random>
 
 #include "io/safetensors.h"  // float_to_bf16 / bf16_to_float
@@ -248,6 +249,104 @@ TEST(CpuOpsBackward, MlaAttention) {
   expect_close(dq, numeric_grad(q, [&](const std::vector<float>& v) { return loss(v, kv, kpe); }), 3e-3, "dq");
   expect_close(dkv, numeric_grad(kv, [&](const std::vector<float>& v) { return loss(q, v, kpe); }), 3e-3, "dkv");
   expect_close(dkpe, numeric_grad(kpe, [&](const std::vector<float>& v) { return loss(q, kv, v); }), 3e-3, "dkpe");
+}
+
+// ---- flash-form MLA attention against the form that keeps probs -----------------------------------------------
+// Odd shapes: S = 131 crosses the CPU's 64-row query tiles twice and ends in a partial tile, H = 3, dn/dr/dv small
+// and different, k_pe rows padded (ldkpe 7 > dr 4), two sequences.
+namespace {
+struct FlashCase {
+  static constexpr int64_t B = 2, S = 131, H = 3, dn = 5, dr = 4, dv = 6, ldkpe = 7;
+  static constexpr float scale = 0.37f;
+  std::vector<float> q = randn(B * S * H * (dn + dr), 41), kv = randn(B * S * H * (dn + dv), 42),
+                     kpe = randn(B * S * ldkpe, 43), dout = randn(B * S * H * dv, 44);
+};
+double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  double m = 0;
+  for (size_t i = 0; i < a.size(); ++i) m = std::max(m, (double)std::fabs(a[i] - b[i]));
+  return m;
+}
+double max_abs(const std::vector<float>& a) {
+  double m = 0;
+  for (float v : a) m = std::max(m, (double)std::fabs(v));
+  return m;
+}
+}  // namespace
+
+TEST(CpuOps, MlaFlashAttentionForwardEqualsStandard) {
+  CpuBackend be(1);
+  const FlashCase c;
+  const int64_t B = c.B, S = c.S, H = c.H, dn = c.dn, dr = c.dr, dv = c.dv, ld = c.ldkpe;
+  std::vector<float> o(B * S * H * dv), probs(B * H * S * S), o_flash(o.size(), 99.0f), lse(B * H * S, 99.0f);
+  be.mla_attention_forward(c.q.data(), c.kv.data(), c.kpe.data(), ld, B, S, H, dn, dr, dv, c.scale, o.data(),
+                           probs.data());
+  be.mla_flash_attention_forward(c.q.data(), c.kv.data(), c.kpe.data(), ld, B, S, H, dn, dr, dv, c.scale,
+                                 o_flash.data(), lse.data());
+  // the same float arithmetic tile by tile: equal up to the GEMMs' summation order
+  const double d_o = max_abs_diff(o, o_flash);
+  std::printf("  flash vs standard forward: max |o| diff %.3e (max |o| %.3f)\n", d_o, max_abs(o));
+  EXPECT_LT(d_o, 1e-6);
+  EXPECT_GT(max_abs(o), 0.5);
+  // lse against a double-precision log-sum-exp of the scaled scores (padding columns of k_pe never read)
+  double d_lse = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t i = 0; i < S; ++i) {
+        std::vector<double> sc(i + 1);
+        double mx = -1e300;
+        for (int64_t j = 0; j <= i; ++j) {
+          const float* qi = &c.q[(b * S + i) * H * (dn + dr) + h * (dn + dr)];
+          const float* kj = &c.kv[(b * S + j) * H * (dn + dv) + h * (dn + dv)];
+          double d = 0;
+          for (int64_t k = 0; k < dn; ++k) d += (double)qi[k] * kj[k];
+          for (int64_t k = 0; k < dr; ++k) d += (double)qi[dn + k] * c.kpe[(b * S + j) * ld + k];
+          mx = std::max(mx, sc[j] = d * c.scale);
+        }
+        double z = 0;
+        for (double v : sc) z += std::exp(v - mx);
+        d_lse = std::max(d_lse, std::fabs(lse[(b * H + h) * S + i] - (mx + std::log(z))));
+      }
+  std::printf("  flash lse vs double log-sum-exp: max diff %.3e\n", d_lse);
+  EXPECT_LT(d_lse, 5e-6);
+  // the first row of a sequence sees one key: its lse is that score
+  double s00 = 0;
+  for (int64_t k = 0; k < dn; ++k) s00 += (double)c.q[k] * c.kv[k];
+  for (int64_t k = 0; k < dr; ++k) s00 += (double)c.q[dn + k] * c.kpe[k];
+  s00 *= c.scale;
+  EXPECT_NEAR(lse[0], s00, 1e-5);
+}
+
+TEST(CpuOpsBackward, MlaFlashAttentionEqualsStandard) {
+  CpuBackend be(1);
+  const FlashCase c;
+  const int64_t B = c.B, S = c.S, H = c.H, dn = c.dn, dr = c.dr, dv = c.dv, ld = c.ldkpe;
+  std::vector<float> o(B * S * H * dv), probs(B * H * S * S), o_flash(o.size()), lse(B * H * S);
+  be.mla_attention_forward(c.q.data(), c.kv.data(), c.kpe.data(), ld, B, S, H, dn, dr, dv, c.scale, o.data(),
+                           probs.data());
+  be.mla_flash_attention_forward(c.q.data(), c.kv.data(), c.kpe.data(), ld, B, S, H, dn, dr, dv, c.scale,
+                                 o_flash.data(), lse.data());
+  // dq, dkv written (both start from different garbage), dkpe accumulates (both start from the same values, and the
+  // padding columns 4..6 of every k_pe row must keep them)
+  const auto dkpe0 = randn(c.kpe.size(), 45);
+  auto dq = randn(c.q.size(), 46), dkv = randn(c.kv.size(), 47), dkpe = dkpe0;
+  auto dq_f = randn(c.q.size(), 48), dkv_f = randn(c.kv.size(), 49), dkpe_f = dkpe0;
+  be.mla_attention_backward(c.q.data(), c.kv.data(), c.kpe.data(), ld, probs.data(), c.dout.data(), B, S, H, dn, dr,
+                            dv, c.scale, dq.data(), dkv.data(), dkpe.data());
+  be.mla_flash_attention_backward(c.q.data(), c.kv.data(), c.kpe.data(), ld, o_flash.data(), lse.data(),
+                                  c.dout.data(), B, S, H, dn, dr, dv, c.scale, dq_f.data(), dkv_f.data(),
+                                  dkpe_f.data());
+  const double e_dq = max_abs_diff(dq, dq_f), e_dkv = max_abs_diff(dkv, dkv_f), e_dkpe = max_abs_diff(dkpe, dkpe_f);
+  std::printf("  flash vs standard backward: max diff dq %.3e (max %.3f), dkv %.3e (max %.3f), dkpe %.3e (max %.3f)\n",
+              e_dq, max_abs(dq), e_dkv, max_abs(dkv), e_dkpe, max_abs(dkpe));
+  EXPECT_GT(max_abs(dq), 0.5);
+  EXPECT_GT(max_abs(dkv), 0.5);
+  EXPECT_LT(e_dq, 2e-6 * max_abs(dq));
+  EXPECT_LT(e_dkv, 2e-6 * max_abs(dkv));
+  EXPECT_LT(e_dkpe, 2e-6 * max_abs(dkpe));
+  int64_t pad_changed = 0;
+  for (int64_t t = 0; t < B * S; ++t)
+    for (int64_t k = dr; k < ld; ++k) pad_changed += dkpe_f[t * ld + k] != dkpe0[t * ld + k];
+  EXPECT_EQ(pad_changed, 0);
 }
 
 TEST(CpuOpsBackward, SwigluAndCrossEntropy) {

@@ -365,6 +365,119 @@ void CpuBackend::mla_attention_backward(const float* q, const float* kv, const f
   }
 }
 
+// ---- MLA attention, flash form: the same arithmetic as above (float scores from sgemm, float exponentials summed in
+// double), but a tile of query rows at a time, so a head needs (kFlashRows, S) floats instead of (S, S). Tiles
+// over the keys as well (the online softmax) would save nothing more here: O(S) per head is the point.
+namespace {
+constexpr int64_t kFlashRows = 64;  // query rows per tile
+}  // namespace
+
+void CpuBackend::mla_flash_attention_forward(const float* q, const float* kv, const float* kpe, int64_t ldkpe,
+                                             int64_t B, int64_t S, int64_t H, int64_t dn, int64_t dr, int64_t dv,
+                                             float scale, float* o, float* lse) {
+  const int64_t ldq = H * (dn + dr), ldkv = H * (dn + dv), ldo = H * dv;
+  std::vector<float> p(std::min(kFlashRows, S) * S);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < H; ++h) {
+      const float* qh = q + b * S * ldq + h * (dn + dr);
+      const float* kh = kv + b * S * ldkv + h * (dn + dv);
+      const float* vh = kh + dn;
+      const float* kp = kpe + b * S * ldkpe;
+      float* lh = lse + (b * H + h) * S;
+      for (int64_t i0 = 0; i0 < S; i0 += kFlashRows) {
+        // rows i0..i0+m-1 see keys 0..n-1 at most (causal): the tile's scores are (m, n), leading dimension n
+        const int64_t m = std::min(kFlashRows, S - i0), n = i0 + m;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, dn, scale, qh + i0 * ldq, ldq, kh, ldkv, 0.0f,
+                    p.data(), n);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, dr, scale, qh + i0 * ldq + dn, ldq, kp, ldkpe,
+                    1.0f, p.data(), n);
+        for (int64_t r = 0; r < m; ++r) {
+          const int64_t i = i0 + r;
+          float* row = p.data() + r * n;
+          float mx = -std::numeric_limits<float>::infinity();
+          for (int64_t j = 0; j <= i; ++j) mx = std::max(mx, row[j]);
+          double sum = 0;
+          for (int64_t j = 0; j <= i; ++j) {
+            row[j] = std::exp(row[j] - mx);
+            sum += row[j];
+          }
+          lh[i] = (float)(mx + std::log(sum));
+          const float inv = (float)(1.0 / sum);
+          for (int64_t j = 0; j <= i; ++j) row[j] *= inv;
+          for (int64_t j = i + 1; j < n; ++j) row[j] = 0.0f;
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, dv, n, 1.0f, p.data(), n, vh, ldkv, 0.0f,
+                    o + (b * S + i0) * ldo + h * dv, ldo);
+      }
+    }
+  }
+}
+
+void CpuBackend::mla_flash_attention_backward(const float* q, const float* kv, const float* kpe, int64_t ldkpe,
+                                              const float* o, const float* lse, const float* dout, int64_t B,
+                                              int64_t S, int64_t H, int64_t dn, int64_t dr, int64_t dv, float scale,
+                                              float* dq, float* dkv, float* dkpe) {
+  const int64_t ldq = H * (dn + dr), ldkv = H * (dn + dv), ldo = H * dv;
+  std::vector<float> p(std::min(kFlashRows, S) * S), dp(p.size());
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < H; ++h) {
+      const float* qh = q + b * S * ldq + h * (dn + dr);
+      const float* kh = kv + b * S * ldkv + h * (dn + dv);
+      const float* vh = kh + dn;
+      const float* kp = kpe + b * S * ldkpe;
+      const float* oh = o + b * S * ldo + h * dv;
+      const float* doh = dout + b * S * ldo + h * dv;
+      const float* lh = lse + (b * H + h) * S;
+      float* dqh = dq + b * S * ldq + h * (dn + dr);
+      float* dkh = dkv + b * S * ldkv + h * (dn + dv);
+      float* dvh = dkh + dn;
+      float* dkp = dkpe + b * S * ldkpe;
+      // dk and dv collect every query tile's share: this head's columns of dkv start from zero (the op writes dkv)
+      for (int64_t t = 0; t < S; ++t) std::fill(dkh + t * ldkv, dkh + t * ldkv + dn + dv, 0.0f);
+      for (int64_t i0 = 0; i0 < S; i0 += kFlashRows) {
+        const int64_t m = std::min(kFlashRows, S - i0), n = i0 + m;
+        // P (m, n) recomputed from the scores and lse: exp(score - lse), zero above the diagonal
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, dn, scale, qh + i0 * ldq, ldq, kh, ldkv, 0.0f,
+                    p.data(), n);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, dr, scale, qh + i0 * ldq + dn, ldq, kp, ldkpe,
+                    1.0f, p.data(), n);
+        for (int64_t r = 0; r < m; ++r) {
+          const int64_t i = i0 + r;
+          float* row = p.data() + r * n;
+          for (int64_t j = 0; j <= i; ++j) row[j] = std::exp(row[j] - lh[i]);
+          for (int64_t j = i + 1; j < n; ++j) row[j] = 0.0f;
+        }
+        // O = P V:  dP = dO V^T (m, n),  dV(0..n-1) += P^T dO
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, dv, 1.0f, doh + i0 * ldo, ldo, vh, ldkv, 0.0f,
+                    dp.data(), n);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n, dv, m, 1.0f, p.data(), n, doh + i0 * ldo, ldo, 1.0f,
+                    dvh, ldkv);
+        // softmax: dScore = scale * P * (dP - D_i) with D_i = rowsum(dO_i * O_i) (= rowsum(dP_i * P_i))
+        for (int64_t r = 0; r < m; ++r) {
+          const int64_t i = i0 + r;
+          const float* orow = oh + i * ldo;
+          const float* grow = doh + i * ldo;
+          double d = 0;
+          for (int64_t c = 0; c < dv; ++c) d += (double)grow[c] * orow[c];
+          const float* pr = p.data() + r * n;
+          float* g = dp.data() + r * n;
+          for (int64_t j = 0; j <= i; ++j) g[j] = scale * pr[j] * (float)(g[j] - d);
+          for (int64_t j = i + 1; j < n; ++j) g[j] = 0.0f;
+        }
+        // score = q_nope k_nope^T + q_pe k_pe^T: the tile's dq rows are whole; dk_nope, dk_pe (0..n-1) accumulate
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, dn, n, 1.0f, dp.data(), n, kh, ldkv, 0.0f,
+                    dqh + i0 * ldq, ldq);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, dr, n, 1.0f, dp.data(), n, kp, ldkpe, 0.0f,
+                    dqh + i0 * ldq + dn, ldq);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n, dn, m, 1.0f, dp.data(), n, qh + i0 * ldq, ldq, 1.0f,
+                    dkh, ldkv);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n, dr, m, 1.0f, dp.data(), n, qh + i0 * ldq + dn, ldq,
+                    1.0f, dkp, ldkpe);
+      }
+    }
+  }
+}
+
 void CpuBackend::swiglu_backward(const float* gate, const float* up, const float* dout, int64_t rows, int64_t cols,
                                  float* dgate, float* dup) {
 #pragma omp parallel for schedule(static)

@@ -40,6 +40,12 @@ class CpuBackend final : public Backend {
   void mla_attention_backward(const float* q, const float* kv, const float* kpe, int64_t ldkpe, const float* probs,
                               const float* dout, int64_t B, int64_t S, int64_t H, int64_t dn, int64_t dr, int64_t dv,
                               float scale, float* dq, float* dkv, float* dkpe) override;
+  void mla_flash_attention_forward(const float* q, const float* kv, const float* kpe, int64_t ldkpe, int64_t B,
+                                   int64_t S, int64_t H, int64_t dn, int64_t dr, int64_t dv, float scale, float* o,
+                                   float* lse) override;
+  void mla_flash_attention_backward(const float* q, const float* kv, const float* kpe, int64_t ldkpe, const float* o,
+                                    const float* lse, const float* dout, int64_t B, int64_t S, int64_t H, int64_t dn,
+                                    int64_t dr, int64_t dv, float scale, float* dq, float* dkv, float* dkpe) override;
   void swiglu_backward(const float* gate, const float* up, const float* dout, int64_t rows, int64_t cols,
                        float* dgate, float* dup) override;
   void embedding_backward(const int64_t* ids, int64_t n, const float* dy, int64_t dim, float* dtable) override;

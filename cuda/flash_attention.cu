@@ -1,0 +1,432 @@
+// defines: CudaBackend::mla_flash_attention_forward / mla_flash_attention_backward — MLA causal attention in the
+// FlashAttention-2 form: no (S,S) matrix anywhere (attention.cu keeps probs (B,H,S,S): 8 GiB per sequence and layer
+// at S = 4096 and 128 heads).
+//   forward   one CTA per (block of kBM query rows, head, sequence) loops over the blocks of kBN keys up to the
+//             causal limit with a running max m and sum l per row (online softmax); the output accumulates in FP32
+//             in shared memory, rescaled by exp(m_old - m_new) per block and divided by l at the end; lse = m + log l
+//             (B,H,S) is all that backward needs to recompute P.
+//   backward  (1) D = rowsum(dO * O) per (sequence, head, row);
+//             (2) dk/dv: one CTA per (key block, head, sequence) loops over the query blocks that see it,
+//                 recomputing P = exp(score - lse): dV += P^T dO, dS = scale P (dO V^T - D), dK += dS^T Q;
+//                 k_pe is shared by the heads, so its gradient goes per head to a (B,H,S,dr) scratch buffer,
+//             (3) dq: one CTA per (query block, head, sequence) loops over its key blocks: dQ += dS K (dq is written
+//                 by its owner only: no atomics),
+//             (4) dkpe += the per-head buffer summed over the heads in head order (deterministic, as every kernel of
+//                 this backend: no float atomics).
+// The head dims are runtime values (the tiny test models' 16/8/16, DeepSeek-V3's 128/64/128): tiles live in dynamic
+// shared memory sized from them, and rows read column-wise by a warp are padded to an odd number of floats (lane l
+// reads row l: conflict-free banks). Above 48 KiB the kernels opt in with cudaFuncSetAttribute (DeepSeek-V3's dims:
+// ~86 KiB forward, ~130 KiB dk/dv, ~111 KiB dq; an H100/H200 allows 227 KiB).
+// Plain FP32 FMA loops over shared memory, no tensor cores: correctness first. TODO: tensor-core (BF16/TF32 mma)
+// tiles — the FP32 loops here reach perhaps a tenth of the GPU's FP32 peak.
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+
+#include "cuda_backend.cuh"
+#include "cuda_check.cuh"
+#include "kernel_utils.cuh"
+
+namespace dsv3 {
+
+namespace {
+
+constexpr int kThreads = 256;                   // 8 warps
+constexpr int kWarps = kThreads / 32;
+constexpr int kBM = 32;                         // query rows per block
+constexpr int kBN = 32;                         // keys per block: one per lane of a warp
+constexpr int kRowsPerWarp = kBM / kWarps;      // warp w owns the rows w, w + 8, w + 16, w + 24 of a block
+constexpr int kLdP = kBN + 1;                   // P / dS tiles (kBM, kBN), padded
+static_assert(kBN == 32, "a key block is one warp wide: lane = key");
+static_assert(kBM % kWarps == 0, "every warp owns the same number of query rows");
+
+__host__ __device__ inline int odd(int x) { return x | 1; }  // a row stride whose column reads hit distinct banks
+
+// ---- forward ---------------------------------------------------------------------------------------------------
+
+// shared memory, in floats: Q (kBM, odd(dqk)) | K (kBN, odd(dqk)) | V (kBN, dv) | P (kBM, kLdP) | O (kBM, dv) |
+// per-row factor (kBM)
+size_t fwd_smem_bytes(int dqk, int dv) {
+  const size_t f = (size_t)(kBM + kBN) * odd(dqk) + (size_t)kBN * dv + (size_t)kBM * kLdP + (size_t)kBM * dv + kBM;
+  return f * sizeof(float);
+}
+
+// K block (kBN keys from j0, per key k_nope(dn) | k_pe(dr): the score's dot product runs over dn + dr) into Ks with
+// row stride ldk, and V (dv) into Vs with row stride ldv; rows past S are zero.
+__device__ void load_kv_block(float* Ks, int ldk, float* Vs, int ldv, const float* __restrict__ kb, int64_t ldkv,
+                              const float* __restrict__ pb, int64_t ldkpe, int j0, int S, int dn, int dr, int dv) {
+  const int dqk = dn + dr;
+  for (int e = threadIdx.x; e < kBN * dqk; e += kThreads) {
+    const int r = e / dqk, k = e % dqk, j = j0 + r;
+    float v = 0.0f;
+    if (j < S) v = k < dn ? kb[(int64_t)j * ldkv + k] : pb[(int64_t)j * ldkpe + (k - dn)];
+    Ks[r * ldk + k] = v;
+  }
+  for (int e = threadIdx.x; e < kBN * dv; e += kThreads) {
+    const int r = e / dv, c = e % dv, j = j0 + r;
+    Vs[r * ldv + c] = j < S ? kb[(int64_t)j * ldkv + dn + c] : 0.0f;
+  }
+}
+
+// `rows` rows of `cols` floats from row r0 of src (leading dimension ld) into dst (row stride ldd); rows past S zero
+__device__ void load_rows(float* dst, int ldd, const float* __restrict__ src, int64_t ld, int r0, int rows, int cols,
+                          int S) {
+  for (int e = threadIdx.x; e < rows * cols; e += kThreads) {
+    const int r = e / cols, c = e % cols, i = r0 + r;
+    dst[r * ldd + c] = i < S ? src[(int64_t)i * ld + c] : 0.0f;
+  }
+}
+
+__device__ __forceinline__ float dot(const float* a, const float* b, int n) {
+  float acc = 0.0f;
+  for (int k = 0; k < n; ++k) acc = fmaf(a[k], b[k], acc);
+  return acc;
+}
+
+// grid (ceil(S/kBM), H, B), kThreads threads, fwd_smem_bytes(dn + dr, dv) of dynamic shared memory
+__global__ void __launch_bounds__(kThreads)
+    flash_fwd_kernel(const float* __restrict__ q, const float* __restrict__ kv, const float* __restrict__ kpe,
+                     int64_t ldkpe, int S, int H, int dn, int dr, int dv, float scale, float* __restrict__ o,
+                     float* __restrict__ lse) {
+  extern __shared__ float smem[];
+  const int dqk = dn + dr, ldk = odd(dqk);
+  const int i0 = blockIdx.x * kBM, h = blockIdx.y, b = blockIdx.z;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t ldq = (int64_t)H * dqk, ldkv = (int64_t)H * (dn + dv), ldo = (int64_t)H * dv;
+  const float* qb = q + (int64_t)b * S * ldq + (int64_t)h * dqk;
+  const float* kb = kv + (int64_t)b * S * ldkv + (int64_t)h * (dn + dv);
+  const float* pb = kpe + (int64_t)b * S * ldkpe;
+  float* Qs = smem;
+  float* Ks = Qs + kBM * ldk;
+  float* Vs = Ks + kBN * ldk;
+  float* Ps = Vs + kBN * dv;
+  float* Os = Ps + kBM * kLdP;
+  float* row_f = Os + kBM * dv;  // per row: exp(m_old - m_new) in the loop, 1/l at the end
+
+  load_rows(Qs, ldk, qb, ldq, i0, kBM, dqk, S);
+  for (int e = threadIdx.x; e < kBM * dv; e += kThreads) Os[e] = 0.0f;
+  float m_run[kRowsPerWarp], l_run[kRowsPerWarp];  // the same in every lane of the owning warp
+#pragma unroll
+  for (int rr = 0; rr < kRowsPerWarp; ++rr) m_run[rr] = -INFINITY, l_run[rr] = 0.0f;
+
+  // keys past the block's last row are masked for all of its rows; key 0 is visible to every row, so after the first
+  // block m is finite and l >= 1 in every row (rows past S included: computed, never stored)
+  const int j_end = min(S, i0 + kBM);
+  for (int j0 = 0; j0 < j_end; j0 += kBN) {
+    __syncthreads();  // the previous block's K, V and P are consumed
+    load_kv_block(Ks, ldk, Vs, dv, kb, ldkv, pb, ldkpe, j0, S, dn, dr, dv);
+    __syncthreads();
+    const int j = j0 + lane;
+#pragma unroll
+    for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+      const int r = warp + rr * kWarps, i = i0 + r;
+      float s = -INFINITY;
+      if (j <= i && j < S) s = scale * dot(Qs + r * ldk, Ks + lane * ldk, dqk);
+      const float m_new = fmaxf(m_run[rr], cuda::warp_max(s));
+      const float p = s == -INFINITY ? 0.0f : expf(s - m_new);
+      const float f = m_run[rr] == -INFINITY ? 0.0f : expf(m_run[rr] - m_new);
+      l_run[rr] = l_run[rr] * f + cuda::warp_sum(p);
+      m_run[rr] = m_new;
+      Ps[r * kLdP + lane] = p;
+      if (lane == 0) row_f[r] = f;
+    }
+    __syncthreads();
+    // O = O * f + P V
+    for (int e = threadIdx.x; e < kBM * dv; e += kThreads) {
+      const int r = e / dv, c = e % dv;
+      const float* pr = Ps + r * kLdP;
+      float acc = Os[e] * row_f[r];
+      for (int jj = 0; jj < kBN; ++jj) acc = fmaf(pr[jj], Vs[jj * dv + c], acc);
+      Os[e] = acc;
+    }
+  }
+  __syncthreads();  // every thread has read row_f for the last time
+#pragma unroll
+  for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+    const int r = warp + rr * kWarps, i = i0 + r;
+    if (lane == 0) {
+      row_f[r] = 1.0f / l_run[rr];
+      if (i < S) lse[((int64_t)b * H + h) * S + i] = m_run[rr] + logf(l_run[rr]);
+    }
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < kBM * dv; e += kThreads) {
+    const int r = e / dv, c = e % dv, i = i0 + r;
+    if (i < S) o[((int64_t)b * S + i) * ldo + (int64_t)h * dv + c] = Os[e] * row_f[r];
+  }
+}
+
+// ---- backward --------------------------------------------------------------------------------------------------
+
+// D (B,H,S) = rowsum(dout * o) of each head's dv values; one warp per (token, head), grid-stride
+__global__ void flash_bwd_rowdot_kernel(const float* __restrict__ o, const float* __restrict__ dout, int64_t tokens,
+                                        int S, int H, int dv, float* __restrict__ D) {
+  const int lane = threadIdx.x & 31;
+  const int64_t n = tokens * H, nwarps = (int64_t)gridDim.x * (blockDim.x >> 5);
+  for (int64_t w = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; w < n; w += nwarps) {
+    const int64_t t = w / H, h = w % H, base = t * H * dv + h * dv;
+    float acc = 0.0f;
+    for (int c = lane; c < dv; c += 32) acc = fmaf(dout[base + c], o[base + c], acc);
+    acc = cuda::warp_sum(acc);
+    if (lane == 0) D[((t / S) * H + h) * S + t % S] = acc;
+  }
+}
+
+// P(i, j) and dS(i, j) = scale P (dO_i . V_j - D_i) of query row r (i = i0 + r) and key j = j0 + lane, from the tiles
+// in shared memory; both 0 where masked (j > i, or past S)
+struct PdS {
+  float p, ds;
+};
+__device__ __forceinline__ PdS p_ds(const float* Qs, const float* Ks, int ldk, int dqk, const float* dOs,
+                                    const float* Vs, int ldv, int dv, float lse_r, float D_r, int r, int lane, int i,
+                                    int j, int S, float scale) {
+  PdS x{0.0f, 0.0f};
+  if (j <= i && i < S) {
+    x.p = expf(scale * dot(Qs + r * ldk, Ks + lane * ldk, dqk) - lse_r);
+    x.ds = scale * x.p * (dot(dOs + r * ldv, Vs + lane * ldv, dv) - D_r);
+  }
+  return x;
+}
+
+// shared memory, in floats: K (kBN, odd(dqk)) | V (kBN, odd(dv)) | Q (kBM, odd(dqk)) | dO (kBM, odd(dv)) |
+// P, dS (kBM, kLdP) each | dK (kBN, dqk) | dV (kBN, dv) | lse, D (kBM) each
+size_t dkv_smem_bytes(int dqk, int dv) {
+  const size_t f = (size_t)(kBN + kBM) * (odd(dqk) + odd(dv)) + 2 * (size_t)kBM * kLdP + (size_t)kBN * (dqk + dv) +
+                   2 * kBM;
+  return f * sizeof(float);
+}
+
+// grid (ceil(S/kBN), H, B): dk_nope and dv into dkv (written), dk_pe of this head into dkpe_h (B,H,S,dr)
+__global__ void __launch_bounds__(kThreads)
+    flash_bwd_dkv_kernel(const float* __restrict__ q, const float* __restrict__ kv, const float* __restrict__ kpe,
+                         int64_t ldkpe, const float* __restrict__ lse, const float* __restrict__ D,
+                         const float* __restrict__ dout, int S, int H, int dn, int dr, int dv, float scale,
+                         float* __restrict__ dkv, float* __restrict__ dkpe_h) {
+  extern __shared__ float smem[];
+  const int dqk = dn + dr, ldk = odd(dqk), ldv = odd(dv);
+  const int j0 = blockIdx.x * kBN, h = blockIdx.y, b = blockIdx.z;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t ldq = (int64_t)H * dqk, ldkv = (int64_t)H * (dn + dv), ldo = (int64_t)H * dv;
+  const float* qb = q + (int64_t)b * S * ldq + (int64_t)h * dqk;
+  const float* kb = kv + (int64_t)b * S * ldkv + (int64_t)h * (dn + dv);
+  const float* pb = kpe + (int64_t)b * S * ldkpe;
+  const float* dob = dout + (int64_t)b * S * ldo + (int64_t)h * dv;
+  const float* lb = lse + ((int64_t)b * H + h) * S;
+  const float* Db = D + ((int64_t)b * H + h) * S;
+  float* Ks = smem;
+  float* Vs = Ks + kBN * ldk;
+  float* Qs = Vs + kBN * ldv;
+  float* dOs = Qs + kBM * ldk;
+  float* Ps = dOs + kBM * ldv;
+  float* dSs = Ps + kBM * kLdP;
+  float* dKs = dSs + kBM * kLdP;
+  float* dVs = dKs + kBN * dqk;
+  float* lse_s = dVs + kBN * dv;
+  float* D_s = lse_s + kBM;
+
+  load_kv_block(Ks, ldk, Vs, ldv, kb, ldkv, pb, ldkpe, j0, S, dn, dr, dv);
+  for (int e = threadIdx.x; e < kBN * dqk; e += kThreads) dKs[e] = 0.0f;
+  for (int e = threadIdx.x; e < kBN * dv; e += kThreads) dVs[e] = 0.0f;
+  // the first query row that sees key j0 is j0 itself
+  for (int i0 = j0 / kBM * kBM; i0 < S; i0 += kBM) {
+    __syncthreads();  // the previous query block's tiles are consumed (the first time: K, V are loaded)
+    load_rows(Qs, ldk, qb, ldq, i0, kBM, dqk, S);
+    load_rows(dOs, ldv, dob, ldo, i0, kBM, dv, S);
+    for (int r = threadIdx.x; r < kBM; r += kThreads) {
+      const int i = i0 + r;
+      lse_s[r] = i < S ? lb[i] : 0.0f;
+      D_s[r] = i < S ? Db[i] : 0.0f;
+    }
+    __syncthreads();
+    const int j = j0 + lane;
+#pragma unroll
+    for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+      const int r = warp + rr * kWarps;
+      const PdS x = p_ds(Qs, Ks, ldk, dqk, dOs, Vs, ldv, dv, lse_s[r], D_s[r], r, lane, i0 + r, j, S, scale);
+      Ps[r * kLdP + lane] = x.p;
+      dSs[r * kLdP + lane] = x.ds;
+    }
+    __syncthreads();
+    // dV(c, k) += sum_r P(r, c) dO(r, k);  dK(c, k) += sum_r dS(r, c) Q(r, k)
+    for (int e = threadIdx.x; e < kBN * dv; e += kThreads) {
+      const int c = e / dv, k = e % dv;
+      float acc = dVs[e];
+      for (int r = 0; r < kBM; ++r) acc = fmaf(Ps[r * kLdP + c], dOs[r * ldv + k], acc);
+      dVs[e] = acc;
+    }
+    for (int e = threadIdx.x; e < kBN * dqk; e += kThreads) {
+      const int c = e / dqk, k = e % dqk;
+      float acc = dKs[e];
+      for (int r = 0; r < kBM; ++r) acc = fmaf(dSs[r * kLdP + c], Qs[r * ldk + k], acc);
+      dKs[e] = acc;
+    }
+  }
+  __syncthreads();
+  float* dkb = dkv + (int64_t)b * S * ldkv + (int64_t)h * (dn + dv);
+  for (int e = threadIdx.x; e < kBN * dqk; e += kThreads) {
+    const int c = e / dqk, k = e % dqk, j = j0 + c;
+    if (j >= S) continue;
+    if (k < dn)
+      dkb[(int64_t)j * ldkv + k] = dKs[e];
+    else
+      dkpe_h[(((int64_t)b * H + h) * S + j) * dr + (k - dn)] = dKs[e];
+  }
+  for (int e = threadIdx.x; e < kBN * dv; e += kThreads) {
+    const int c = e / dv, k = e % dv, j = j0 + c;
+    if (j < S) dkb[(int64_t)j * ldkv + dn + k] = dVs[e];
+  }
+}
+
+// shared memory, in floats: Q (kBM, odd(dqk)) | dO (kBM, odd(dv)) | K (kBN, odd(dqk)) | V (kBN, odd(dv)) |
+// dS (kBM, kLdP) | dQ (kBM, dqk) | lse, D (kBM) each
+size_t dq_smem_bytes(int dqk, int dv) {
+  const size_t f =
+      (size_t)(kBM + kBN) * (odd(dqk) + odd(dv)) + (size_t)kBM * kLdP + (size_t)kBM * dqk + 2 * kBM;
+  return f * sizeof(float);
+}
+
+// grid (ceil(S/kBM), H, B): dq (q_nope | q_pe of this head) written
+__global__ void __launch_bounds__(kThreads)
+    flash_bwd_dq_kernel(const float* __restrict__ q, const float* __restrict__ kv, const float* __restrict__ kpe,
+                        int64_t ldkpe, const float* __restrict__ lse, const float* __restrict__ D,
+                        const float* __restrict__ dout, int S, int H, int dn, int dr, int dv, float scale,
+                        float* __restrict__ dq) {
+  extern __shared__ float smem[];
+  const int dqk = dn + dr, ldk = odd(dqk), ldv = odd(dv);
+  const int i0 = blockIdx.x * kBM, h = blockIdx.y, b = blockIdx.z;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t ldq = (int64_t)H * dqk, ldkv = (int64_t)H * (dn + dv), ldo = (int64_t)H * dv;
+  const float* qb = q + (int64_t)b * S * ldq + (int64_t)h * dqk;
+  const float* kb = kv + (int64_t)b * S * ldkv + (int64_t)h * (dn + dv);
+  const float* pb = kpe + (int64_t)b * S * ldkpe;
+  const float* dob = dout + (int64_t)b * S * ldo + (int64_t)h * dv;
+  const float* lb = lse + ((int64_t)b * H + h) * S;
+  const float* Db = D + ((int64_t)b * H + h) * S;
+  float* Qs = smem;
+  float* dOs = Qs + kBM * ldk;
+  float* Ks = dOs + kBM * ldv;
+  float* Vs = Ks + kBN * ldk;
+  float* dSs = Vs + kBN * ldv;
+  float* dQs = dSs + kBM * kLdP;
+  float* lse_s = dQs + kBM * dqk;
+  float* D_s = lse_s + kBM;
+
+  load_rows(Qs, ldk, qb, ldq, i0, kBM, dqk, S);
+  load_rows(dOs, ldv, dob, ldo, i0, kBM, dv, S);
+  for (int r = threadIdx.x; r < kBM; r += kThreads) {
+    const int i = i0 + r;
+    lse_s[r] = i < S ? lb[i] : 0.0f;
+    D_s[r] = i < S ? Db[i] : 0.0f;
+  }
+  for (int e = threadIdx.x; e < kBM * dqk; e += kThreads) dQs[e] = 0.0f;
+  const int j_end = min(S, i0 + kBM);
+  for (int j0 = 0; j0 < j_end; j0 += kBN) {
+    __syncthreads();  // the previous key block is consumed (the first time: Q, dO, lse, D are loaded)
+    load_kv_block(Ks, ldk, Vs, ldv, kb, ldkv, pb, ldkpe, j0, S, dn, dr, dv);
+    __syncthreads();
+    const int j = j0 + lane;
+#pragma unroll
+    for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+      const int r = warp + rr * kWarps;
+      dSs[r * kLdP + lane] =
+          p_ds(Qs, Ks, ldk, dqk, dOs, Vs, ldv, dv, lse_s[r], D_s[r], r, lane, i0 + r, j, S, scale).ds;
+    }
+    __syncthreads();
+    // dQ(r, k) += sum_c dS(r, c) K(c, k)
+    for (int e = threadIdx.x; e < kBM * dqk; e += kThreads) {
+      const int r = e / dqk, k = e % dqk;
+      float acc = dQs[e];
+      for (int c = 0; c < kBN; ++c) acc = fmaf(dSs[r * kLdP + c], Ks[c * ldk + k], acc);
+      dQs[e] = acc;
+    }
+  }
+  __syncthreads();
+  float* dqb = dq + (int64_t)b * S * ldq + (int64_t)h * dqk;
+  for (int e = threadIdx.x; e < kBM * dqk; e += kThreads) {
+    const int r = e / dqk, k = e % dqk, i = i0 + r;
+    if (i < S) dqb[(int64_t)i * ldq + k] = dQs[e];
+  }
+}
+
+// dkpe(t, k) += sum over h (in order) of dkpe_h(b, h, s, k), t = b*S + s; grid-stride over the B*S*dr values
+__global__ void flash_bwd_dkpe_kernel(const float* __restrict__ dkpe_h, int64_t tokens, int S, int H, int dr,
+                                      float* __restrict__ dkpe, int64_t ldkpe) {
+  const int64_t n = tokens * dr;
+  for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t t = e / dr, k = e % dr, b = t / S, s = t % S;
+    float acc = 0.0f;
+    for (int h = 0; h < H; ++h) acc += dkpe_h[((b * H + h) * S + s) * dr + k];
+    dkpe[t * ldkpe + k] += acc;
+  }
+}
+
+// Dynamic shared memory above the 48 KiB default must be requested per kernel; more than the device offers is an
+// error naming the head dims.
+template <class Kernel>
+void request_smem(Kernel* kernel, size_t bytes, int device, const char* op, int dn, int dr, int dv) {
+  if (bytes <= 48 * 1024) return;
+  int optin = 0;
+  DSV3_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  DSV3_CHECK(bytes <= (size_t)optin, op << ": head dims dn " << dn << ", dr " << dr << ", dv " << dv << " need "
+                                        << bytes << " bytes of shared memory per block; the device allows " << optin);
+  DSV3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+}
+
+void check_sizes(const char* op, int64_t B, int64_t S, int64_t H, int64_t dn, int64_t dr, int64_t dv) {
+  DSV3_CHECK(S <= INT_MAX && B <= 65535 && H <= 65535 && dn + dr + dv <= 65536,
+             op << ": B = " << B << ", S = " << S << ", H = " << H << ", dn + dr + dv = " << dn + dr + dv
+                << " exceed the kernels' grid/index ranges");
+}
+
+}  // namespace
+
+void CudaBackend::mla_flash_attention_forward(const float* q, const float* kv, const float* kpe, int64_t ldkpe,
+                                              int64_t B, int64_t S, int64_t H, int64_t dn, int64_t dr, int64_t dv,
+                                              float scale, float* o, float* lse) {
+  if (B == 0 || S == 0 || H == 0) return;
+  check_sizes("mla_flash_attention_forward", B, S, H, dn, dr, dv);
+  const size_t smem = fwd_smem_bytes((int)(dn + dr), (int)dv);
+  request_smem(flash_fwd_kernel, smem, device_, "mla_flash_attention_forward", (int)dn, (int)dr, (int)dv);
+  const dim3 grid((unsigned)((S + kBM - 1) / kBM), (unsigned)H, (unsigned)B);
+  flash_fwd_kernel<<<grid, kThreads, smem, stream_>>>(q, kv, kpe, ldkpe, (int)S, (int)H, (int)dn, (int)dr, (int)dv,
+                                                      scale, o, lse);
+  DSV3_CUDA_LAUNCH_CHECK();
+}
+
+void CudaBackend::mla_flash_attention_backward(const float* q, const float* kv, const float* kpe, int64_t ldkpe,
+                                               const float* o, const float* lse, const float* dout, int64_t B,
+                                               int64_t S, int64_t H, int64_t dn, int64_t dr, int64_t dv, float scale,
+                                               float* dq, float* dkv, float* dkpe) {
+  if (B == 0 || S == 0 || H == 0) return;
+  check_sizes("mla_flash_attention_backward", B, S, H, dn, dr, dv);
+  const int64_t T = B * S;
+  // scratch: the per-head dk_pe (B,H,S,dr), then D (B,H,S)
+  float* dkpe_h = static_cast<float*>(scratch(sizeof(float) * (size_t)(B * H * S) * (size_t)(dr + 1)));
+  float* D = dkpe_h + B * H * S * dr;
+  const int iS = (int)S, iH = (int)H, idn = (int)dn, idr = (int)dr, idv = (int)dv;
+
+  flash_bwd_rowdot_kernel<<<cuda::grid_for(T * H * 32), cuda::kBlock, 0, stream_>>>(o, dout, T, iS, iH, idv, D);
+  DSV3_CUDA_LAUNCH_CHECK();
+
+  const size_t smem_kv = dkv_smem_bytes(idn + idr, idv);
+  request_smem(flash_bwd_dkv_kernel, smem_kv, device_, "mla_flash_attention_backward", idn, idr, idv);
+  const dim3 grid_kv((unsigned)((S + kBN - 1) / kBN), (unsigned)H, (unsigned)B);
+  flash_bwd_dkv_kernel<<<grid_kv, kThreads, smem_kv, stream_>>>(q, kv, kpe, ldkpe, lse, D, dout, iS, iH, idn, idr,
+                                                                idv, scale, dkv, dkpe_h);
+  DSV3_CUDA_LAUNCH_CHECK();
+
+  const size_t smem_q = dq_smem_bytes(idn + idr, idv);
+  request_smem(flash_bwd_dq_kernel, smem_q, device_, "mla_flash_attention_backward", idn, idr, idv);
+  const dim3 grid_q((unsigned)((S + kBM - 1) / kBM), (unsigned)H, (unsigned)B);
+  flash_bwd_dq_kernel<<<grid_q, kThreads, smem_q, stream_>>>(q, kv, kpe, ldkpe, lse, D, dout, iS, iH, idn, idr, idv,
+                                                             scale, dq);
+  DSV3_CUDA_LAUNCH_CHECK();
+
+  if (dr > 0) {
+    flash_bwd_dkpe_kernel<<<cuda::grid_for(T * dr), cuda::kBlock, 0, stream_>>>(dkpe_h, T, iS, iH, idr, dkpe, ldkpe);
+    DSV3_CUDA_LAUNCH_CHECK();
+  }
+}
+
+}  // namespace dsv3
