@@ -96,7 +96,8 @@ Bytes layer_bytes(const ModelConfig& c, const PlanSettings& s, int64_t i, int64_
   // MLA
   const double qlora = qr > 0 ? 2 * T * qr * f + T * st : 0;
   const double kv = T * (kvr + dr) * f + T * kvr * f + T * H * (dn + dv) * f;
-  const double probs = s.recompute == Recompute::None ? b * H * n * (double)n * f : b * H * n * st;
+  const double probs =
+      s.recompute == Recompute::None && !s.flash_attention ? b * H * n * (double)n * f : b * H * n * st;
   const double mla = qlora + T * H * dqk * f + kv + T * st + probs + T * H * dv * f;
   // MLP
   double mlp = 0, mlp_work = 0;
@@ -254,6 +255,7 @@ PlanSettings plan_settings_from_deck(const Deck& d, const ModelConfig& cfg, int 
   s.act_bytes = gpu ? bytes("optim.param_dtype") : 4;
   const std::string rc = d.get<std::string>("plan.recompute");
   s.recompute = rc == "none" ? Recompute::None : rc == "selective" ? Recompute::Selective : Recompute::Full;
+  s.flash_attention = d.get<std::string>("run.attention") == "flash";
   if (gpu) {
     s.device_tflops = d.get<double>("plan.device_tflops");
   } else {  // one rank's cores: run.threads, or what OpenMP will use (run.threads = 0: all cores)

@@ -76,6 +76,7 @@ struct PlanSettings {
   std::string device = "cpu";        // cpu | cuda
   int weight_bytes = 4, grad_bytes = 4, moment_bytes = 4, act_bytes = 4;  // storage per element (see above)
   Recompute recompute = Recompute::None;
+  bool flash_attention = false;      // run.attention = flash: attention keeps its (B,H,S) log-sum-exp, not (B,H,S,S)
   double device_tflops = 989;        // peak per rank (TFLOP/s) of the step-time estimate and the MFU
   double compute_efficiency = 0.5;   // fraction of the peak the kernels reach
   double device_mem_gib = 140;       // memory per rank: a stage whose total exceeds it does not fit
