@@ -70,6 +70,8 @@ expect_error "node-limited routing over a bad node count" "moe.nodes" "$BIN/dsv3
   moe.nodes=3
 expect_error "node limit too tight for top-k" "num_experts_per_tok" "$BIN/dsv3" "$tmp/good.deck" moe.max_nodes=1 \
   moe.nodes=8 model.n_group=1 model.topk_group=1
+expect_mpi_error "etp other than 1 or tp" "parallel.etp" mpirun --oversubscribe -np 2 "$BIN/dsv3" "$tmp/good.deck" \
+  parallel.etp=2
 expect_mpi_error "pp larger than the layers" "parallel.pp" mpirun --oversubscribe -np 8 "$BIN/dsv3" "$tmp/good.deck" parallel.pp=8
 expect_mpi_error "dp disagreeing with the world" "parallel.dp" mpirun --oversubscribe -np 2 "$BIN/dsv3" "$tmp/good.deck" \
   parallel.dp=4

@@ -7,6 +7,7 @@
 #   - resume across tensor-parallel layouts from the global HDF5 checkpoint of iteration 6: tp2 -> 1 rank and
 #     1 rank -> tp2 (and tp2 -> tp2 x pp2 x dp2 ep2) reproduce iterations 7..12 of the uninterrupted 1-rank run
 #     within 1e-5 relative; tp2 -> tp2 is bit-identical (grad norm included) to the uninterrupted tp2 run
+#   - expert tensor parallelism (tp2 etp2) likewise: from scratch, etp2 -> 1 rank, 1 rank -> tp2 etp2 ep2
 #   tests/mpi_tensor_parallel.sh BUILD_DIR SOURCE_DIR
 set -euo pipefail
 BIN=$1 SRC=$2
@@ -24,6 +25,11 @@ run tp2_to_one 1 checkpoint.dir="$tmp/ck_a" checkpoint.load="$tmp/ck_tp2/iter_00
 run one_to_tp2 2 parallel.tp=2 checkpoint.dir="$tmp/ck_b" checkpoint.load="$tmp/ck_one/iter_0000006.h5"
 run tp2_to_tp2 2 parallel.tp=2 checkpoint.dir="$tmp/ck_c" checkpoint.load="$tmp/ck_tp2/iter_0000006.h5"
 run tp2_to_8 8 $TP3D checkpoint.dir="$tmp/ck_d" checkpoint.load="$tmp/ck_tp2/iter_0000006.h5"
+# expert tensor parallelism: the experts' intermediate slices in the checkpoint, read back under other layouts
+ETP="parallel.tp=2 parallel.etp=2"
+run etp2 2 $ETP checkpoint.dir="$tmp/ck_etp2" checkpoint.interval=6
+run etp2_to_one 1 checkpoint.dir="$tmp/ck_e" checkpoint.load="$tmp/ck_etp2/iter_0000006.h5"
+run one_to_etp2_ep2 4 $ETP parallel.ep=2 checkpoint.dir="$tmp/ck_f" checkpoint.load="$tmp/ck_one/iter_0000006.h5"
 /usr/bin/python3 - "$tmp" <<'PY'
 import json, sys
 d = sys.argv[1]
@@ -36,7 +42,9 @@ assert sorted(ref) == list(range(1, N + 1)), sorted(ref)
 ok = True
 for name, base, first, exact in [("tp2", ref, 1, False), ("tp2_pp2_dp2_ep2", ref, 1, False),
                                  ("tp2_to_one", ref, 7, False), ("one_to_tp2", ref, 7, False),
-                                 ("tp2_to_8", ref, 7, False), ("tp2_to_tp2", tp2, 7, True)]:
+                                 ("tp2_to_8", ref, 7, False), ("tp2_to_tp2", tp2, 7, True),
+                                 ("etp2", ref, 1, False), ("etp2_to_one", ref, 7, False),
+                                 ("one_to_etp2_ep2", ref, 7, False)]:
     got = rows(name)
     good = sorted(got) == list(range(first, N + 1))
     its = range(first, N + 1)

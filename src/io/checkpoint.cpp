@@ -172,7 +172,7 @@ Plan make_plan(const Params& params, const AdamW* opt, const Comm* comm, bool wr
   auto tp_writer = [&](const ParamSpec& p) { return p.expert_stack || params.tp_sharded(p) || tp_first; };
   auto set_layout = [&](Job& j, const ParamSpec& p, int64_t l0) {
     const GlobalLayout g = params.global_layout(p);
-    if (params.tp_sharded(p)) j.run = g.run, j.stride = g.stride, j.global0 = g.offset, j.l0 = l0;
+    if (params.sliced(p)) j.run = g.run, j.stride = g.stride, j.global0 = g.offset, j.l0 = l0;
     else j.global0 = g.offset + l0;
   };
   const bool dense_writer = group_rank(comm, GroupKind::dp) == 0;

@@ -24,7 +24,7 @@ namespace {
 // on the last stage when MTP needs it), the final norm and the head on the last stage.
 ShardPlan plan_for(const ModelConfig& c, const std::vector<ParamSpec>& table, const ExpertGroup& ep,
                    const PipelineStage& st, const TensorGroup& tp) {
-  ShardPlan plan{ep.size, ep.rank, {}, tp.size, tp.rank};
+  ShardPlan plan{ep.size, ep.rank, {}, tp.size, tp.rank, ep.etp_size, ep.etp_rank};
   if (st.count == 1) return plan;
   std::vector<bool> has_layer(c.total_layers(), false);
   for (int l : st.layout.layers) has_layer[l] = true;
@@ -76,6 +76,13 @@ void Model::load_hf(const HfCheckpoint& ck) {
       if (params_.held(p) && params_.tp_sharded(p)) {  // this rank's tensor-parallel slice of the whole tensor
         const std::vector<float> full = ck.load_f32(hf);
         params_.take_slice(p, full.data(), params_.get(p.name));
+      } else if (e >= first && e < first + count && params_.etp_sharded(p)) {  // this rank's slice of expert e
+        const int64_t mine = params_.local_numel(p) / count;
+        const GlobalLayout g = params_.global_layout(p);
+        const std::vector<float> full = ck.load_f32(hf);
+        float* dst = params_.get(p.name) + (e - first) * mine;
+        for (int64_t k = 0; k < mine; k += g.run)  // the layout's runs, relative to expert e's first element
+          std::copy_n(full.data() + (k / g.run) * g.stride + (g.offset - first * per), g.run, dst + k);
       } else if (e >= first && e < first + count) {
         ck.load_f32_into(hf, params_.get(p.name) + (e - first) * per, per);
       }

@@ -101,8 +101,8 @@ void swiglu_mlp_backward(Backend& be, const float* x, int64_t T, int64_t D, int6
 }
 
 void moe_experts(Backend& be, const ModelConfig& c, const MoeWeights& w, const std::vector<int64_t>& offset,
-                 const float* x, float* y, MlpActs* acts) {
-  const int64_t D = c.hidden_size, I = c.moe_intermediate_size, E = (int64_t)offset.size() - 1;
+                 const float* x, float* y, int64_t I, MlpActs* acts) {
+  const int64_t D = c.hidden_size, E = (int64_t)offset.size() - 1;
   const int64_t rows = offset[E];
   MlpActs local;
   MlpActs& m = acts ? *acts : local;
@@ -212,7 +212,7 @@ Routing slice_routing(const Routing& r, int64_t t0, int64_t t1) {
   return s;
 }
 
-const Routing& routed(const MoeActs& a, const TensorGroup& tp) { return tp.size > 1 ? a.rs : a.r; }
+const Routing& routed(const MoeActs& a) { return a.sliced ? a.rs : a.r; }
 
 }  // namespace
 
@@ -221,9 +221,11 @@ void moe_forward(Backend& be, const ModelConfig& c, const MoeWeights& w, const E
   const int64_t T = B * S, D = c.hidden_size;
   a.B = B;
   a.r = moe_route(be, c, w, xn_all, T);  // route: every rank routes its own tokens over all experts
-  a.t0 = tp.rank * T / tp.size;
-  if (tp.size > 1) a.rs = slice_routing(a.r, a.t0, (tp.rank + 1) * T / tp.size);
-  const Routing& rs = routed(a, tp);
+  a.sliced = tp.size > 1 && ep.etp_size == 1;
+  a.t0 = a.sliced ? tp.rank * T / tp.size : 0;
+  if (a.sliced) a.rs = slice_routing(a.r, a.t0, (tp.rank + 1) * T / tp.size);
+  const Routing& rs = routed(a);
+  const int64_t I = c.moe_intermediate_size / ep.etp_size;
   const float* xn = xn_all + a.t0 * D;
   a.d = moe_dispatch(be, rs, xn, D);     // dispatch: grouped by global expert = by the rank that holds it
   if (ep.size > 1) {                 // experts: on the rank that holds them
@@ -231,10 +233,10 @@ void moe_forward(Backend& be, const ModelConfig& c, const MoeWeights& w, const E
     a.ex.x.resize(a.ex.perm.size() * D);
     exchange_rows(be, ep, a.ex, D, a.d.x.data(), a.ex.x.data(), true);
     std::vector<float> y(a.ex.x.size());
-    moe_experts(be, c, w, a.ex.offset, a.ex.x.data(), y.data(), &a.experts);
+    moe_experts(be, c, w, a.ex.offset, a.ex.x.data(), y.data(), I, &a.experts);
     exchange_rows(be, ep, a.ex, D, y.data(), a.d.y.data(), false);
   } else {
-    moe_experts(be, c, w, a.d.offset, a.d.x.data(), a.d.y.data(), &a.experts);
+    moe_experts(be, c, w, a.d.offset, a.d.x.data(), a.d.y.data(), I, &a.experts);
   }
   std::vector<float> part(tp.sp ? T * D : 0);  // sp: the partial sums of all rows before the reduce-scatter
   float* o = tp.sp ? part.data() : out;
@@ -244,8 +246,8 @@ void moe_forward(Backend& be, const ModelConfig& c, const MoeWeights& w, const E
   else
     std::fill(o, o + T * D, 0.0f);
   moe_combine(be, rs, a.d, D, o + a.t0 * D);  // combine (this rank's token slice)
-  // shared partial sums + each slice from the rank that computed it (sp: this rank's rows of the sum; its routed
-  // slice is exactly its sequence-parallel rows)
+  // shared partial sums + each slice from the rank that computed it, or (etp) every token's partial sums over the
+  // expert slices (sp: this rank's rows of the sum; a routed slice is exactly its sequence-parallel rows)
   if (tp.sp) tp.reduce_scatter_rows(part.data(), tp.sp_rows(T), D, out);
   else tp.allreduce(out, T * D);
 }
@@ -254,12 +256,13 @@ void moe_backward(Backend& be, const ModelConfig& c, const MoeWeights& w, MoeWei
                   const float* xn, const MoeActs& a, const float* dout, double aux_coef, float* dxn,
                   const TensorGroup& tp) {
   const Routing& r = a.r;
-  const Routing& rsl = routed(a, tp);  // this rank's token slice [t0, t0 + rsl.T)
+  const Routing& rsl = routed(a);  // the tokens the routed part ran on: [t0, t0 + rsl.T)
   const Dispatch& d = a.d;
-  const int64_t T = r.T, K = r.K, E = r.E, D = c.hidden_size, I = c.moe_intermediate_size, rows = rsl.T * K;
+  const int64_t T = r.T, K = r.K, E = r.E, D = c.hidden_size, rows = rsl.T * K;
+  const int64_t I = c.moe_intermediate_size / ep.etp_size;  // this rank's slice of each expert
   const int64_t t0 = a.t0;
   if (w.sh_gate) {
-    const int64_t Is = I * c.n_shared_experts / tp.size;
+    const int64_t Is = c.moe_intermediate_size * c.n_shared_experts / tp.size;
     swiglu_mlp_backward(be, xn, T, D, Is, w.sh_gate, w.sh_up, w.sh_down, a.shared.g.data(), a.shared.u.data(),
                         a.shared.a.data(), dout, g.sh_gate, g.sh_up, g.sh_down, dxn);
   }
@@ -268,6 +271,8 @@ void moe_backward(Backend& be, const ModelConfig& c, const MoeWeights& w, MoeWei
   std::vector<float> dy(rows * D), dx(rows * D, 0.0f), dweight(T * K, 0.0f);
   be.combine_rows_backward(dout + t0 * D, d.y.data(), d.pos.data(), rsl.weight.data(), rsl.T, K, D, dy.data(),
                            dweight.data() + t0 * K);
+  // etp: y held this rank's partial outputs, so dout . y is a partial dot product: the sum over the slices is dweight
+  if (ep.etp_size > 1) tp.allreduce(dweight.data(), T * K);
   // experts, each on its contiguous rows (on the rank that holds it: the row gradients travel there and back)
   auto experts_backward = [&](const std::vector<int64_t>& offset, const float* x, const float* gy, float* gx) {
     for (int64_t e = 0; e + 1 < (int64_t)offset.size(); ++e) {
@@ -303,9 +308,10 @@ void moe_backward(Backend& be, const ModelConfig& c, const MoeWeights& w, MoeWei
                      (float)c.routed_scaling_factor, Ts, f.data(), (float)(aux_coef / (B * Ts)), dlogits.data());
   if (tp.size == 1) {
     be.gemm_tn(E, D, T, 1.0f, dlogits.data(), E, xn, D, 1.0f, g.gate, D);
-  } else {  // each token's router gradient from the rank whose slice holds it, summed over tp
-    std::fill(dlogits.begin(), dlogits.begin() + t0 * E, 0.0f);
-    std::fill(dlogits.begin() + (t0 + rsl.T) * E, dlogits.end(), 0.0f);
+  } else {  // each token's router gradient from the rank whose slice holds it (etp: the same slices), summed over tp
+    const int64_t r0 = tp.rank * T / tp.size, r1 = (tp.rank + 1) * T / tp.size;
+    std::fill(dlogits.begin(), dlogits.begin() + r0 * E, 0.0f);
+    std::fill(dlogits.begin() + r1 * E, dlogits.end(), 0.0f);
     std::vector<float> gg(E * D, 0.0f);
     be.gemm_tn(E, D, T, 1.0f, dlogits.data(), E, xn, D, 0.0f, gg.data(), D);
     tp.allreduce(gg.data(), E * D);

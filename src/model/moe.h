@@ -20,9 +20,13 @@ class Comm;
 
 // The expert-parallel group of this rank: the routed experts of every MoE layer are split into `size` contiguous
 // ranges and tokens travel to the rank that holds their expert (all-to-all); size 1: every expert is local.
+// Expert tensor parallelism (etp = tp > 1): every routed expert is also cut along its intermediate dimension over
+// the tensor-parallel group; the ranks of that group then run all tokens through their slices and the tp sum that
+// completes the MoE output adds the slices' partial outputs.
 struct ExpertGroup {
   const Comm* comm = nullptr;
   int size = 1, rank = 0;
+  int etp_size = 1, etp_rank = 0;  // expert-tensor-parallel size and rank (the tp group's when > 1)
 };
 
 // Pointers into a Params store: the weights, or (same layout) their gradients.
@@ -63,9 +67,10 @@ struct Dispatch {
 RouterSpec router_spec(const ModelConfig& c);
 Routing moe_route(Backend& be, const ModelConfig& c, const MoeWeights& w, const float* x_norm, int64_t T);
 Dispatch moe_dispatch(Backend& be, const Routing& r, const float* x_norm, int64_t D);
-// The local experts' SwiGLU on rows grouped by local expert (offset: E_local+1 row offsets): y (rows, D).
+// The local experts' SwiGLU on rows grouped by local expert (offset: E_local+1 row offsets): y (rows, D). I: the
+// intermediate width held here (moe_intermediate_size / etp: under expert tensor parallelism y is a partial sum).
 void moe_experts(Backend& be, const ModelConfig& c, const MoeWeights& w, const std::vector<int64_t>& offset,
-                 const float* x, float* y, MlpActs* acts = nullptr);
+                 const float* x, float* y, int64_t I, MlpActs* acts = nullptr);
 // out (T, D) = sum_k weight * expert_k(x)  (+ shared experts when present)
 void moe_combine(Backend& be, const Routing& r, const Dispatch& d, int64_t D, float* out);
 
@@ -95,17 +100,20 @@ struct MoeActs {
   int64_t B = 0;
   Routing r;          // every token of the micro-batch (the balance loss and the expert loads)
   // tensor parallelism: the tokens are replicated over tp and each rank sends the slice [t0, t0 + rs.T) through
-  // dispatch -> experts -> combine, so that every token meets its experts exactly once; rs is r restricted to it
+  // dispatch -> experts -> combine, so that every token meets its experts exactly once; rs is r restricted to it.
+  // With expert tensor parallelism every rank sends all tokens through its slices of the experts instead.
+  bool sliced = false;  // tp > 1 and etp = 1: the routed part runs on the slice rs
   int64_t t0 = 0;
-  Routing rs;         // (tp > 1 only; tp = 1 uses r)
+  Routing rs;         // (sliced only; otherwise r)
   Dispatch d;
   ExpertExchange ex;  // ep > 1
   MlpActs experts;    // the local experts' rows (rows, I)
   MlpActs shared;     // (T, I*n_shared)
 };
 // route -> dispatch (-> all-to-all to the experts' ranks) -> experts (-> all-to-all back) -> combine
-// tp: the router runs on every token everywhere (replicated), the routed part on this rank's token slice, the
-// shared experts column/row-parallel; one all-reduce over tp completes out (sp: x_norm is the all-gathered
+// tp: the router runs on every token everywhere (replicated), the routed part on this rank's token slice (or, with
+// expert tensor parallelism, on every token through this rank's slices of the experts), the shared experts
+// column/row-parallel; one all-reduce over tp completes out (sp: x_norm is the all-gathered
 // (B*S, D), out this rank's rows (B*S/tp, D) of the sum, a reduce-scatter; the routed slice is those rows).
 // moe_backward is the same with and without sp: dout (B*S, D) whole (the caller all-gathers it under sp).
 void moe_forward(Backend& be, const ModelConfig& c, const MoeWeights& w, const ExpertGroup& ep, const float* x_norm,

@@ -156,6 +156,8 @@ Params::Params(std::vector<ParamSpec> table, ShardPlan plan) : table_(std::move(
   DSV3_CHECK(plan_.held.empty() || plan_.held.size() == table_.size(), "shard plan does not match the table");
   DSV3_CHECK(plan_.tp_size >= 1 && plan_.tp_rank >= 0 && plan_.tp_rank < plan_.tp_size,
              "bad tensor-parallel shard " << plan_.tp_rank << " of " << plan_.tp_size);
+  DSV3_CHECK(plan_.etp_size >= 1 && plan_.etp_rank >= 0 && plan_.etp_rank < plan_.etp_size,
+             "bad expert-tensor-parallel shard " << plan_.etp_rank << " of " << plan_.etp_size);
 
   int64_t off = 0;
   for (size_t i = 0; i < table_.size(); ++i) {
@@ -163,6 +165,9 @@ Params::Params(std::vector<ParamSpec> table, ShardPlan plan) : table_(std::move(
     DSV3_CHECK(!table_[i].expert_stack || table_[i].shape[0] % plan_.ep_size == 0,
                "parallel.ep=" << plan_.ep_size << " does not divide the " << table_[i].shape[0] << " experts of "
                               << table_[i].name);
+    DSV3_CHECK(!etp_sharded(table_[i]) || table_[i].shape[table_[i].shard_dim] % plan_.etp_size == 0,
+               "parallel.etp=" << plan_.etp_size << " does not divide dimension " << table_[i].shard_dim << " ("
+                               << table_[i].shape[table_[i].shard_dim] << ") of " << table_[i].name);
     DSV3_CHECK(!tp_sharded(table_[i]) || table_[i].shape[table_[i].shard_dim] % plan_.tp_size == 0,
                "parallel.tp=" << plan_.tp_size << " does not divide dimension " << table_[i].shard_dim << " ("
                               << table_[i].shape[table_[i].shard_dim] << ") of " << table_[i].name);
@@ -179,24 +184,28 @@ uint8_t Params::holding(const ParamSpec& p) const {
 
 int64_t Params::local_numel(const ParamSpec& p) const {
   if (!held(p)) return 0;
-  if (p.expert_stack) return p.numel() / plan_.ep_size;
+  if (p.expert_stack) return p.numel() / plan_.ep_size / (etp_sharded(p) ? plan_.etp_size : 1);
   return tp_sharded(p) ? p.numel() / plan_.tp_size : p.numel();
 }
 
 std::vector<int64_t> Params::local_shape(const ParamSpec& p) const {
   std::vector<int64_t> s = p.shape;
   if (p.expert_stack) s[0] /= plan_.ep_size;
+  if (etp_sharded(p)) s[p.shard_dim] /= plan_.etp_size;
   else if (tp_sharded(p)) s[p.shard_dim] /= plan_.tp_size;
   return s;
 }
 
 GlobalLayout Params::global_layout(const ParamSpec& p) const {
   const int64_t n = std::max<int64_t>(local_numel(p), 1);
-  if (!tp_sharded(p)) return {n, n, first_expert(p) * (p.numel() / p.n_experts())};
+  const int64_t expert0 = first_expert(p) * (p.numel() / p.n_experts());  // the first local expert's element
+  if (!sliced(p)) return {n, n, expert0};
+  // tp: runs of inner/tp of every `inner` block; etp: the same inside each local expert (inner divides an expert)
   int64_t inner = 1;
   for (size_t d = p.shard_dim; d < p.shape.size(); ++d) inner *= p.shape[d];
-  const int64_t run = inner / plan_.tp_size;
-  return {run, inner, plan_.tp_rank * run};
+  const int size = etp_sharded(p) ? plan_.etp_size : plan_.tp_size, rank = etp_sharded(p) ? plan_.etp_rank : plan_.tp_rank;
+  const int64_t run = inner / size;
+  return {run, inner, expert0 + rank * run};
 }
 
 void Params::take_slice(const ParamSpec& p, const float* global, float* local) const {

@@ -47,13 +47,16 @@ ParamCounts count_params(const ModelConfig& c);
 // split into ep contiguous ranges; rank ep_rank holds experts [ep_rank*E/ep, (ep_rank+1)*E/ep).
 // Pipeline parallelism: a stage holds only its own parameters (held, by table index; empty = all) and possibly a
 // copy of one it shares with another stage (the word embedding, used by the MTP module on the last stage).
-// Tensor parallelism: a parameter with shard_dim >= 0 (not a routed expert: those are split by etp, which is 1) is
-// cut into tp equal slices along shard_dim; rank tp_rank holds slice tp_rank. A dim-0 slice is one contiguous
-// range of the global tensor; a dim-1 slice of a 2-D (out, in) weight is a column block, `out` strided runs.
+// Tensor parallelism: a parameter with shard_dim >= 0 (not a routed expert) is cut into tp equal slices along
+// shard_dim; rank tp_rank holds slice tp_rank. A dim-0 slice is one contiguous range of the global tensor; a dim-1
+// slice of a 2-D (out, in) weight is a column block, `out` strided runs.
+// Expert tensor parallelism: each routed expert is cut the same way into etp slices along its shard_dim (the
+// intermediate dimension: gate/up rows, down columns); rank etp_rank holds slice etp_rank of its ep range's experts.
 struct ShardPlan {
   int ep_size = 1, ep_rank = 0;
   std::vector<uint8_t> held;
   int tp_size = 1, tp_rank = 0;
+  int etp_size = 1, etp_rank = 0;
   static constexpr uint8_t kNotHeld = 0, kOwner = 1, kCopy = 2;
 };
 
@@ -80,7 +83,12 @@ class Params {
   int64_t local_experts(const ParamSpec& p) const { return p.expert_stack ? p.shape[0] / plan_.ep_size : 1; }
   // true when this rank holds a tensor-parallel slice of p (tp > 1, shard_dim >= 0, not a routed expert)
   bool tp_sharded(const ParamSpec& p) const { return plan_.tp_size > 1 && p.shard_dim >= 0 && !p.expert_stack; }
-  // the shape of what this rank holds of p (a held parameter): shard_dim divided by tp, experts by ep
+  // true when this rank holds an expert-tensor-parallel slice of each of its experts of p (etp > 1)
+  bool etp_sharded(const ParamSpec& p) const { return plan_.etp_size > 1 && p.shard_dim >= 0 && p.expert_stack; }
+  // either: this rank's part of p is strided runs of the global tensor (GlobalLayout), not one contiguous range
+  bool sliced(const ParamSpec& p) const { return tp_sharded(p) || etp_sharded(p); }
+  // the shape of what this rank holds of p (a held parameter): shard_dim divided by tp (experts: by etp), experts
+  // by ep
   std::vector<int64_t> local_shape(const ParamSpec& p) const;
   GlobalLayout global_layout(const ParamSpec& p) const;
   // copies this rank's part of p out of the full global tensor (global: p.numel() values)

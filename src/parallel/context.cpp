@@ -15,10 +15,14 @@ namespace dsv3 {
 ParallelContext setup_parallel(Comm& comm, const Deck& deck, const ModelConfig& cfg) {
   ParallelContext ctx;
   ctx.sizes = resolve_sizes(deck, comm.size(), cfg);
-  DSV3_CHECK(ctx.sizes.etp == 1, "parallel.etp=" << ctx.sizes.etp << ": expert tensor parallelism is not implemented yet");
+  // Expert tensor parallelism runs over the tensor-parallel group (its ranks hold the same tokens): etp = tp.
+  DSV3_CHECK(ctx.sizes.etp == 1 || ctx.sizes.etp == ctx.sizes.tp,
+             "parallel.etp=" << ctx.sizes.etp << " " << deck.where_set({"parallel.etp"})
+                             << ": expert tensor parallelism runs over the tensor-parallel group; etp must be 1 or "
+                                "parallel.tp (" << ctx.sizes.tp << ")");
   ctx.coords = coords_of(ctx.sizes, comm.rank());
   comm.set_groups(groups_of(ctx.sizes, comm.rank()));
-  ctx.ep = ExpertGroup{&comm, ctx.sizes.ep, ctx.coords.ep};
+  ctx.ep = ExpertGroup{&comm, ctx.sizes.ep, ctx.coords.ep, ctx.sizes.etp, ctx.coords.etp};
   ctx.tp = TensorGroup{&comm, ctx.sizes.tp, ctx.coords.tp, ctx.sizes.sp && ctx.sizes.tp > 1};
   const auto layout = parse_pp_layout(deck.get<std::string>("parallel.pp_layout"), ctx.sizes.pp,
                                       (int)cfg.num_hidden_layers, (int)cfg.num_nextn_predict_layers);
@@ -29,6 +33,10 @@ ParallelContext setup_parallel(Comm& comm, const Deck& deck, const ModelConfig& 
              "the expert-parallel communicator disagrees with the topology (rank " << comm.rank() << ")");
   DSV3_CHECK(comm.group_size(GroupKind::tp) == ctx.sizes.tp && comm.group_rank(GroupKind::tp) == ctx.coords.tp,
              "the tensor-parallel communicator disagrees with the topology (rank " << comm.rank() << ")");
+  // etp = tp: the expert grid's etp group must be the tp group itself (etp innermost of the expert grid, tp
+  // innermost of the dense one), so that the tp sum of the MoE output adds the expert slices
+  DSV3_CHECK(ctx.sizes.etp == 1 || ctx.coords.etp == ctx.coords.tp,
+             "the expert-tensor-parallel rank disagrees with the tensor-parallel rank (rank " << comm.rank() << ")");
   return ctx;
 }
 
@@ -81,7 +89,18 @@ Params gather_experts(const Params& local, const Comm& comm) {
     float* dst = full.get(p.name);
     const int64_t n = local.local_numel(p);
     if (local.held(p) && !local.is_copy(p)) {
-      if (p.expert_stack && ep > 1) {
+      if (local.etp_sharded(p)) {  // the etp slices of the local experts, then the experts over ep
+        const int etp = local.plan().etp_size;
+        const GlobalLayout g = local.global_layout(p);
+        const int64_t mine = g.offset - local.plan().etp_rank * g.run;  // the first local expert's element
+        std::vector<float> all(n * etp), block(n * etp);
+        comm.allgather(GroupKind::etp, local.get(p.name), all.data(), n);
+        for (int r = 0; r < etp; ++r)
+          for (int64_t k = 0; k < n; k += g.run)
+            std::copy_n(all.data() + r * n + k, g.run, block.data() + (k / g.run) * g.stride + r * g.run);
+        if (ep > 1) comm.allgather(GroupKind::ep, block.data(), dst, n * etp);  // rank order = expert order
+        else std::copy(block.begin(), block.end(), dst + mine);
+      } else if (p.expert_stack && ep > 1) {
         comm.allgather(GroupKind::ep, local.get(p.name), dst, n);  // rank order = expert order
       } else if (local.tp_sharded(p)) {  // slice r of tp rank r: runs of the global tensor (params.h)
         std::vector<float> all(n * tp);

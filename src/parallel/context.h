@@ -1,7 +1,7 @@
 // defines: ParallelContext, setup_parallel, gather_experts, reduce_grads_over_replicas
 // The run's layout: the sizes from the deck and the world (parallel/topology.h), this rank's coordinates, the
 // communicators (Comm::set_groups), and the expert and tensor groups handed to the model (the tensor group carries
-// sequence parallelism, parallel.sp). Expert tensor parallelism is refused here with a clear message.
+// sequence parallelism, parallel.sp). Expert tensor parallelism runs over the tp group: etp must be 1 or tp.
 #pragma once
 #include <cstdint>
 #include <utility>
