@@ -100,7 +100,8 @@ class Backend {
                                        int64_t* count, float* lse = nullptr) = 0;
 
   // ---- optimizer ops: the arithmetic of the ZeRO-1 AdamW (optim/adamw.cpp) on this rank's flat shards, and the
-  // precision conversions. Bit-identical on every backend (optim/adamw_math.h, core/numerics.h). ---------------
+  // precision conversions. Bit-identical on every backend (optim/adamw_math.h, core/numerics.h), NaN payloads
+  // aside (a GPU's arithmetic returns its canonical NaN). -------------------------------------------------------
 
   // One flat shard of the AdamW state (AdamW::Bucket): n elements of FP32 master weights, gradients and per-element
   // weight-decay flags, and the moments in FP32 (m, v) or in BF16 (m16, v16: the upper halves of FP32s, rounded to
