@@ -1,9 +1,9 @@
 // defines: dsv3::CudaBackend — the Backend ops on one CUDA device (cuBLAS FP32 GEMMs, plain CUDA kernels), checked op
 // by op against the CPU backend (tests/gpu). Every pointer an op takes is a device pointer; ops are queued on the
 // backend's stream (a blocking stream: ordered with the legacy default stream, so a plain cudaMemcpy after an op sees
-// its result), cross_entropy_forward returns only after its work finished. The ops of one family live in one .cu
-// file each: gemm.cu, rmsnorm.cu, rope.cu, attention.cu, flash_attention.cu, swiglu.cu, embedding.cu,
-// cross_entropy.cu, router.cu.
+// its result), cross_entropy_forward and sum_squares return only after their work finished. The ops of one family
+// live in one .cu file each: gemm.cu, rmsnorm.cu, rope.cu, attention.cu, flash_attention.cu, swiglu.cu,
+// embedding.cu, cross_entropy.cu, router.cu, moe_permute.cu, optimizer.cu, convert.cu.
 // Host-only header (includable from .cpp files compiled by the C++ compiler).
 #pragma once
 #include <cublas_v2.h>
@@ -98,6 +98,13 @@ class CudaBackend final : public Backend {
                        float* dlogits) override;
   double cross_entropy_forward(const float* logits, int64_t rows, int64_t V, const int64_t* targets,
                                int64_t* count, float* lse = nullptr) override;
+  // optimizer.cu (adamw_update, sum_squares), convert.cu (to_bf16, from_bf16, dequantize_fp8)
+  void adamw_update(const AdamWShard* shards, int count, const AdamWHyper& h) override;
+  double sum_squares(const float* x, int64_t n) override;
+  void to_bf16(const float* x, int64_t n, uint16_t* out) override;
+  void from_bf16(const uint16_t* x, int64_t n, float* out) override;
+  void dequantize_fp8(const uint8_t* codes, const float* scale_inv, int64_t rows, int64_t cols, int64_t block_rows,
+                      int64_t block_cols, float* out) override;
 
  private:
   // every gemm_*: FP32 SGEMM, or in BF16 matmul mode both operands rounded to BF16 in scratch and gemm_bf16

@@ -8,6 +8,7 @@
 // the same pitch, so the op sees the same layout and only the bytes it may touch move; columns between rows that
 // belong to other tensors are never written back. Accumulating outputs (+=) are copied in and out.
 #include <algorithm>
+#include <cstdint>
 #include <memory>
 #include <vector>
 
@@ -15,6 +16,7 @@
 #include "cuda_backend.cuh"
 #include "cuda_check.cuh"
 #include "device_buffer.cuh"
+#include "optim/adamw_math.h"  // check_adamw_shards
 
 namespace dsv3 {
 
@@ -217,11 +219,74 @@ class HostStagedCudaBackend final : public Backend {
     run(r, [&] { loss = be_.cross_entropy_forward(f(r[0]), rows, V, i64(r[1]), count, f(r[2])); });
     return loss;
   }
+  // every shard's master weights and moments in and out, gradients and decay flags in (5 regions per shard)
+  void adamw_update(const AdamWShard* shards, int count, const AdamWHyper& h) override {
+    check_adamw_shards(shards, count);
+    std::vector<Region> r;
+    for (int s = 0; s < count; ++s) {
+      const AdamWShard& sh = shards[s];
+      r.push_back(contiguous(sh.master, sh.n, kInOut));
+      r.push_back(contiguous(sh.grad, sh.n, kIn));
+      r.push_back(contiguous(sh.decay, sh.n, kIn));
+      if (sh.m16) {
+        r.push_back(contiguous(sh.m16, sh.n, kInOut));
+        r.push_back(contiguous(sh.v16, sh.n, kInOut));
+      } else {
+        r.push_back(contiguous(sh.m, sh.n, kInOut));
+        r.push_back(contiguous(sh.v, sh.n, kInOut));
+      }
+    }
+    run(r, [&] {
+      std::vector<AdamWShard> dev(count);
+      for (int s = 0; s < count; ++s) {
+        const Region* q = &r[5 * (size_t)s];
+        dev[s].n = shards[s].n;
+        dev[s].master = f(q[0]);
+        dev[s].grad = f(q[1]);
+        dev[s].decay = static_cast<const uint8_t*>(q[2].dev);
+        if (shards[s].m16) {
+          dev[s].m16 = u16(q[3]);
+          dev[s].v16 = u16(q[4]);
+        } else {
+          dev[s].m = f(q[3]);
+          dev[s].v = f(q[4]);
+        }
+      }
+      be_.adamw_update(dev.data(), count, h);
+    });
+  }
+  double sum_squares(const float* x, int64_t n) override {
+    std::vector<Region> r{contiguous(x, n, kIn)};
+    double ss = 0;
+    run(r, [&] { ss = be_.sum_squares(f(r[0]), n); });
+    return ss;
+  }
+  void to_bf16(const float* x, int64_t n, uint16_t* out) override {
+    std::vector<Region> r{contiguous(x, n, kIn), contiguous(out, n, kOut)};
+    run(r, [&] { be_.to_bf16(f(r[0]), n, u16(r[1])); });
+  }
+  void from_bf16(const uint16_t* x, int64_t n, float* out) override {
+    std::vector<Region> r{contiguous(x, n, kIn), contiguous(out, n, kOut)};
+    run(r, [&] { be_.from_bf16(u16(r[0]), n, f(r[1])); });
+  }
+  void dequantize_fp8(const uint8_t* codes, const float* scale_inv, int64_t rows, int64_t cols, int64_t block_rows,
+                      int64_t block_cols, float* out) override {
+    DSV3_CHECK(rows >= 0 && cols >= 0 && block_rows > 0 && block_cols > 0 && (cols == 0 || rows <= INT64_MAX / cols),
+               "dequantize_fp8: invalid sizes rows " << rows << " cols " << cols << " block " << block_rows << "x"
+                                                     << block_cols);
+    const int64_t nbr = rows / block_rows + (rows % block_rows != 0), nbc = cols / block_cols + (cols % block_cols != 0);
+    std::vector<Region> r{contiguous(codes, rows * cols, kIn), contiguous(scale_inv, nbr * nbc, kIn),
+                          contiguous(out, rows * cols, kOut)};
+    run(r, [&] {
+      be_.dequantize_fp8(static_cast<const uint8_t*>(r[0].dev), f(r[1]), rows, cols, block_rows, block_cols, f(r[2]));
+    });
+  }
 
  private:
   static int c_dir(float beta) { return beta == 0.0f ? kOut : kInOut; }
   static float* f(const Region& r) { return static_cast<float*>(r.dev); }
   static const int64_t* i64(const Region& r) { return static_cast<const int64_t*>(r.dev); }
+  static uint16_t* u16(const Region& r) { return static_cast<uint16_t*>(r.dev); }
 
   void rope(bool backward, float* x, int64_t rows, int64_t ldx, int64_t n_heads, int64_t head_stride,
             int64_t rope_dim, const int64_t* pos, const float* cos, const float* sin) {

@@ -189,7 +189,7 @@ int main(int argc, char** argv) {
       valid_data = make_dataset(deck, "valid", eval_iters * sched.global_batch, S, cfg.vocab_size);
 
     // ---- loop --------------------------------------------------------------------------------------
-    Trainer trainer(model, TrainerConfig::from_deck(deck), &comm);
+    Trainer trainer(model, TrainerConfig::from_deck(deck), &comm, be.get());  // the optimizer on the run's backend
     MetricsWriter metrics;  // opened once we know whether the run resumes
     const int64_t log_interval = deck.get<int64_t>("log.interval");
     std::vector<int64_t> sample(S + 1), tokens, labels;

@@ -333,7 +333,7 @@ void check_train(Golden& g, Backend& be, Report& rep, int64_t micro_batch) {
   tc.aux_alpha = g.aux_alpha;
   tc.micro_batch = micro_batch;
   const double lr = j.at("lr"), gamma = j.at("bias_update").at("gamma");
-  Trainer tr(m, tc, g.comm);
+  Trainer tr(m, tc, g.comm, &be);
   std::vector<float> lm, mtp, aux, total, gn;
   std::map<int64_t, std::vector<int64_t>> loads;
   const auto want_lm = g.f("train.lm_loss");

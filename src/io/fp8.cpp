@@ -7,25 +7,16 @@
 #include <limits>
 
 #include "core/error.h"
+#include "core/numerics.h"
 
 namespace dsv3 {
 
 namespace {
 
+// the decode is core/numerics.h's, which the CUDA kernel shares; a table of its 256 values here
 std::array<float, 256> make_decode_table() {
   std::array<float, 256> t{};
-  for (int c = 0; c < 256; ++c) {
-    const int s = c >> 7, e = (c >> 3) & 0xF, m = c & 7;
-    float v;
-    if (e == 15 && m == 7) {
-      v = std::numeric_limits<float>::quiet_NaN();
-    } else if (e == 0) {
-      v = std::ldexp(static_cast<float>(m), -9);  // m/8 * 2^(1-7)
-    } else {
-      v = std::ldexp(static_cast<float>(8 + m), e - 10);  // (1 + m/8) * 2^(e-7)
-    }
-    t[c] = s ? -v : v;
-  }
+  for (int c = 0; c < 256; ++c) t[c] = fp8_e4m3_bits_to_f32(static_cast<uint8_t>(c));
   return t;
 }
 

@@ -17,6 +17,7 @@
 #include <utility>
 
 #include "core/error.h"
+#include "core/numerics.h"
 
 namespace dsv3 {
 
@@ -53,20 +54,10 @@ DType dtype_from_name(const std::string& s, const std::string& context) {
 
 bool dtype_is_float(DType t) { return t == DType::F32 || t == DType::F16 || t == DType::BF16; }
 
-float bf16_to_float(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+// the arithmetic is core/numerics.h's, which the CUDA kernels share
+float bf16_to_float(uint16_t h) { return bf16_bits_to_f32(h); }
 
-uint16_t float_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x0040u);  // quiet NaN
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
+uint16_t float_to_bf16(float f) { return f32_to_bf16_bits(f); }
 
 float f16_to_float(uint16_t h) {
   const uint32_t sign = (h >> 15) & 1u, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;

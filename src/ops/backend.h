@@ -151,6 +151,48 @@ class Backend {
   virtual double cross_entropy_forward(const float* logits, int64_t rows, int64_t V, const int64_t* targets,
                                        int64_t* count, float* lse = nullptr) = 0;
 
+  // ---- optimizer ops: the arithmetic of the ZeRO-1 AdamW (optim/adamw.cpp) on this rank's flat shards, and the
+  // precision conversions. Bit-identical on every backend (optim/adamw_math.h, core/numerics.h), NaN payloads
+  // aside (a GPU's arithmetic returns its canonical NaN). -------------------------------------------------------
+
+  // One flat shard of the AdamW state (AdamW::Bucket): n elements of FP32 master weights, gradients and per-element
+  // weight-decay flags, and the moments in FP32 (m, v) or in BF16 (m16, v16: the upper halves of FP32s, rounded to
+  // nearest even after each update): exactly one pair is set. An empty shard (n = 0) may have no buffers at all.
+  struct AdamWShard {
+    float* master = nullptr;         // (n) FP32 master weights, updated in place
+    const float* grad = nullptr;     // (n) the reduced gradients, before grad_scale
+    const uint8_t* decay = nullptr;  // (n) 1: decoupled weight decay on this element (>= 2-D weights)
+    float* m = nullptr;              // (n) FP32 first moment, or
+    float* v = nullptr;              // (n) FP32 second moment
+    uint16_t* m16 = nullptr;         // (n) BF16 first moment, or
+    uint16_t* v16 = nullptr;         // (n) BF16 second moment
+    int64_t n = 0;
+  };
+  struct AdamWHyper {
+    double lr = 0, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.1;
+    double grad_scale = 1.0;  // the clip coefficient the gradients are multiplied by (1: not)
+    int64_t t = 1;            // the step this update makes (1 for the first): the bias corrections 1 - beta^t
+  };
+  // One AdamW step on `count` shards in one call (multi-tensor): per element
+  //   g *= grad_scale; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; if decay: p *= 1 - lr wd;
+  //   p -= lr (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)
+  // in FP32 with exactly the operations of optim/adamw_math.h (adamw_element). dsv3::Error when a non-empty shard
+  // has both or neither moment pair.
+  virtual void adamw_update(const AdamWShard* shards, int count, const AdamWHyper& h) = 0;
+  // sum of x[i]^2 in double (the grad norm's partial): chunks of 4096 elements, each summed from its first element in
+  // order, the chunk sums added in chunk order. A float's square is exact in double, so this order fixes every bit:
+  // the same result on every backend and thread count.
+  virtual double sum_squares(const float* x, int64_t n) = 0;
+  // out(n) = the BF16 of x (round to nearest even; NaN stays NaN, quieted; no flush of subnormals)
+  virtual void to_bf16(const float* x, int64_t n, uint16_t* out) = 0;
+  // out(n) = x widened to FP32 (exact)
+  virtual void from_bf16(const uint16_t* x, int64_t n, float* out) = 0;
+  // The block-wise FP8 e4m3 weight format (io/fp8.h): out[r, c] = decode(codes[r, c]) * scale_inv[r / br, c / bc]
+  // (one FP32 multiply); codes (rows, cols), scale_inv (ceil(rows/br), ceil(cols/bc)). The same bits on every backend
+  // but for the payload of NaNs (from the NaN codes 0x7F/0xFF).
+  virtual void dequantize_fp8(const uint8_t* codes, const float* scale_inv, int64_t rows, int64_t cols,
+                              int64_t block_rows, int64_t block_cols, float* out) = 0;
+
  protected:
   bool bf16_matmul_ = false;
   bool flash_attention_ = false;

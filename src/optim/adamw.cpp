@@ -7,29 +7,19 @@
 
 #include "core/error.h"
 #include "io/safetensors.h"  // float_to_bf16 / bf16_to_float
+#include "ops/backend.h"
+#include "ops/cpu/cpu_backend.h"
 #include "parallel/comm.h"
 
 namespace dsv3 {
 
-namespace {
-// fixed-size chunks summed in order: the same bits on every run and any thread count
-double sum_squares(const float* g, int64_t n) {
-  constexpr int64_t kChunk = 4096;
-  const int64_t nc = (n + kChunk - 1) / kChunk;
-  std::vector<double> part(nc, 0.0);
-#pragma omp parallel for schedule(static)
-  for (int64_t c = 0; c < nc; ++c)
-    for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) part[c] += (double)g[i] * g[i];
-  double ss = 0;
-  for (double v : part) ss += v;
-  return ss;
-}
-}  // namespace
-
-double global_grad_norm(const Params& grads) {
+double global_grad_norm(const Params& grads, Backend* be) {
+  CpuBackend cpu;
+  if (!be) be = &cpu;
   double ss = 0;
   for (const ParamSpec& p : grads.table())
-    if (p.trainable && grads.held(p) && !grads.is_copy(p)) ss += sum_squares(grads.get(p.name), grads.local_numel(p));
+    if (p.trainable && grads.held(p) && !grads.is_copy(p))
+      ss += be->sum_squares(grads.get(p.name), grads.local_numel(p));
   return std::sqrt(ss);
 }
 
@@ -55,7 +45,11 @@ void round_to_bf16(float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = bf16_to_float(float_to_bf16(x[i]));
 }
 
-AdamW::AdamW(const Params& params, const AdamWConfig& cfg, const Comm* comm) : cfg_(cfg), comm_(comm) {
+AdamW::~AdamW() = default;
+AdamW::AdamW(AdamW&&) noexcept = default;
+
+AdamW::AdamW(const Params& params, const AdamWConfig& cfg, const Comm* comm, Backend* be)
+    : cfg_(cfg), comm_(comm), own_be_(be ? nullptr : std::make_unique<CpuBackend>()), be_(be ? be : own_be_.get()) {
   buckets_.resize(2);
   buckets_[0].group = (int)GroupKind::dp;   // dense parameters: replicated over data parallel
   buckets_[1].group = (int)GroupKind::edp;  // routed experts: replicated over expert data parallel
@@ -137,9 +131,9 @@ double AdamW::reduce_grads(const Params& grads) {
     else
       std::copy(flat.begin(), flat.end(), b.g.begin());
     if (!b.norm_partial)
-      ss += sum_squares(b.g.data(), b.shard);
+      ss += be_->sum_squares(b.g.data(), b.shard);
     else
-      for (const auto& [lo, hi] : b.norm_ranges) ss += sum_squares(b.g.data() + lo, hi - lo);
+      for (const auto& [lo, hi] : b.norm_ranges) ss += be_->sum_squares(b.g.data() + lo, hi - lo);
   }
   // every unique element is counted in exactly one shard of one rank (pipeline copies excluded; a tp-replicated
   // parameter on tp rank 0 only): the world sum is the global norm
@@ -149,38 +143,44 @@ double AdamW::reduce_grads(const Params& grads) {
 
 void AdamW::step(Params& params, double lr, double grad_scale) {
   ++t_;
-  const float b1 = (float)cfg_.beta1, b2 = (float)cfg_.beta2, eps = (float)cfg_.eps;
-  const float bc1 = (float)(1.0 - std::pow(cfg_.beta1, (double)t_));
-  const float bc2 = (float)(1.0 - std::pow(cfg_.beta2, (double)t_));
-  const float flr = (float)lr, decay = (float)(1.0 - lr * cfg_.weight_decay), gs = (float)grad_scale;
-  const bool scale = grad_scale != 1.0;
-  const bool m16 = cfg_.bf16_moments;
-  std::vector<float> flat;
+  Backend::AdamWHyper h;
+  h.lr = lr;
+  h.beta1 = cfg_.beta1;
+  h.beta2 = cfg_.beta2;
+  h.eps = cfg_.eps;
+  h.weight_decay = cfg_.weight_decay;
+  h.grad_scale = grad_scale;
+  h.t = t_;
+  // both buckets' shards in one multi-tensor update
+  std::vector<Backend::AdamWShard> shards;
   for (Bucket& b : buckets_) {
     DSV3_CHECK((int64_t)b.g.size() == b.shard, "AdamW::step before reduce_grads");
-#pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < b.shard; ++i) {
-      const float g = scale ? b.g[i] * gs : b.g[i];  // the clipped gradient, as `g *= coef` would give it
-      float m = m16 ? bf16_to_float(b.m16[i]) : b.m[i];
-      float v = m16 ? bf16_to_float(b.v16[i]) : b.v[i];
-      m = b1 * m + (1 - b1) * g;
-      v = b2 * v + (1 - b2) * g * g;
-      float p = b.master[i];
-      if (b.decay[i]) p *= decay;
-      p -= flr * (m / bc1) / (std::sqrt(v / bc2) + eps);
-      b.master[i] = p;
-      if (m16) {
-        b.m16[i] = float_to_bf16(m);
-        b.v16[i] = float_to_bf16(v);
-      } else {
-        b.m[i] = m;
-        b.v[i] = v;
-      }
+    Backend::AdamWShard s;
+    s.master = b.master.data();
+    s.grad = b.g.data();
+    s.decay = b.decay.data();
+    if (cfg_.bf16_moments) {
+      s.m16 = b.m16.data();
+      s.v16 = b.v16.data();
+    } else {
+      s.m = b.m.data();
+      s.v = b.v.data();
     }
+    s.n = b.shard;
+    shards.push_back(s);
+  }
+  be_->adamw_update(shards.data(), (int)shards.size(), h);
+  std::vector<float> flat;
+  std::vector<uint16_t> bf16;
+  for (Bucket& b : buckets_) {
     // the updated shards of every rank back into the (replicated) model weights
     flat.assign(b.padded, 0.0f);
     std::vector<float> mine(b.master);
-    if (cfg_.bf16_params) round_to_bf16(mine.data(), b.shard);
+    if (cfg_.bf16_params) {  // the BF16 weights: the master rounded (nearest even)
+      bf16.resize(b.shard);
+      be_->to_bf16(mine.data(), b.shard, bf16.data());
+      be_->from_bf16(bf16.data(), b.shard, mine.data());
+    }
     if (comm_)
       comm_->allgather((GroupKind)b.group, mine.data(), flat.data(), b.shard);
     else

@@ -10,8 +10,11 @@
 // its group size and cut into equal shards; rank r of the group owns shard r: the gradients are reduce-scattered
 // into it, only its FP32 master weights and Adam moments exist here, and the updated shard is all-gathered back
 // into the model's weights. One rank (or no Comm) is the same code with a single shard.
+// The arithmetic on the shards goes through the run's Backend (adamw_update for both buckets in one call,
+// sum_squares for the norm, to_bf16/from_bf16 for BF16 weights; on host pointers); the communication stays here.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -20,6 +23,7 @@
 
 namespace dsv3 {
 
+class Backend;
 class Comm;
 
 struct AdamWConfig {
@@ -28,8 +32,9 @@ struct AdamWConfig {
   bool bf16_moments = false;  // Adam m and v stored in BF16 (the "precision-aware optimizer")
 };
 
-// Global L2 norm over the trainable parameters held in `grads` (one rank's view, pipeline copies excluded).
-double global_grad_norm(const Params& grads);
+// Global L2 norm over the trainable parameters held in `grads` (one rank's view, pipeline copies excluded), from
+// be.sum_squares per tensor (null: a CPU backend).
+double global_grad_norm(const Params& grads, Backend* be = nullptr);
 // coef = max_norm / (norm + 1e-6); if coef < 1 every gradient is scaled by it. Returns the coefficient applied
 // (1 when not clipping; max_norm <= 0 disables clipping).
 double clip_coefficient(double norm, double max_norm);
@@ -40,7 +45,12 @@ void round_to_bf16(float* x, int64_t n);
 class AdamW {
  public:
   // comm null: one rank. Otherwise the dense bucket is sharded over the dp group, the experts over edp.
-  AdamW(const Params& params, const AdamWConfig& cfg, const Comm* comm = nullptr);
+  // be: the backend that does the arithmetic, on host pointers (the run's backend: make_backend); null: a CPU backend
+  // of its own. Every backend gives the same bits (ops/backend.h).
+  AdamW(const Params& params, const AdamWConfig& cfg, const Comm* comm = nullptr, Backend* be = nullptr);
+  ~AdamW();
+  AdamW(AdamW&&) noexcept;
+  AdamW& operator=(AdamW&&) = delete;
   // Sums the gradients over the data-parallel replicas into this rank's shards and returns the global L2 norm
   // (every unique element once, over all ranks).
   double reduce_grads(const Params& grads);
@@ -76,6 +86,8 @@ class AdamW {
   void unpack(const std::vector<float>& flat, const Bucket& b, Params& dst) const;
   AdamWConfig cfg_;
   const Comm* comm_;
+  std::unique_ptr<Backend> own_be_;  // the CPU backend when none was given
+  Backend* be_;
   int64_t t_ = 0;
   std::vector<Bucket> buckets_;
 };

@@ -27,8 +27,9 @@ TrainerConfig TrainerConfig::from_deck(const Deck& d) {
   return c;
 }
 
-Trainer::Trainer(Model& m, const TrainerConfig& c, const Comm* comm)
-    : model_(m), cfg_(c), comm_(comm), grads_(m.params().table(), m.params().plan()), opt_(m.params(), c.adamw, comm) {
+Trainer::Trainer(Model& m, const TrainerConfig& c, const Comm* comm, Backend* be)
+    : model_(m), cfg_(c), comm_(comm), grads_(m.params().table(), m.params().plan()),
+      opt_(m.params(), c.adamw, comm, be) {
   // BF16 model weights: the working copy starts as the rounded master
   if (cfg_.adamw.bf16_params) {
     for (const ParamSpec& p : m.params().table())

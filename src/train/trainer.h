@@ -34,7 +34,8 @@ class Trainer {
  public:
   // comm: the data-parallel groups (null: one rank). With dp ranks, each rank is given its own share of the global
   // batch; gradients, losses and expert loads are combined over the data-parallel group (ZeRO-1 optimizer).
-  Trainer(Model& m, const TrainerConfig& c, const Comm* comm = nullptr);
+  // be: the backend of the optimizer's arithmetic (the run's, the model's; null: a CPU backend).
+  Trainer(Model& m, const TrainerConfig& c, const Comm* comm = nullptr, Backend* be = nullptr);
   // One step on this rank's B sequences of S tokens (tokens (B, S), labels (B, S) or null: see Model::forward);
   // B must divide into micro-batches. The returned losses and loads are those of the global batch.
   // B_global: the sequences of the whole step over all data-parallel ranks (default B x dp); a rank's B may be

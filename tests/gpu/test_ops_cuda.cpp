@@ -4,7 +4,9 @@
 //   kTolElementwise 1e-10  FP32 elementwise and row ops (rmsnorm, rope, swiglu, cross entropy, router): the two sides
 //                          differ by a few ulps (expf vs glibc exp, FMA contraction, reduction order)
 //   kTolGemm        1e-8   GEMM and attention: K-long dot products summed in another order (cuBLAS vs OpenBLAS)
-//   exact                  embedding forward/backward and the router's expert ids: bit-identical by construction
+//   exact                  embedding forward/backward, the router's expert ids, and the optimizer ops and conversions
+//                          (adamw_update, sum_squares, to_bf16, from_bf16, dequantize_fp8): bit-identical by
+//                          construction (see the section of those tests)
 // The backward ops are checked the same way (the CPU backward ops are themselves checked against finite differences in
 // tests/unit/test_ops_cpu.cpp). Without a usable device every test is skipped with the reason.
 #include <gtest/gtest.h>
@@ -12,11 +14,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <memory>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "core/numerics.h"
 #include "cuda_backend.cuh"
 #include "device_buffer.cuh"
 #include "ops/cpu/cpu_backend.h"
@@ -655,6 +659,240 @@ TEST_F(CudaOps, MoePermutation) {
     expect_nmse("combine_rows_backward dy" + tag, dy, d_dy.to_host(), kTolElementwise);
     expect_nmse("combine_rows_backward dweight" + tag, dw, d_dw.to_host(), kTolElementwise);
   }
+}
+
+
+// ---- optimizer ops and conversions -----------------------------------------------------------------------------
+// Tolerance: none. adamw_update evaluates the shared adamw_element (optim/adamw_math.h) on both sides: IEEE FP32
+// multiplies, adds, divisions and sqrt (correctly rounded: no fast-math) plus the two FMAs it writes out, with FMA
+// contraction off in both files (-ffp-contract=off for the CPU op, -fmad=false for cuda/optimizer.cu); without that,
+// nvcc would fuse e.g. `p * decay` into the subtraction and the weights would differ by an ulp now and then.
+// sum_squares adds the same exact double squares in the same order (4096-element chunks) on both. The conversions
+// are integer operations on the bits (FP8: plus one FP32 multiply). Only NaNs may differ in their payload (the GPU
+// returns its canonical NaN from arithmetic): none of these inputs makes one except the FP8 NaN codes.
+
+template <class T>
+int64_t bit_diffs(const std::vector<T>& a, const std::vector<T>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  int64_t d = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) d += std::memcmp(&a[i], &b[i], sizeof(T)) != 0;
+  return d;
+}
+
+struct OptShard {  // one shard's AdamW state on the host
+  std::vector<float> master, g, m, v;
+  std::vector<uint16_t> m16, v16;
+  std::vector<uint8_t> decay;
+  bool bf16 = false;
+  int64_t n() const { return (int64_t)master.size(); }
+};
+
+OptShard opt_shard(int64_t n, bool bf16, uint64_t seed) {
+  OptShard s;
+  s.bf16 = bf16;
+  s.master = randn(n, seed, 0.05f);
+  s.g = randn(n, seed + 1, 0.3f);
+  std::mt19937_64 g(seed + 2);
+  s.decay.resize(n);
+  for (auto& d : s.decay) d = (g() % 3) != 0;
+  auto m = randn(n, seed + 3, 0.01f), v = randn(n, seed + 4, 0.01f);
+  for (auto& x : v) x = x * x;
+  if (bf16) {
+    s.m16.resize(n);
+    s.v16.resize(n);
+    for (int64_t i = 0; i < n; ++i) {
+      s.m16[i] = f32_to_bf16_bits(m[i]);
+      s.v16[i] = f32_to_bf16_bits(v[i]);
+    }
+  } else {
+    s.m = m;
+    s.v = v;
+  }
+  return s;
+}
+
+Backend::AdamWShard host_view(OptShard& s) {
+  Backend::AdamWShard o;
+  o.master = s.master.data();
+  o.grad = s.g.data();
+  o.decay = s.decay.data();
+  if (s.bf16) {
+    o.m16 = s.m16.data();
+    o.v16 = s.v16.data();
+  } else {
+    o.m = s.m.data();
+    o.v = s.v.data();
+  }
+  o.n = s.n();
+  return o;
+}
+
+struct DevShard {  // the same on the device
+  DeviceBuffer<float> master, g, m, v;
+  DeviceBuffer<uint16_t> m16, v16;
+  DeviceBuffer<uint8_t> decay;
+  explicit DevShard(const OptShard& s)
+      : master(s.master), g(s.g), m(s.m), v(s.v), m16(s.m16), v16(s.v16), decay(s.decay) {}
+  Backend::AdamWShard view(const OptShard& s) {
+    Backend::AdamWShard o;
+    o.master = master.get();
+    o.grad = g.get();
+    o.decay = decay.get();
+    if (s.bf16) {
+      o.m16 = m16.get();
+      o.v16 = v16.get();
+    } else {
+      o.m = m.get();
+      o.v = v.get();
+    }
+    o.n = s.n();
+    return o;
+  }
+  void expect_equal(const OptShard& s, const std::string& what) const {
+    EXPECT_EQ(bit_diffs(s.master, master.to_host()), 0) << what << " master";
+    EXPECT_EQ(bit_diffs(s.m, m.to_host()), 0) << what << " m";
+    EXPECT_EQ(bit_diffs(s.v, v.to_host()), 0) << what << " v";
+    EXPECT_EQ(bit_diffs(s.m16, m16.to_host()), 0) << what << " m16";
+    EXPECT_EQ(bit_diffs(s.v16, v16.to_host()), 0) << what << " v16";
+  }
+};
+
+Backend::AdamWHyper adamw_hyper(int64_t t, double lr, double grad_scale) {
+  Backend::AdamWHyper h;
+  h.lr = lr;
+  h.beta1 = 0.9;
+  h.beta2 = 0.95;
+  h.eps = 1e-8;
+  h.weight_decay = 0.1;
+  h.grad_scale = grad_scale;
+  h.t = t;
+  return h;
+}
+
+// 20 shards in one call (two launches of 16), FP32 and BF16 moments mixed, odd sizes (100003), empty shards; three
+// steps with changing lr and grad_scale
+TEST_F(CudaOps, AdamwUpdate) {
+  std::vector<OptShard> host;
+  for (int k = 0; k < 20; ++k) {
+    const int64_t n = k == 0 ? 100003 : (k % 7 == 6 ? 0 : 129 * k + 3);
+    host.push_back(opt_shard(n, k % 2 == 1, 2000 + 10 * k));
+  }
+  std::vector<std::unique_ptr<DevShard>> devs;
+  for (const auto& s : host) devs.push_back(std::make_unique<DevShard>(s));
+  const double lrs[] = {1e-3, 3e-4, 2.2e-4}, scales[] = {1.0, 0.37, 1.0 / 3.0};
+  for (int64_t t = 1; t <= 3; ++t) {
+    std::vector<Backend::AdamWShard> hv, dv;
+    for (size_t k = 0; k < host.size(); ++k) {
+      hv.push_back(host_view(host[k]));
+      dv.push_back(devs[k]->view(host[k]));
+    }
+    cpu.adamw_update(hv.data(), (int)hv.size(), adamw_hyper(t, lrs[t - 1], scales[t - 1]));
+    gpu().adamw_update(dv.data(), (int)dv.size(), adamw_hyper(t, lrs[t - 1], scales[t - 1]));
+    for (size_t k = 0; k < host.size(); ++k)
+      devs[k]->expect_equal(host[k], "adamw_update step " + std::to_string(t) + " shard " + std::to_string(k) +
+                                         (host[k].bf16 ? " bf16" : " fp32") + " n " + std::to_string(host[k].n()));
+  }
+  std::printf("  [ exact    ] adamw_update: 20 shards x 3 steps, FP32 and BF16 moments\n");
+}
+
+TEST_F(CudaOps, SumSquares) {
+  for (const int64_t n : {int64_t(0), int64_t(1), int64_t(4095), int64_t(4096), int64_t(4097), int64_t(100003),
+                          int64_t(3) << 20}) {
+    auto x = randn(n, 3000 + n, 2.0f);
+    DeviceBuffer<float> dx(x);
+    const double want = cpu.sum_squares(x.data(), n), got = gpu().sum_squares(dx.get(), n);
+    // bit-identical by construction; 1e-12 relative is what a different summation order would still have to meet
+    EXPECT_EQ(got, want) << "n " << n;
+    EXPECT_NEAR(got, want, 1e-12 * want) << "n " << n;
+    std::printf("  [ sum_sq   ] n %-9lld rel diff %.3e\n", (long long)n, want > 0 ? std::fabs(got - want) / want : 0.0);
+  }
+}
+
+TEST_F(CudaOps, Bf16Conversions) {
+  std::vector<float> x = randn(100003, 3100);
+  std::mt19937_64 g(3101);
+  for (size_t i = 0; i < x.size(); i += 3) {  // every bit pattern there is, NaN/Inf/subnormal included
+    const uint32_t u = (uint32_t)g();
+    std::memcpy(&x[i], &u, 4);
+  }
+  const uint32_t special[] = {0x3F808000u, 0x3F818000u, 0x7F7FFFFFu, 0x7F800000u, 0xFF800000u,
+                              0x7F800001u, 0xFF800001u, 0x00008000u, 0x00018000u, 0x80000000u};
+  for (size_t i = 0; i < sizeof(special) / 4; ++i) std::memcpy(&x[i], &special[i], 4);
+  std::vector<uint16_t> h_cpu(x.size());
+  cpu.to_bf16(x.data(), (int64_t)x.size(), h_cpu.data());
+  DeviceBuffer<float> dx(x);
+  DeviceBuffer<uint16_t> dh(x.size());
+  gpu().to_bf16(dx.get(), (int64_t)x.size(), dh.get());
+  EXPECT_EQ(bit_diffs(h_cpu, dh.to_host()), 0) << "to_bf16";
+  std::vector<uint16_t> all(65536);
+  for (int i = 0; i < 65536; ++i) all[i] = (uint16_t)i;
+  std::vector<float> w_cpu(65536);
+  cpu.from_bf16(all.data(), 65536, w_cpu.data());
+  DeviceBuffer<uint16_t> dall(all);
+  DeviceBuffer<float> dw(65536);
+  gpu().from_bf16(dall.get(), 65536, dw.get());
+  EXPECT_EQ(bit_diffs(w_cpu, dw.to_host()), 0) << "from_bf16";
+  std::printf("  [ exact    ] to_bf16 (100003 values), from_bf16 (all 65536 patterns)\n");
+}
+
+TEST_F(CudaOps, DequantizeFp8) {
+  const int64_t R = 261, C = 389, br = 128, bc = 128;  // partial edge blocks both ways
+  std::mt19937_64 g(3200);
+  std::vector<uint8_t> codes(R * C);
+  for (size_t i = 0; i < codes.size(); ++i) codes[i] = i < 256 ? (uint8_t)i : (uint8_t)g();  // every code
+  const int64_t nbr = (R + br - 1) / br, nbc = (C + bc - 1) / bc;
+  std::vector<float> scale(nbr * nbc);
+  for (auto& s : scale) s = std::ldexp(1.0f + (float)(g() % 1000) / 1000.0f, (int)(g() % 60) - 40);
+  std::vector<float> want(R * C);
+  cpu.dequantize_fp8(codes.data(), scale.data(), R, C, br, bc, want.data());
+  DeviceBuffer<uint8_t> dcodes(codes);
+  DeviceBuffer<float> dscale(scale), dout(R * C);
+  gpu().dequantize_fp8(dcodes.get(), dscale.get(), R, C, br, bc, dout.get());
+  const auto got = dout.to_host();
+  int64_t diff = 0;
+  for (size_t i = 0; i < want.size(); ++i)
+    diff += std::isnan(want[i]) ? !std::isnan(got[i]) : std::memcmp(&want[i], &got[i], 4) != 0;
+  EXPECT_EQ(diff, 0) << "dequantize_fp8";
+  std::printf("  [ exact    ] dequantize_fp8 %lldx%lld in %lldx%lld blocks\n", (long long)R, (long long)C,
+              (long long)br, (long long)bc);
+}
+
+// make_backend("cuda"): the same ops on host pointers (cuda/host_staged.cu), as the optimizer calls them
+TEST_F(CudaOps, HostStagedOptimizerOps) {
+  auto staged = make_backend("cuda");
+  std::vector<OptShard> a{opt_shard(100003, false, 3300), opt_shard(0, true, 3310), opt_shard(4099, true, 3320)};
+  auto b = a;
+  std::vector<Backend::AdamWShard> va, vb;
+  for (size_t k = 0; k < a.size(); ++k) {
+    va.push_back(host_view(a[k]));
+    vb.push_back(host_view(b[k]));
+  }
+  cpu.adamw_update(va.data(), (int)va.size(), adamw_hyper(2, 1e-3, 0.5));
+  staged->adamw_update(vb.data(), (int)vb.size(), adamw_hyper(2, 1e-3, 0.5));
+  for (size_t k = 0; k < a.size(); ++k) {
+    EXPECT_EQ(bit_diffs(a[k].master, b[k].master), 0) << k;
+    EXPECT_EQ(bit_diffs(a[k].m, b[k].m) + bit_diffs(a[k].v, b[k].v), 0) << k;
+    EXPECT_EQ(bit_diffs(a[k].m16, b[k].m16) + bit_diffs(a[k].v16, b[k].v16), 0) << k;
+  }
+  EXPECT_EQ(staged->sum_squares(a[0].g.data(), a[0].n()), cpu.sum_squares(a[0].g.data(), a[0].n()));
+  std::vector<uint16_t> h1(a[0].n()), h2(a[0].n());
+  cpu.to_bf16(a[0].master.data(), a[0].n(), h1.data());
+  staged->to_bf16(a[0].master.data(), a[0].n(), h2.data());
+  EXPECT_EQ(bit_diffs(h1, h2), 0);
+  std::vector<float> w1(h1.size()), w2(h1.size());
+  cpu.from_bf16(h1.data(), (int64_t)h1.size(), w1.data());
+  staged->from_bf16(h1.data(), (int64_t)h1.size(), w2.data());
+  EXPECT_EQ(bit_diffs(w1, w2), 0);
+  std::vector<uint8_t> codes(300);
+  for (size_t i = 0; i < codes.size(); ++i) {
+    codes[i] = (uint8_t)(i * 7 + 1);
+    if ((codes[i] & 0x7F) == 0x7F) codes[i] = 0x10;  // no NaN codes: compare bits
+  }
+  const std::vector<float> scale{0.5f, 2.0f, 0.25f, 8.0f};  // (10 rows / 5, 30 cols / 16) blocks = 2 x 2
+  std::vector<float> d1(300), d2(300);
+  cpu.dequantize_fp8(codes.data(), scale.data(), 10, 30, 5, 16, d1.data());
+  staged->dequantize_fp8(codes.data(), scale.data(), 10, 30, 5, 16, d2.data());
+  EXPECT_EQ(bit_diffs(d1, d2), 0);
 }
 
 }  // namespace

@@ -1,4 +1,5 @@
-// defines: dsv3::CpuBackend — the reference implementation of every op (OpenBLAS GEMMs, OpenMP loops)
+// defines: dsv3::CpuBackend — the reference implementation of every op (OpenBLAS GEMMs, OpenMP loops); the
+// optimizer ops and conversions are in optimizer_ops.cpp
 #pragma once
 #include <vector>
 
@@ -56,6 +57,13 @@ class CpuBackend final : public Backend {
                        float* dlogits) override;
   double cross_entropy_forward(const float* logits, int64_t rows, int64_t V, const int64_t* targets,
                                int64_t* count, float* lse = nullptr) override;
+  // optimizer ops and conversions: ops/cpu/optimizer_ops.cpp
+  void adamw_update(const AdamWShard* shards, int count, const AdamWHyper& h) override;
+  double sum_squares(const float* x, int64_t n) override;
+  void to_bf16(const float* x, int64_t n, uint16_t* out) override;
+  void from_bf16(const uint16_t* x, int64_t n, float* out) override;
+  void dequantize_fp8(const uint8_t* codes, const float* scale_inv, int64_t rows, int64_t cols, int64_t block_rows,
+                      int64_t block_cols, float* out) override;
 
  private:
   // every gemm_*: op(A) (M,K) . op(B) (K,N), transposed as stored when ta/tb; BF16 rounding of both in BF16 mode

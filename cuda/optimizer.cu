@@ -1,0 +1,108 @@
+// defines: CudaBackend::adamw_update / sum_squares — the optimizer's arithmetic on the device.
+// adamw_update: multi-tensor — up to kShardsPerLaunch shards travel by value in one kernel argument; blockIdx.y picks
+// the shard, a grid-stride loop over x covers its elements. Per element the shared adamw_element
+// (optim/adamw_math.h): this file is compiled with -fmad=false (CMakeLists.txt), so nvcc fuses nothing beyond the two
+// FMAs written there, and IEEE division/sqrt are the defaults (no fast-math): bit-identical to the CPU backend.
+// sum_squares: the CPU backend's order exactly — thread c sums chunk c (4096 elements) in order, in double; then
+// one block adds the chunk sums in chunk order (staged through shared memory, added by one thread). A float's square
+// is exact in double, so each partial, and the total, has the CPU's bits; deterministic, no atomics. Not
+// bandwidth-optimal (strided reads per thread, a serial final pass), but the grad norm reads each shard once a step.
+#include <algorithm>
+
+#include "cuda_backend.cuh"
+#include "cuda_check.cuh"
+#include "kernel_utils.cuh"
+#include "optim/adamw_math.h"
+
+namespace dsv3 {
+
+namespace {
+using cuda::kBlock;
+
+constexpr int kShardsPerLaunch = 16;  // 16 x 56-byte shards: well inside the 4 KiB of kernel arguments
+constexpr int64_t kChunk = 4096;      // sum_squares: the CPU backend's chunk (ops/cpu/optimizer_ops.cpp)
+
+struct ShardBatch {
+  Backend::AdamWShard s[kShardsPerLaunch];
+};
+
+// __grid_constant__: the shard table is read in place from the argument space (indexed by blockIdx.y), not copied
+__global__ void adamw_kernel(const __grid_constant__ ShardBatch batch, const AdamWCoeffs c) {
+  const Backend::AdamWShard& sh = batch.s[blockIdx.y];
+  const bool m16 = sh.m16 != nullptr;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < sh.n; i += (int64_t)gridDim.x * blockDim.x) {
+    float m = m16 ? bf16_bits_to_f32(sh.m16[i]) : sh.m[i];
+    float v = m16 ? bf16_bits_to_f32(sh.v16[i]) : sh.v[i];
+    float p = sh.master[i];
+    adamw_element(c, sh.grad[i], sh.decay[i] != 0, m, v, p);
+    sh.master[i] = p;
+    if (m16) {
+      sh.m16[i] = f32_to_bf16_bits(m);
+      sh.v16[i] = f32_to_bf16_bits(v);
+    } else {
+      sh.m[i] = m;
+      sh.v[i] = v;
+    }
+  }
+}
+
+// part[c] = sum of x[i]^2 over chunk c, in order
+__global__ void chunk_squares_kernel(const float* __restrict__ x, int64_t n, int64_t nc, double* __restrict__ part) {
+  for (int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; c < nc; c += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t end = min(n, (c + 1) * kChunk);
+    double s = 0;
+    for (int64_t i = c * kChunk; i < end; ++i) s += (double)x[i] * (double)x[i];  // exact square: fused or not
+    part[c] = s;
+  }
+}
+
+// *total = part[0] + part[1] + ... in order (one block: tiles loaded by all threads, added by thread 0)
+__global__ void ordered_sum_kernel(const double* __restrict__ part, int64_t nc, double* __restrict__ total) {
+  __shared__ double tile[kBlock];
+  double ss = 0;
+  for (int64_t t0 = 0; t0 < nc; t0 += kBlock) {
+    const int64_t len = min((int64_t)kBlock, nc - t0);
+    if (threadIdx.x < len) tile[threadIdx.x] = part[t0 + threadIdx.x];
+    __syncthreads();
+    if (threadIdx.x == 0)
+      for (int64_t k = 0; k < len; ++k) ss += tile[k];
+    __syncthreads();  // the tile is overwritten next round
+  }
+  if (threadIdx.x == 0) *total = ss;
+}
+}  // namespace
+
+void CudaBackend::adamw_update(const AdamWShard* shards, int count, const AdamWHyper& h) {
+  const AdamWCoeffs c = adamw_coeffs(h);
+  check_adamw_shards(shards, count);
+  for (int s0 = 0; s0 < count; s0 += kShardsPerLaunch) {
+    ShardBatch batch{};
+    int k = 0;
+    int64_t longest = 0;
+    for (int s = s0; s < std::min(count, s0 + kShardsPerLaunch); ++s)
+      if (shards[s].n > 0) {
+        batch.s[k++] = shards[s];
+        longest = std::max(longest, shards[s].n);
+      }
+    if (k == 0) continue;
+    adamw_kernel<<<dim3(cuda::grid_for(longest), k), kBlock, 0, stream_>>>(batch, c);
+    DSV3_CUDA_LAUNCH_CHECK();
+  }
+}
+
+double CudaBackend::sum_squares(const float* x, int64_t n) {
+  if (n <= 0) return 0.0;
+  const int64_t nc = (n + kChunk - 1) / kChunk;
+  auto* part = static_cast<double*>(scratch(sizeof(double) * (nc + 1)));
+  double* d_total = part + nc;
+  chunk_squares_kernel<<<cuda::grid_for(nc), kBlock, 0, stream_>>>(x, n, nc, part);
+  DSV3_CUDA_LAUNCH_CHECK();
+  ordered_sum_kernel<<<1, kBlock, 0, stream_>>>(part, nc, d_total);
+  DSV3_CUDA_LAUNCH_CHECK();
+  double total = 0;
+  DSV3_CUDA_CHECK(cudaMemcpyAsync(&total, d_total, sizeof(total), cudaMemcpyDeviceToHost, stream_));
+  DSV3_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  return total;
+}
+
+}  // namespace dsv3
