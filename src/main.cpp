@@ -165,6 +165,7 @@ int main(int argc, char** argv) {
     // one rank's peak (plan.*) and the model FLOPs of a training sequence (the planner's count): TFLOP/s and MFU
     const double peak_tflops = plan_settings_from_deck(deck, cfg, comm.size()).device_tflops;
     Model model(cfg, *be, par.ep, par.stage, par.tp);  // this rank's pipeline stage and experts only
+    model.set_selective_recompute(deck.get<std::string>("train.recompute") == "selective");
     if (deck.given("model.hf_weights")) {
       DSV3_LOG(info) << "loading weights from " << deck.path("model.hf_weights");
       model.load_hf(HfCheckpoint(deck.path("model.hf_weights"), cfg.fp8_block));

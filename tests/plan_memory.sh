@@ -61,6 +61,8 @@ PY
 }
 measure one_rank 1 1 train.global_batch=8     # 1 micro-batch of 8 x 128
 measure one_rank_flash 1 1 train.global_batch=8 run.attention=flash  # the (B,H,S) log-sum-exp, no (B,H,S,S) probs
+measure one_rank_selective 1 1 train.global_batch=8 train.recompute=selective   # norms, MLA up-projections, SwiGLU products rebuilt
+measure one_rank_sel_flash 1 1 train.global_batch=8 train.recompute=selective run.attention=flash
 measure dp2 2 1                               # the deck as `make run` runs it: 1 micro-batch per rank
 measure ep2 2 1 parallel.ep=2                 # experts split: the all-to-all buffers
 measure pp2 2 1 parallel.pp=2                 # stage 0 of 2 keeps both of its micro-batches (1F1B warmup)

@@ -147,6 +147,7 @@ struct Golden {
   const Comm* comm = nullptr;
   ParallelContext ctx;
   double mtp_lambda = 0.3, aux_alpha = 0.0;
+  bool recompute = false;  // train.recompute = selective
   nlohmann::json train = nlohmann::json::object();  // train.json: the optimizer hyperparameters
   Golden(const std::string& d) : dir(d), cfg(model_config_from_file(d + "/config.json")), gold(d + "/golden.safetensors") {
     cfg.validate();
@@ -205,6 +206,7 @@ struct Golden {
   }
   Model model(Backend& be, const HfCheckpoint& ck) const {
     Model m(cfg, be, ctx.ep, ctx.stage, ctx.tp);
+    m.set_selective_recompute(recompute);
     m.load_hf(ck);
     return m;
   }
@@ -521,6 +523,7 @@ int main(int argc, char** argv) {
     g.ctx = setup_parallel(comm, deck, g.cfg);
     if (deck.given("train.mtp_lambda")) g.mtp_lambda = deck.get<double>("train.mtp_lambda");
     if (deck.given("train.aux_alpha")) g.aux_alpha = deck.get<double>("train.aux_alpha");
+    g.recompute = deck.get<std::string>("train.recompute") == "selective";
     auto be = make_backend(deck);
     std::set<std::string> checks;
     std::stringstream ss(vm["checks"].as<std::string>());

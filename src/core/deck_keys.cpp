@@ -105,6 +105,9 @@ const std::vector<KeySpec>& deck_keys() {
        .help = "seed of the initialization and data order"},
       {.name = "train.micro_batch", .type = T::Int, .def = "1", .min = 1,
        .help = "sequences per micro-batch per data-parallel rank"},
+      {.name = "train.recompute", .type = T::String, .def = "none", .choices = {"none", "selective"},
+       .help = "selective: the forward drops the RMSNorm outputs, MLA's up-projections and the SwiGLU products; "
+               "backward rebuilds them (DeepSeek-V3's recipe; bit-identical results, less activation memory)"},
       {.name = "train.global_batch", .type = T::Int, .required = true, .min = 1,
        .help = "sequences per optimizer step over all ranks"},
       {.name = "train.seq_length", .type = T::Int, .required = true, .min = 1,
@@ -222,9 +225,9 @@ const std::vector<KeySpec>& deck_keys() {
        .help = "dtype of the HF export"},
 
       // ---- [plan]: the planner's figures (dsv3 --plan; the TFLOP/s and MFU of the iteration log) -----------
-      {.name = "plan.recompute", .type = T::String, .def = "none", .choices = {"none", "selective", "full"},
-       .help = "activations the planner assumes kept: none (what dsv3 keeps) | selective (no attention "
-               "probabilities) | full (layer inputs only)"},
+      {.name = "plan.recompute", .type = T::String, .def = "", .choices = {"", "none", "selective", "full"},
+       .help = "activations the planner assumes kept: none | selective (train.recompute = selective) | full "
+               "(layer inputs only, a what-if); unset: train.recompute"},
       {.name = "plan.device_tflops", .type = T::Float, .def = "989", .min = 0, .min_exclusive = true,
        .help = "peak TFLOP/s of one GPU (H100/H200 SXM BF16 dense: 989): step-time estimate and MFU on cuda"},
       {.name = "plan.cpu_core_tflops", .type = T::Float, .def = "0.134", .min = 0, .min_exclusive = true,

@@ -58,18 +58,44 @@ std::vector<int64_t> positions(int64_t B, int64_t S) {
   return pos;
 }
 
+// The up-projections, from the kept latents: q (RoPE applied) = q_b(rmsnorm(qa)) under q-LoRA, else q_proj(x_norm);
+// kv = kv_b(cn), cn = rmsnorm(c) of the latent c in kva's first kvr columns. Into u: qan, q, cn, kv and the norms'
+// rstd (qa_rstd, c_rstd). The forward pass and selective recompute (mla_backward) both run exactly this, so the
+// rebuilt tensors are bit-identical to the forward's.
+void up_project(Backend& be, const ModelConfig& c, const MlaWeights& w, const RopeTable& rope, const float* xn,
+                const float* qa, const float* kva, int64_t T, int64_t H, const int64_t* pos, MlaActs& u) {
+  const int64_t D = c.hidden_size, dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim, dv = c.v_head_dim;
+  const int64_t kvr = c.kv_lora_rank, dqk = dn + dr;
+  u.q.resize(T * H * dqk);
+  if (c.q_lora_rank > 0) {
+    const int64_t r = c.q_lora_rank;
+    u.qan.resize(T * r);
+    u.qa_rstd.resize(T);
+    be.rmsnorm_forward(qa, r, w.q_a_norm, (float)c.rms_norm_eps, T, r, u.qan.data(), u.qa_rstd.data());
+    be.gemm_nt(T, H * dqk, r, 1.0f, u.qan.data(), r, w.q_b, r, 0.0f, u.q.data(), H * dqk);
+  } else {
+    be.gemm_nt(T, H * dqk, D, 1.0f, xn, D, w.q, D, 0.0f, u.q.data(), H * dqk);
+  }
+  be.rope_forward(u.q.data() + dn, T, H * dqk, H, dqk, dr, pos, rope.cos.data(), rope.sin.data());
+  u.cn.resize(T * kvr);
+  u.c_rstd.resize(T);
+  u.kv.resize(T * H * (dn + dv));
+  be.rmsnorm_forward(kva, kvr + dr, w.kv_a_norm, (float)c.rms_norm_eps, T, kvr, u.cn.data(), u.c_rstd.data());
+  be.gemm_nt(T, H * (dn + dv), kvr, 1.0f, u.cn.data(), kvr, w.kv_b, kvr, 0.0f, u.kv.data(), H * (dn + dv));
+}
+
 }  // namespace
+
+void mla_drop_up_projections(MlaActs& a) {
+  for (auto* v : {&a.qan, &a.q, &a.cn, &a.kv}) std::vector<float>().swap(*v);
+}
 
 void mla_forward(Backend& be, const ModelConfig& c, const MlaWeights& w, const RopeTable& rope, const float* xn,
                  int64_t B, int64_t S, float* out, MlaActs& a, const TensorGroup& tp) {
   const int64_t T = B * S, D = c.hidden_size, H = c.num_attention_heads / tp.size;  // this rank's heads
   const int64_t dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim, dv = c.v_head_dim, kvr = c.kv_lora_rank;
   DSV3_CHECK(S <= rope.max_pos, "sequence length " << S << " exceeds max_position_embeddings (" << rope.max_pos << ")");
-  a.q.resize(T * H * (dn + dr));
   a.kva.resize(T * (kvr + dr));
-  a.c_rstd.resize(T);
-  a.cn.resize(T * kvr);
-  a.kv.resize(T * H * (dn + dv));
   if (be.flash_attention())
     a.lse.resize(B * H * S);
   else
@@ -77,13 +103,15 @@ void mla_forward(Backend& be, const ModelConfig& c, const MlaWeights& w, const R
   a.o.resize(T * H * dv);
   const auto pos = positions(B, S);
 
-  project_q(be, c, w, xn, T, H, a.q.data(), &a);
+  // the down-projections to the latents (kept for backward), then the up-projections from them
+  if (c.q_lora_rank > 0) {
+    a.qa.resize(T * c.q_lora_rank);
+    be.gemm_nt(T, c.q_lora_rank, D, 1.0f, xn, D, w.q_a, D, 0.0f, a.qa.data(), c.q_lora_rank);
+  }
   be.gemm_nt(T, kvr + dr, D, 1.0f, xn, D, w.kv_a, D, 0.0f, a.kva.data(), kvr + dr);
-  be.rmsnorm_forward(a.kva.data(), kvr + dr, w.kv_a_norm, (float)c.rms_norm_eps, T, kvr, a.cn.data(), a.c_rstd.data());
-  be.gemm_nt(T, H * (dn + dv), kvr, 1.0f, a.cn.data(), kvr, w.kv_b, kvr, 0.0f, a.kv.data(), H * (dn + dv));
-  // RoPE on q_pe of every head and on the single shared k_pe (the last dr columns of kv_a's output)
-  be.rope_forward(a.q.data() + dn, T, H * (dn + dr), H, dn + dr, dr, pos.data(), rope.cos.data(), rope.sin.data());
+  // RoPE on the single shared k_pe (the last dr columns of kv_a's output; the latent columns stay as they are)
   be.rope_forward(a.kva.data() + kvr, T, kvr + dr, 1, 0, dr, pos.data(), rope.cos.data(), rope.sin.data());
+  up_project(be, c, w, rope, xn, a.qa.data(), a.kva.data(), T, H, pos.data(), a);
   const float scale = (float)attention_softmax_scale(c);
   if (be.flash_attention())
     be.mla_flash_attention_forward(a.q.data(), a.kv.data(), a.kva.data() + kvr, kvr + dr, B, S, H, dn, dr, dv, scale,
@@ -111,6 +139,11 @@ void mla_backward(Backend& be, const ModelConfig& c, const MlaWeights& w, MlaWei
   const auto pos = positions(B, S);
   // sp: dxn holds this rank's rows [t0, t0 + Tl) only (the transpose of the input's all-gather)
   const int64_t Tl = tp.sp_rows(T), t0 = tp.sp ? tp.rank * Tl : 0;
+  // selective recompute: the up-projections were dropped after the forward; rebuild them from the kept latents
+  MlaActs rebuilt;
+  const bool dropped = a.q.empty() && T > 0;
+  if (dropped) up_project(be, c, w, rope, xn, a.qa.data(), a.kva.data(), T, H, pos.data(), rebuilt);
+  const MlaActs& u = dropped ? rebuilt : a;  // qan, q, cn, kv
   // o_proj: out = o Wo^T
   std::vector<float> d_o(T * H * dv), dq(T * H * dqk), dkv(T * H * (dn + dv)), dkva(T * (kvr + dr), 0.0f);
   be.gemm_tn(D, H * dv, T, 1.0f, dout, D, a.o.data(), H * dv, 1.0f, g.o, H * dv);
@@ -119,19 +152,19 @@ void mla_backward(Backend& be, const ModelConfig& c, const MlaWeights& w, MlaWei
   const float scale = (float)attention_softmax_scale(c);
   if (be.flash_attention()) {  // the forward ran on the same backend: it kept lse, not probs
     DSV3_CHECK((int64_t)a.lse.size() == B * H * S, "mla_backward: run.attention = flash, but the forward kept no lse");
-    be.mla_flash_attention_backward(a.q.data(), a.kv.data(), a.kva.data() + kvr, kvr + dr, a.o.data(), a.lse.data(),
+    be.mla_flash_attention_backward(u.q.data(), u.kv.data(), a.kva.data() + kvr, kvr + dr, a.o.data(), a.lse.data(),
                                     d_o.data(), B, S, H, dn, dr, dv, scale, dq.data(), dkv.data(), dkva.data() + kvr);
   } else {
     DSV3_CHECK((int64_t)a.probs.size() == B * H * S * S,
                "mla_backward: run.attention = standard, but the forward kept no probs");
-    be.mla_attention_backward(a.q.data(), a.kv.data(), a.kva.data() + kvr, kvr + dr, a.probs.data(), d_o.data(), B,
+    be.mla_attention_backward(u.q.data(), u.kv.data(), a.kva.data() + kvr, kvr + dr, a.probs.data(), d_o.data(), B,
                               S, H, dn, dr, dv, scale, dq.data(), dkv.data(), dkva.data() + kvr);
   }
   be.rope_backward(dq.data() + dn, T, H * dqk, H, dqk, dr, pos.data(), rope.cos.data(), rope.sin.data());
   be.rope_backward(dkva.data() + kvr, T, kvr + dr, 1, 0, dr, pos.data(), rope.cos.data(), rope.sin.data());
   // kv_b: kv = cn Wkvb^T;  cn = rmsnorm(c)
   std::vector<float> dcn(T * kvr);
-  be.gemm_tn(H * (dn + dv), kvr, T, 1.0f, dkv.data(), H * (dn + dv), a.cn.data(), kvr, 1.0f, g.kv_b, kvr);
+  be.gemm_tn(H * (dn + dv), kvr, T, 1.0f, dkv.data(), H * (dn + dv), u.cn.data(), kvr, 1.0f, g.kv_b, kvr);
   be.gemm_nn(T, kvr, H * (dn + dv), 1.0f, dkv.data(), H * (dn + dv), w.kv_b, kvr, 0.0f, dcn.data(), kvr);
   // the latent and k_pe are shared by every head: sum the heads of all ranks (dkva holds only k_pe's part yet)
   tp.allreduce(dcn.data(), T * kvr);
@@ -146,7 +179,7 @@ void mla_backward(Backend& be, const ModelConfig& c, const MlaWeights& w, MlaWei
   if (c.q_lora_rank > 0) {
     const int64_t r = c.q_lora_rank;
     std::vector<float> dqan(T * r), dqa(T * r, 0.0f);
-    be.gemm_tn(H * dqk, r, T, 1.0f, dq.data(), H * dqk, a.qan.data(), r, 1.0f, g.q_b, r);
+    be.gemm_tn(H * dqk, r, T, 1.0f, dq.data(), H * dqk, u.qan.data(), r, 1.0f, g.q_b, r);
     be.gemm_nn(T, r, H * dqk, 1.0f, dq.data(), H * dqk, w.q_b, r, 0.0f, dqan.data(), r);
     tp.allreduce(dqan.data(), T * r);  // the q latent is shared by every head
     be.rmsnorm_backward(a.qa.data(), r, w.q_a_norm, a.qa_rstd.data(), dqan.data(), T, r, dqa.data(), r, g.q_a_norm);

@@ -58,6 +58,9 @@ struct MlaCache {
 // (sp: x_norm is the all-gathered (B*S, D), out this rank's rows (B*S/tp, D) of the sum: a reduce-scatter).
 void mla_forward(Backend& be, const ModelConfig& c, const MlaWeights& w, const RopeTable& rope, const float* x_norm,
                  int64_t B, int64_t S, float* out, MlaActs& acts, const TensorGroup& tp = {});
+// Selective recompute: frees the up-projections (qan, q, cn, kv: the largest MLA activations, e.g. 57 KiB per
+// token at the real dims); mla_backward then rebuilds them from the kept latents (qa, kva) and x_norm.
+void mla_drop_up_projections(MlaActs& a);
 // Gradients given dout (B*S, D): weight gradients accumulate into g, dx_norm (B*S, D) accumulates (+=). tp: the
 // gradients into the replicated q-LoRA latent, kv latent and k_pe (and into x_norm through q_proj) are summed over
 // the group, so dx_norm and the replicated weights' gradients are the same on every rank. sp: dout is the

@@ -185,6 +185,25 @@ void Model::layer_forward(int64_t layer, float* x, int64_t B, int64_t S, MlaCach
     }
   }
   for (int64_t i = 0; i < Tl * D; ++i) x[i] += y[i];
+  if (keep && recompute_ && !cache) {  // selective recompute: keep only what the rebuild needs
+    auto drop = [](std::vector<float>& v) { std::vector<float>().swap(v); };
+    drop(la.xn1);
+    drop(la.xn2);
+    mla_drop_up_projections(la.att);
+    drop(la.mlp.a);
+    drop(la.moe.experts.a);
+    drop(la.moe.shared.a);
+  }
+}
+
+std::vector<float> Model::norm_output(const float* x, const std::string& weight, int64_t Tl, int64_t T,
+                                      const TensorGroup& tp) {
+  const int64_t D = cfg_.hidden_size;
+  std::vector<float> out(T * D), loc(tp.sp ? Tl * D : 0), rstd(Tl);
+  be_.rmsnorm_forward(x, D, params_.get(weight), (float)cfg_.rms_norm_eps, Tl, D, tp.sp ? loc.data() : out.data(),
+                      rstd.data());
+  if (tp.sp) tp.gather_rows(loc.data(), Tl, D, out.data());
+  return out;
 }
 
 void Model::layer_backward(int64_t layer, const LayerActs& la, float* dx, double aux_coef, Params& grads) {
@@ -198,17 +217,27 @@ void Model::layer_backward(int64_t layer, const LayerActs& la, float* dx, double
     tp.gather_rows(dx, Tl, D, dy.data());
     dout = dy.data();
   }
+  // selective recompute: the norm outputs were dropped after the forward (the SwiGLU products and MLA's
+  // up-projections are rebuilt where they are used)
+  std::vector<float> xn_re;
+  const float* xn2 = la.xn2.data();
+  if (la.xn2.empty() && T > 0) {
+    xn_re = norm_output(la.x_mid.data(), pre + "post_attention_layernorm.weight", Tl, T, tp);
+    xn2 = xn_re.data();
+  }
   // MLP block: x_out = x_mid + mlp(rmsnorm(x_mid)); dx flows through the residual and through the norm
   if (!cfg_.is_moe_layer(layer)) {
-    swiglu_mlp_backward(be_, la.xn2.data(), T, D, cfg_.intermediate_size / tp.size,
-                        params_.get(pre + "mlp.gate_proj.weight"),
+    const int64_t I = cfg_.intermediate_size / tp.size;
+    std::vector<float> tmp;
+    swiglu_mlp_backward(be_, xn2, T, D, I, params_.get(pre + "mlp.gate_proj.weight"),
                         params_.get(pre + "mlp.up_proj.weight"), params_.get(pre + "mlp.down_proj.weight"),
-                        la.mlp.g.data(), la.mlp.u.data(), la.mlp.a.data(), dout, grads.get(pre + "mlp.gate_proj.weight"),
+                        la.mlp.g.data(), la.mlp.u.data(), swiglu_product(be_, la.mlp, T, I, tmp), dout,
+                        grads.get(pre + "mlp.gate_proj.weight"),
                         grads.get(pre + "mlp.up_proj.weight"), grads.get(pre + "mlp.down_proj.weight"), dxn.data());
   } else {
     const MoeWeights mw = MoeWeights::from(params_, cfg_, layer);
     MoeWeights mg = MoeWeights::from(grads, cfg_, layer);
-    moe_backward(be_, cfg_, mw, mg, ep_, la.xn2.data(), la.moe, dout, aux_coef, dxn.data(), tp);
+    moe_backward(be_, cfg_, mw, mg, ep_, xn2, la.moe, dout, aux_coef, dxn.data(), tp);
   }
   // each rank's columns (and, MoE, token slice) gave a partial input gradient: summed over tp (sp: this rank's rows)
   float* dxn2 = dxn.data();
@@ -228,7 +257,12 @@ void Model::layer_backward(int64_t layer, const LayerActs& la, float* dx, double
   }
   const MlaWeights aw = MlaWeights::from(params_, cfg_, layer);
   MlaWeights ag = MlaWeights::from(grads, cfg_, layer);
-  mla_backward(be_, cfg_, aw, ag, rope_, la.xn1.data(), la.B, la.S, la.att, dout, dxn2, tp);
+  const float* xn1 = la.xn1.data();
+  if (la.xn1.empty() && T > 0) {
+    xn_re = norm_output(la.x_in.data(), pre + "input_layernorm.weight", Tl, T, tp);
+    xn1 = xn_re.data();
+  }
+  mla_backward(be_, cfg_, aw, ag, rope_, xn1, la.B, la.S, la.att, dout, dxn2, tp);
   norm_backward(la.x_in.data(), pre + "input_layernorm.weight", la.rstd1.data(), dxn2, Tl, dx, grads, tp);
 }
 

@@ -88,6 +88,11 @@ class Model {
   Model(const ModelConfig& cfg, Backend& be, const ExpertGroup& ep = {}, const PipelineStage& stage = {},
         const TensorGroup& tp = {});
   const TensorGroup& tensor_group() const { return tp_; }
+  // Selective recompute (train.recompute = selective, DeepSeek-V3's recipe): the forward drops the RMSNorm outputs,
+  // the MLA up-projections (q, kv and the normalised latents) and the SwiGLU products; backward rebuilds them from
+  // what stays (the residual stream, the rstds, the latents, the gate/up pre-activations), bit-identically.
+  void set_selective_recompute(bool on) { recompute_ = on; }
+  bool selective_recompute() const { return recompute_; }
   // rows of the residual stream a pipeline stage sends/receives for B sequences of S tokens (B*S/tp under sp)
   int64_t stage_rows(int64_t B, int64_t S) const { return tp_.sp_rows(B * S); }
   const ExpertGroup& expert_group() const { return ep_; }
@@ -145,6 +150,10 @@ class Model {
                      bool sp = false);
   // dx (T, D): gradient w.r.t. the layer's output residual in, w.r.t. its input out (in place).
   void layer_backward(int64_t layer, const LayerActs& la, float* dx, double aux_coef, Params& grads);
+  // The output of an RMSNorm of x (this rank's Tl rows) for a tp region: all T rows (gathered under tp.sp); what
+  // selective recompute rebuilds in backward.
+  std::vector<float> norm_output(const float* x, const std::string& weight, int64_t Tl, int64_t T,
+                                 const TensorGroup& tp);
   // An RMSNorm's backward on `rows` rows: dx += , the weight's gradient += (summed over tp under tp.sp)
   void norm_backward(const float* x, const std::string& weight, const float* rstd, const float* dy, int64_t rows,
                      float* dx, Params& grads, const TensorGroup& tp);
@@ -160,6 +169,7 @@ class Model {
   TensorGroup tp_;
   Params params_;
   RopeTable rope_;
+  bool recompute_ = false;
 };
 
 }  // namespace dsv3

@@ -72,6 +72,13 @@ Dispatch moe_dispatch(Backend& be, const Routing& r, const float* xn, int64_t D)
   return d;
 }
 
+const float* swiglu_product(Backend& be, const MlpActs& m, int64_t rows, int64_t I, std::vector<float>& tmp) {
+  if ((int64_t)m.a.size() == rows * I) return m.a.data();
+  tmp.resize(rows * I);
+  be.swiglu_forward(m.g.data(), m.u.data(), rows, I, I, tmp.data());
+  return tmp.data();
+}
+
 void swiglu_mlp_forward(Backend& be, const float* x, int64_t T, int64_t D, int64_t I, const float* w_gate,
                         const float* w_up, const float* w_down, float* out, bool accumulate, MlpActs* acts) {
   if (T == 0) return;
@@ -263,8 +270,9 @@ void moe_backward(Backend& be, const ModelConfig& c, const MoeWeights& w, MoeWei
   const int64_t t0 = a.t0;
   if (w.sh_gate) {
     const int64_t Is = c.moe_intermediate_size * c.n_shared_experts / tp.size;
+    std::vector<float> tmp;
     swiglu_mlp_backward(be, xn, T, D, Is, w.sh_gate, w.sh_up, w.sh_down, a.shared.g.data(), a.shared.u.data(),
-                        a.shared.a.data(), dout, g.sh_gate, g.sh_up, g.sh_down, dxn);
+                        swiglu_product(be, a.shared, T, Is, tmp), dout, g.sh_gate, g.sh_up, g.sh_down, dxn);
   }
   // combine: out_t += w_tk y_row  ->  dy_row = w_tk dout_t,  dw_tk = dout_t . y_row (dweight: every token's slots,
   // 0 outside this rank's slice)
@@ -275,11 +283,13 @@ void moe_backward(Backend& be, const ModelConfig& c, const MoeWeights& w, MoeWei
   if (ep.etp_size > 1) tp.allreduce(dweight.data(), T * K);
   // experts, each on its contiguous rows (on the rank that holds it: the row gradients travel there and back)
   auto experts_backward = [&](const std::vector<int64_t>& offset, const float* x, const float* gy, float* gx) {
+    std::vector<float> tmp;
+    const float* act = swiglu_product(be, a.experts, offset.back(), I, tmp);
     for (int64_t e = 0; e + 1 < (int64_t)offset.size(); ++e) {
       const int64_t n = offset[e + 1] - offset[e], r0 = offset[e];
       if (n == 0) continue;
       swiglu_mlp_backward(be, x + r0 * D, n, D, I, w.w_gate + e * I * D, w.w_up + e * I * D, w.w_down + e * D * I,
-                          a.experts.g.data() + r0 * I, a.experts.u.data() + r0 * I, a.experts.a.data() + r0 * I,
+                          a.experts.g.data() + r0 * I, a.experts.u.data() + r0 * I, act + r0 * I,
                           gy + r0 * D, g.w_gate + e * I * D, g.w_up + e * I * D, g.w_down + e * D * I, gx + r0 * D);
     }
   };

@@ -78,6 +78,10 @@ void moe_combine(Backend& be, const Routing& r, const Dispatch& d, int64_t D, fl
 // f_i = E/(K*T_seq) * tokens of the sequence dispatched to i, P_i = mean_t s_it / sum_j s_jt, L = sum_i f_i P_i.
 double seq_balance_loss(const Routing& r, int64_t B);
 
+// The SwiGLU product a = silu(g) * u of m (rows, I): m.a when kept, else rebuilt into tmp from g and u (selective
+// recompute dropped it after the forward).
+const float* swiglu_product(Backend& be, const MlpActs& m, int64_t rows, int64_t I, std::vector<float>& tmp);
+
 // Dense SwiGLU MLP: out (T, D) = down(silu(gate(x)) * up(x)) (+= when accumulate); intermediates into acts.
 void swiglu_mlp_forward(Backend& be, const float* x, int64_t T, int64_t D, int64_t I, const float* w_gate,
                         const float* w_up, const float* w_down, float* out, bool accumulate, MlpActs* acts = nullptr);

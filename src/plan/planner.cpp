@@ -96,8 +96,7 @@ Bytes layer_bytes(const ModelConfig& c, const PlanSettings& s, int64_t i, int64_
   // MLA
   const double qlora = qr > 0 ? 2 * T * qr * f + T * st : 0;
   const double kv = T * (kvr + dr) * f + T * kvr * f + T * H * (dn + dv) * f;
-  const double probs =
-      s.recompute == Recompute::None && !s.flash_attention ? b * H * n * (double)n * f : b * H * n * st;
+  const double probs = s.flash_attention ? b * H * n * st : b * H * n * (double)n * f;
   const double mla = qlora + T * H * dqk * f + kv + T * st + probs + T * H * dv * f;
   // MLP
   double mlp = 0, mlp_work = 0;
@@ -123,6 +122,23 @@ Bytes layer_bytes(const ModelConfig& c, const PlanSettings& s, int64_t i, int64_
   r.stored = norms + mla + mlp;
   r.kv = kv;
   r.work = Tr * D * f + std::max(mlp_work, mla_work);  // dxn + the larger half
+  if (s.recompute == Recompute::Selective) {
+    // dropped after the forward (model.cpp layer_forward): the two norm outputs (T rows: the tp regions' inputs),
+    // MLA's up-projections (qan, q, cn, kv), the SwiGLU products (dense, routed rows, shared); rebuilt one layer
+    // at a time in backward: the norm output and the larger of the two rebuilt halves join the work buffer
+    const double xn = 2 * T * D * f, up = (qr > 0 ? T * qr * f : 0) + T * H * dqk * f + T * kvr * f + T * H * (dn + dv) * f;
+    double act = 0;
+    if (!c.is_moe_layer(i)) {
+      act = T * ((double)c.intermediate_size / z.tp) * f;
+    } else {
+      const double rows = T * c.num_experts_per_tok;
+      act = rows * ((double)c.moe_intermediate_size / z.etp) * f +
+            T * ((double)c.moe_intermediate_size * c.n_shared_experts / z.tp) * f;
+    }
+    r.stored -= xn + up + act;
+    r.kv -= T * kvr * f + T * H * (dn + dv) * f;
+    r.work += T * D * f + std::max(up, act);
+  }
   if (s.recompute == Recompute::Full) {  // only the layer input stays; the rest is rebuilt one layer at a time
     r.work += r.stored - Tr * D * f;
     r.stored = Tr * D * f;
@@ -253,7 +269,8 @@ PlanSettings plan_settings_from_deck(const Deck& d, const ModelConfig& cfg, int 
   s.grad_bytes = gpu ? bytes("optim.grad_dtype") : 4;
   s.moment_bytes = bytes("optim.moment_dtype");
   s.act_bytes = gpu ? bytes("optim.param_dtype") : 4;
-  const std::string rc = d.get<std::string>("plan.recompute");
+  const std::string rc =
+      d.get<std::string>("plan.recompute").empty() ? d.get<std::string>("train.recompute") : d.get<std::string>("plan.recompute");
   s.recompute = rc == "none" ? Recompute::None : rc == "selective" ? Recompute::Selective : Recompute::Full;
   s.flash_attention = d.get<std::string>("run.attention") == "flash";
   if (gpu) {
