@@ -102,6 +102,7 @@ struct NcclComm::Impl {
   size_t fold_at = 256;
   double seconds[kKinds] = {};
   bool failed = false;  // an operation threw: the destructor aborts the communicators instead of waiting
+  bool device_set = false;  // the constructor got as far as cudaSetDevice (else the destructor calls no CUDA)
 
   cudaStream_t lane(GroupKind k) const { return lanes[(int)lane_of(k)]; }
 
@@ -183,20 +184,28 @@ struct NcclComm::Impl {
   }
 
   ~Impl() {
-    // no throwing from here; after an error, waiting for peers that may be gone could hang: abort instead
+    // no throwing from here (failures are reported on stderr); after an error, waiting for peers that may be gone
+    // could hang: abort instead
+    if (!device_set) return;  // nothing of CUDA or NCCL was created
     const bool abort = failed || std::uncaught_exceptions() > 0;
     cudaSetDevice(device);
     if (!abort)
       for (cudaStream_t s : lanes)
         if (s) cudaStreamSynchronize(s);
-    for (ncclComm_t& nc : nccl) {
+    for (int k = 0; k < kKinds; ++k) {
+      ncclComm_t& nc = nccl[k];
       if (!nc) continue;
+      ncclResult_t rc = ncclSuccess;
       if (abort) {
-        ncclCommAbort(nc);
-      } else {  // NCCL's recommended order: flush (every rank destroys its communicators in GroupKind order)
-        ncclCommFinalize(nc);
-        ncclCommDestroy(nc);
+        rc = ncclCommAbort(nc);
+      } else {  // NCCL's recommended order: flush, then free (every rank destroys in GroupKind order)
+        rc = ncclCommFinalize(nc);
+        if (rc == ncclSuccess) rc = ncclCommDestroy(nc);
+        else ncclCommAbort(nc);
       }
+      if (rc != ncclSuccess)
+        std::fprintf(stderr, "dsv3: warning: rank %d: freeing the NCCL %s communicator: %s\n", comm->rank(),
+                     group_name((GroupKind)k), ncclGetErrorString(rc));
       nc = nullptr;
     }
     for (Timed& t : pending) {
@@ -231,6 +240,7 @@ NcclComm::NcclComm(const Comm& comm, const NcclOptions& opt) : impl_(std::make_u
     DSV3_CUDA_CHECK(cudaGetDeviceCount(&device_count));
     const int hint = opt.device_hint >= 0 ? opt.device_hint : node_local_rank(nodes, me);
     m.device = cuda_select_device(hint, device_count);
+    m.device_set = true;
     DSV3_CUDA_CHECK(cudaSetDevice(m.device));
     DSV3_CUDA_CHECK(cudaFree(nullptr));  // the context now: a broken device fails here
     int current = -1;
@@ -243,8 +253,10 @@ NcclComm::NcclComm(const Comm& comm, const NcclOptions& opt) : impl_(std::make_u
   } catch (const Error& e) {
     local_error = e.what();
   }
-  if (comm.any(!local_error.empty()))
-    DSV3_FAIL((local_error.empty() ? std::string("NCCL: CUDA device setup failed on another rank") : local_error));
+  if (comm.any(!local_error.empty())) {
+    if (!local_error.empty()) throw Error(local_error);  // already one line with its file:line
+    DSV3_FAIL("NCCL: CUDA device setup failed on another rank");
+  }
 
   // 2. no two ranks of a node on one GPU: (node, device, count, uuid) of every rank, summed into place
   constexpr int kFields = 5;

@@ -10,6 +10,7 @@
 // so that every BF16 sum is exact); FP32 sums within 1e-6 and FP64 sums within 1e-12 of the sum of the magnitudes
 // (NCCL and MPI add in different orders). Also: the compute-stream contract (inputs queued on a non-blocking compute
 // stream, results joined back to it), the per-group times, and the errors that name the operation.
+// With --expect-no-device: the error path of a rank without a GPU (see expect_no_device).
 // Exit 77 (ctest: skipped) with the reason when a rank has no usable CUDA device or a node has fewer devices than
 // ranks; every rank then agrees, so none waits in a collective.
 #include <cuda_runtime.h>
@@ -433,18 +434,19 @@ TEST(NcclComm, TimesPerGroup) {
   Comm& comm = *g_comm;
   set_layout(comm, layouts(comm.size()).front());
   NcclComm nc(comm);
-  DeviceBuffer<float> d(std::vector<float>(4096, 1.0f));
+  const int64_t n = 1 << 22;  // 16 MiB: a copy of it takes microseconds, well above the events' resolution
+  DeviceBuffer<float> d(std::vector<float>(n, 1.0f));
   const CommTimes t0 = nc.times();
-  nc.tp_allreduce(d.get(), 4096);
-  nc.tp_allreduce(d.get(), 4096);  // one rank without a communicator: nothing enqueued but the timing events
+  nc.tp_allreduce(d.get(), n);  // one rank without a communicator: nothing enqueued but the timing events
   const CommTimes t1 = nc.times();
   EXPECT_GE(t1.tp, t0.tp);
   EXPECT_EQ(t1.dp, t0.dp);
   EXPECT_EQ(t1.ep, t0.ep);
-  DeviceBuffer<float> out(4096 * comm.group_size(GroupKind::dp));
-  nc.dp_allgather(d.get(), out.get(), 4096);  // a copy at least: a measurable time
+  DeviceBuffer<float> out(n * comm.group_size(GroupKind::dp));
+  nc.dp_allgather(d.get(), out.get(), n);  // a copy at least: a measurable time
   const CommTimes t2 = nc.times();
   EXPECT_GT(t2.dp, t1.dp);
+  EXPECT_EQ(t2.tp, t1.tp);
   EXPECT_GT(t2.total(), 0.0);
 }
 
@@ -471,10 +473,34 @@ TEST(NcclComm, ErrorsNameTheOperation) {
   nc.synchronize();
 }
 
+namespace {
+// --expect-no-device (ctest runs it with CUDA_VISIBLE_DEVICES hiding every GPU): constructing an NcclComm fails on
+// every rank with one clear message and no NCCL call, instead of a rank waiting in a collective. Exit 0 when so.
+int expect_no_device(Comm& comm) {
+  std::string reason;
+  if (cuda_device_usable(&reason)) {
+    if (comm.rank() == 0) std::printf("SKIPPED: a CUDA device is usable (hide them: CUDA_VISIBLE_DEVICES=)\n");
+    return 77;
+  }
+  std::string msg;
+  try {
+    NcclComm nc(comm);
+  } catch (const Error& e) {
+    msg = e.what();
+  }
+  const std::string want = "NCCL: no usable CUDA device on rank " + std::to_string(comm.rank());
+  const bool ok = msg.find(want) != std::string::npos;
+  std::printf("rank %d: %s: %s\n", comm.rank(), ok ? "PASS" : "FAIL", msg.empty() ? "(no error)" : msg.c_str());
+  return comm.any(!ok) ? 1 : 0;
+}
+}  // namespace
+
 int main(int argc, char** argv) {
   Comm comm(&argc, &argv);
   g_comm = &comm;
   ::testing::InitGoogleTest(&argc, argv);
+  if (argc > 1 && std::string(argv[1]) == "--expect-no-device") return expect_no_device(comm);
+  if (GTEST_FLAG_GET(list_tests)) return RUN_ALL_TESTS();
   if (comm.rank() != 0) {
     auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
     delete listeners.Release(listeners.default_result_printer());
