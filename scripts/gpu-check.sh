@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # gpu-check.sh — the CUDA backend on a GPU node: builds with -DDSV3_CUDA=ON, runs the gpu-labelled tests (the CUDA ops
 # against the CPU backend, tests/gpu) and the GEMM throughput benchmark of the op layer (dsv3_gpu_bench: cuBLAS FP32
-# SGEMM at hidden-7168 shapes, TFLOP/s), then prints a summary. Budget: < 8 minutes on one H200 (16 cores).
+# SGEMM at hidden-7168 shapes, TFLOP/s), the NCCL transport against MPI (dsv3_nccl_tests: 1 rank without MPI; 2 and 4
+# ranks under mpirun where the node has that many GPUs) and its bandwidth benchmark (dsv3_nccl_bench, >= 2 GPUs),
+# then prints a summary. Budget: < 8 minutes on one H200 (16 cores).
 #   scripts/gpu-check.sh [build dir (default build-gpu)]
 #   scripts/gpu-check.sh --prebuilt ARCHIVE   binaries packed elsewhere by scripts/gpu-pack.sh (a GPU node without our
 #                                             build dependencies): no build, the node's own CUDA libraries
 #   env: LOG_DIR (logs; default <build>/gpu-check), PROXY=0 (skip the proxy run: ~4 minutes), SANITIZE=1 (also the op tests under compute-sanitizer memcheck),
+#        NCCL_MPIRUN=0|1 (the multi-rank NCCL cases under mpirun; default 1 when built here, 0 with --prebuilt, whose
+#        MPI libraries are packed for the dynamic linker only),
 #        JOBS (build parallelism, default nproc), BENCH_TOKENS (default 4096), BENCH_SECONDS (per measurement, 0.25)
 # Then the model on the CUDA backend (tests/gpu/cuda_model.sh, part of ctest -L gpu) and the proxy training benchmark
 # (input/bench-gpu-proxy.deck: the real hidden size and head dims, 2 layers; tokens/s, TFLOP/s, MFU).
@@ -30,18 +34,25 @@ else
 fi
 
 build_status=FAILED tests_status=NOT-RUN bench_status=NOT-RUN model_status="(in ctest -L gpu)" proxy_status=NOT-RUN
+nccl_status=NOT-RUN
 TESTS_BIN=$BUILD/tests/gpu/dsv3_gpu_tests BENCH_BIN=$BUILD/tests/gpu/dsv3_gpu_bench BIN_DIR=$BUILD
+NCCL_BIN=$BUILD/tests/gpu/dsv3_nccl_tests NCCL_BENCH_BIN=$BUILD/tests/gpu/dsv3_nccl_bench
 if [ -n "$PREBUILT" ]; then
   echo "== prebuilt: $PREBUILT"
   PB=$(mktemp -d)
   tar -C "$PB" -xzf "$PREBUILT" && build_status=OK
   TESTS_BIN=$PB/dsv3-gpu/bin/dsv3_gpu_tests BENCH_BIN=$PB/dsv3-gpu/bin/dsv3_gpu_bench BIN_DIR=$PB/dsv3-gpu/bin
-  # the node's cuBLAS/cudart: the toolkit's, else the pip wheels that PyTorch brings
-  cudalibs=$(for n in libcublas.so.13 libcublasLt.so.13 libcudart.so.13; do
-      find /usr/local/cuda*/ /usr/lib /opt -name "$n" 2>/dev/null | head -1; done | xargs -r -n1 dirname | sort -u | paste -sd:)
+  NCCL_BIN=$PB/dsv3-gpu/bin/dsv3_nccl_tests NCCL_BENCH_BIN=$PB/dsv3-gpu/bin/dsv3_nccl_bench
+  # the node's cuBLAS/cudart/NCCL: the toolkit's, else the pip wheels that PyTorch brings
+  cudalibs=$(for n in libcublas.so.13 libcublasLt.so.13 libcudart.so.13 libnccl.so.2; do
+      find /usr/local/cuda*/ /usr/lib /usr/local/lib /opt -name "$n" 2>/dev/null | head -1; done | xargs -r -n1 dirname | sort -u | paste -sd:)
+  # a node without its own NCCL: the one gpu-pack.sh packed with PACK_NCCL=1, if any
+  if ! find /usr/local/cuda*/ /usr/lib /usr/local/lib /opt -name libnccl.so.2 2>/dev/null | grep -q . &&
+     [ -d "$PB/dsv3-gpu/lib-nccl" ]; then cudalibs=${cudalibs:+$cudalibs:}$PB/dsv3-gpu/lib-nccl; fi
   export LD_LIBRARY_PATH=$PB/dsv3-gpu/lib${cudalibs:+:$cudalibs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
   echo "   LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
   ldd "$TESTS_BIN" | grep -E "not found|cublas|cudart" | sed 's/^/   /'
+  [ -x "$NCCL_BIN" ] && ldd "$NCCL_BIN" | grep -E "not found|nccl" | sed 's/^/   /'
 else
   if ! grep -qE '^[^#]*add_subdirectory\(gpu\)' "$ROOT/tests/CMakeLists.txt"; then
     echo "gpu-check: tests/CMakeLists.txt does not add tests/gpu (add_subdirectory(gpu))" >&2
@@ -49,7 +60,8 @@ else
   fi
   echo "== configure + build (log: $LOG/build.log)"
   if timeout 60 cmake -S "$ROOT" -B "$BUILD" -DDSV3_CUDA=ON -DCMAKE_BUILD_TYPE=Release >"$LOG/build.log" 2>&1 &&
-     timeout 270 cmake --build "$BUILD" -j"$JOBS" --target dsv3_gpu_tests dsv3_gpu_bench dsv3 dsv3-golden dsv3-preprocess >>"$LOG/build.log" 2>&1; then
+     timeout 270 cmake --build "$BUILD" -j"$JOBS" --target dsv3_gpu_tests dsv3_gpu_bench dsv3 dsv3-golden dsv3-preprocess \
+       $([ -d "$BUILD/tests/gpu/CMakeFiles/dsv3_nccl_tests.dir" ] && echo dsv3_nccl_tests dsv3_nccl_bench) >>"$LOG/build.log" 2>&1; then
     build_status=OK
   else
     tail -30 "$LOG/build.log"
@@ -65,7 +77,8 @@ if [ "$build_status" = OK ]; then
     grep -E "^\[  (FAILED|PASSED|SKIPPED) |tests ran" "$LOG/gtest.log" | tail -25
   else
     echo "== ctest -L gpu (log: $LOG/ctest.log)"
-    timeout 480 ctest --test-dir "$BUILD" -L gpu --output-on-failure --timeout 450 -j4 >"$LOG/ctest.log" 2>&1
+    # the NCCL cases run below, one at a time (they share the node's GPUs)
+    timeout 480 ctest --test-dir "$BUILD" -L gpu -E '^gpu_nccl_' --output-on-failure --timeout 450 -j4 >"$LOG/ctest.log" 2>&1
     ctest_rc=$?
     grep -E "tests passed|Not Run|Failed|\*\*\*|Skipped" "$LOG/ctest.log" | tail -25
     # the per-op NMSE table, from one run of the test binary
@@ -100,6 +113,48 @@ if [ "$build_status" = OK ]; then
     echo "   model: $model_status ($(elapsed))"
   fi
 
+  # the NCCL transport against MPI: 1 rank without MPI (every NCCL call through 1-rank communicators), then 2 and 4
+  # ranks under mpirun (exit 77 = skipped: fewer GPUs than ranks); the bandwidth benchmark on every GPU of the node
+  if [ ! -x "$NCCL_BIN" ]; then
+    nccl_status="NOT-BUILT (no nccl.h/libnccl at build time)"
+  elif ! ldd "$NCCL_BIN" | grep -q "libnccl.so.2 => /"; then
+    nccl_status="SKIPPED (no libnccl.so.2 on this node; scripts/gpu-pack.sh with PACK_NCCL=1 packs one)"
+  else
+    echo "== NCCL transport vs MPI (logs: $LOG/nccl-*.log)"
+    mpirun_ok=${NCCL_MPIRUN:-$([ -n "$PREBUILT" ] && echo 0 || echo 1)}
+    command -v mpirun >/dev/null || mpirun_ok=0
+    nccl_fail=0 nccl_ran=0 nccl_cases=
+    nccl_case() {  # name, command...
+      local name=$1 rc; shift
+      timeout 300 "$@" >"$LOG/nccl-$name.log" 2>&1
+      rc=$?
+      grep -E "^\[  (FAILED|PASSED) |SKIPPED:|^dsv3_nccl_tests:" "$LOG/nccl-$name.log" | sed "s/^/   $name: /" | tail -8
+      case $rc in 0) nccl_cases+=" $name:PASSED"; nccl_ran=1 ;; 77) nccl_cases+=" $name:SKIPPED" ;;
+                  124) nccl_cases+=" $name:TIMED-OUT"; nccl_fail=1 ;; *) nccl_cases+=" $name:FAILED"; nccl_fail=1 ;; esac
+    }
+    nccl_case 1rank env DSV3_NO_MPI=1 "$NCCL_BIN"
+    ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+    if [ "$mpirun_ok" = 1 ]; then
+      for np in 2 4; do
+        if [ "${ngpu:-0}" -ge $np ]; then
+          nccl_case ${np}ranks mpirun --allow-run-as-root --oversubscribe -np $np "$NCCL_BIN"
+        else nccl_cases+=" ${np}ranks:SKIPPED(${ngpu:-0}-GPUs)"; fi
+      done
+      if [ "${ngpu:-0}" -ge 2 ]; then
+        echo "== NCCL bandwidth, $ngpu ranks (log: $LOG/nccl-bench.log)"
+        timeout 120 mpirun --allow-run-as-root --oversubscribe -np "$ngpu" "$NCCL_BENCH_BIN" 256 20 >"$LOG/nccl-bench.log" 2>&1
+        cat "$LOG/nccl-bench.log"
+      fi
+    else
+      nccl_cases+=" multi-rank:SKIPPED(NCCL_MPIRUN=0 or no mpirun)"
+    fi
+    if [ $nccl_fail = 1 ]; then nccl_status="FAILED"
+    elif [ $nccl_ran = 1 ]; then nccl_status="PASSED"
+    else nccl_status="SKIPPED"; fi
+    nccl_status+=" ($nccl_cases )"
+  fi
+  echo "   nccl: $nccl_status ($(elapsed))"
+
   if [ "${PROXY:-1}" = 1 ]; then
     echo "== proxy training benchmark: input/bench-gpu-proxy.deck (log: $LOG/proxy.log)"
     (cd "$ROOT/input" && DSV3_NO_MPI=1 OMP_NUM_THREADS=$JOBS timeout 300 "$BIN_DIR/dsv3" bench-gpu-proxy.deck \
@@ -120,6 +175,8 @@ echo "tests : $tests_status"
 [ -s "$LOG/nmse.txt" ] && sed 's/^/        /' "$LOG/nmse.txt"
 echo "bench : $bench_status"
 grep -E "best .* TFLOP/s" "$LOG/bench.log" 2>/dev/null | sed 's/^/        /'
+echo "nccl  : $nccl_status"
+grep -E "^(allreduce|alltoallv)" "$LOG/nccl-bench.log" 2>/dev/null | sed 's/^/        /'
 echo "model : $model_status"
 grep -E "^(PASS|FAIL)" "$LOG/cuda_model.log" 2>/dev/null | sed 's/^/        /'
 echo "proxy : $proxy_status"
@@ -128,7 +185,7 @@ echo "time  : $(elapsed)"
 echo "logs  : $LOG"
 if [ "$build_status" != OK ] || [ "$tests_status" = FAILED ] || [ "$bench_status" = FAILED ] ||
    [ "$bench_status" = "TIMED OUT" ] || [ "$model_status" = FAILED ] || [ "$model_status" = "TIMED OUT" ] ||
-   [ "$proxy_status" = FAILED ]; then
+   [ "$proxy_status" = FAILED ] || [ "${nccl_status%% *}" = FAILED ]; then
   exit 1
 fi
 case $tests_status in SKIPPED*) exit 77 ;; esac

@@ -229,6 +229,13 @@ void Comm::broadcast(GroupKind k, float* x, int64_t n, int root) const {
   MPI_CHECK(MPI_Bcast(x, to_int(n, "broadcast"), MPI_FLOAT, root, g.comm));
 }
 
+void Comm::broadcast_bytes(GroupKind k, void* data, int64_t bytes, int root) const {
+  const Group& g = group(k);
+  DSV3_CHECK(root >= 0 && root < g.size, "broadcast_bytes: root " << root << " in a group of " << g.size);
+  if (g.size == 1 || bytes == 0) return;
+  MPI_CHECK(MPI_Bcast(data, to_int(bytes, "broadcast_bytes"), MPI_BYTE, root, g.comm));
+}
+
 void Comm::pp_send(const float* x, int64_t n, int to, int tag) const {
   const Group& g = group(GroupKind::pp);
   CommTimer timer(*this, GroupKind::pp);

@@ -1,7 +1,10 @@
-// defines: dsv3::Comm — the only code that touches MPI (and later NCCL); GroupKind.
+// defines: dsv3::Comm — the comm module's CPU path, the only code that touches MPI; GroupKind.
 // Group operations are named by intent (ep_alltoallv, dp_reduce_scatter, ...) over communicators built once from
 // the topology (parallel/topology.h); every MPI call is checked and reports file:line. A program started without
 // mpirun is a world of one rank: every operation then has its single-rank meaning (a copy or nothing).
+// The same operations on device pointers over NCCL are dsv3::NcclComm (parallel/nccl_comm.h, cuda/nccl_comm.cu: the
+// only code that touches NCCL), built from a Comm: MPI carries its NCCL ids. Training (host-resident tensors, on
+// run.device = cpu and cuda alike) communicates through Comm; NcclComm is the device-resident model's transport.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -38,6 +41,8 @@ class Comm {
   void barrier() const;
   // world broadcast of a string from `root` (the deck, the config): resized on the receivers
   void bcast_string(std::string& s, int root = 0) const;
+  // `bytes` raw bytes from the group's rank `root` to the other members (an NCCL unique id, ...)
+  void broadcast_bytes(GroupKind k, void* data, int64_t bytes, int root = 0) const;
   // every rank learns whether any rank failed (an error on rank 0 while reading the deck stops all ranks cleanly)
   bool any(bool flag) const;
   [[noreturn]] void abort(int code) const;
