@@ -12,6 +12,7 @@
 #include <cstddef>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "device_buffer.cuh"
 #include "ops/backend.h"
@@ -51,12 +52,16 @@ class CudaBackend final : public Backend {
   // tensor cores, FP32 accumulation. What a model holding BF16 weights calls; the benchmark times it.
   void gemm_bf16(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha, const void* A, int64_t lda,
                  const void* B, int64_t ldb, float beta, float* C, int64_t ldc);
-  void gemm_nt(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B, int64_t ldb,
-               float beta, float* C, int64_t ldc) override;
-  void gemm_nn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B, int64_t ldb,
-               float beta, float* C, int64_t ldc) override;
-  void gemm_tn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B, int64_t ldb,
-               float beta, float* C, int64_t ldc) override;
+  // FP32 SGEMM, or in BF16 matmul mode both operands rounded to BF16 in scratch and gemm_bf16
+  void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+            const float* B, int64_t ldb, float beta, float* C, int64_t ldc) override;
+  // FP32: one cublasGemmGroupedBatchedEx over the non-empty groups; BF16 mode: the per-group default
+  void gemm_grouped(bool tb, int64_t groups, const int64_t* row0, int64_t N, int64_t K, float alpha, const float* A,
+                    int64_t lda, const float* B, int64_t strideB, int64_t ldb, float beta, float* C,
+                    int64_t ldc) override;
+  void gemm_grouped_tn(int64_t groups, const int64_t* row0, int64_t M, int64_t N, float alpha, const float* A,
+                       int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t strideC,
+                       int64_t ldc) override;
   void rmsnorm_forward(const float* x, int64_t ldx, const float* w, float eps, int64_t rows, int64_t dim, float* y,
                        float* rstd) override;
   void rope_forward(float* x, int64_t rows, int64_t ldx, int64_t n_heads, int64_t head_stride, int64_t rope_dim,
@@ -107,9 +112,17 @@ class CudaBackend final : public Backend {
                       int64_t block_cols, float* out) override;
 
  private:
-  // every gemm_*: FP32 SGEMM, or in BF16 matmul mode both operands rounded to BF16 in scratch and gemm_bf16
-  void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
-            const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+  // one row-major GEMM of a grouped call: C (M,N) = op(A) op(B), the transposes shared by the call
+  struct GroupedGemm {
+    int64_t M, N, K;
+    const float* A;
+    int64_t lda;
+    const float* B;
+    int64_t ldb;
+    float* C;
+    int64_t ldc;
+  };
+  void grouped(bool ta, bool tb, const std::vector<GroupedGemm>& gs, float alpha, float beta);
   // device scratch of at least `bytes` (grown on demand, kept; one op uses it at a time, on stream_)
   void* scratch(size_t bytes);
 

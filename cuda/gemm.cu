@@ -1,4 +1,4 @@
-// defines: CudaBackend::gemm_nt / gemm_nn / gemm_tn — cuBLAS FP32 GEMMs on row-major operands; in BF16 matmul mode
+// defines: CudaBackend::gemm, gemm_grouped, gemm_grouped_tn — cuBLAS FP32 GEMMs on row-major operands; in BF16 matmul mode
 // (Backend::set_bf16_matmul) both operands are rounded to BF16 in scratch and cublasGemmEx multiplies them on the
 // tensor cores with FP32 accumulation into the FP32 C. CudaBackend::gemm_bf16 takes operands already in BF16.
 // Row-major X (r, c) with leading dimension ld is, to column-major cuBLAS, X^T (c, r) with the same ld. So the
@@ -6,6 +6,7 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "cuda_backend.cuh"
 #include "cuda_check.cuh"
@@ -60,22 +61,59 @@ void CudaBackend::gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float 
   gemm_rowmajor(cublas_, ta, tb, M, N, K, alpha, a16, lda, b16, ldb, beta, C, ldc, CUDA_R_16BF);
 }
 
-// C(M,N) = alpha A(M,K) B(N,K)^T + beta C
-void CudaBackend::gemm_nt(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
-                          int64_t ldb, float beta, float* C, int64_t ldc) {
-  gemm(false, true, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+// Row-major grouped GEMMs as column-major ones (see the top): group i computes C_i^T = op(B_i)^T op(A_i)^T. One
+// cublasGemmGroupedBatchedEx call, each non-empty group its own cuBLAS group of one (the sizes differ per expert);
+// the pointer arrays go to device scratch first (cuBLAS reads them on the device).
+void CudaBackend::grouped(bool ta, bool tb, const std::vector<GroupedGemm>& gs, float alpha, float beta) {
+  const int n = (int)gs.size();
+  if (n == 0) return;
+  std::vector<cublasOperation_t> opA(n, tb ? CUBLAS_OP_T : CUBLAS_OP_N), opB(n, ta ? CUBLAS_OP_T : CUBLAS_OP_N);
+  std::vector<int> m(n), nn(n), k(n), lda(n), ldb(n), ldc(n), size(n, 1);
+  std::vector<float> alphas(n, alpha), betas(n, beta);
+  std::vector<void*> ptrs(3 * n);  // cuBLAS A (our B), cuBLAS B (our A), C (the inputs only read by cuBLAS)
+  for (int i = 0; i < n; ++i) {
+    const GroupedGemm& g = gs[i];
+    m[i] = cuda::to_int(g.N, "grouped gemm N");
+    nn[i] = cuda::to_int(g.M, "grouped gemm M");
+    k[i] = cuda::to_int(g.K, "grouped gemm K");
+    lda[i] = cuda::to_int(g.ldb, "grouped gemm ldb");
+    ldb[i] = cuda::to_int(g.lda, "grouped gemm lda");
+    ldc[i] = cuda::to_int(g.ldc, "grouped gemm ldc");
+    ptrs[i] = const_cast<float*>(g.B);
+    ptrs[n + i] = const_cast<float*>(g.A);
+    ptrs[2 * n + i] = g.C;
+  }
+  auto* dev = static_cast<void**>(scratch(sizeof(void*) * 3 * n));
+  // pageable source: the copy has read it before returning, so `ptrs` may go out of scope afterwards
+  DSV3_CUDA_CHECK(cudaMemcpyAsync(dev, ptrs.data(), sizeof(void*) * 3 * n, cudaMemcpyHostToDevice, stream_));
+  DSV3_CUBLAS_CHECK(cublasGemmGroupedBatchedEx(cublas_, opA.data(), opB.data(), m.data(), nn.data(), k.data(),
+                                               alphas.data(), dev, CUDA_R_32F, lda.data(), dev + n, CUDA_R_32F,
+                                               ldb.data(), betas.data(), dev + 2 * n,
+                                               CUDA_R_32F, ldc.data(), n, size.data(), CUBLAS_COMPUTE_32F));
 }
 
-// C(M,N) = alpha A(M,K) B(K,N) + beta C
-void CudaBackend::gemm_nn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
-                          int64_t ldb, float beta, float* C, int64_t ldc) {
-  gemm(false, false, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+void CudaBackend::gemm_grouped(bool tb, int64_t groups, const int64_t* row0, int64_t N, int64_t K, float alpha,
+                               const float* A, int64_t lda, const float* B, int64_t strideB, int64_t ldb, float beta,
+                               float* C, int64_t ldc) {
+  if (bf16_matmul_ || N == 0)
+    return Backend::gemm_grouped(tb, groups, row0, N, K, alpha, A, lda, B, strideB, ldb, beta, C, ldc);
+  std::vector<GroupedGemm> gs;
+  for (int64_t g = 0; g < groups; ++g)
+    if (row0[g + 1] > row0[g])
+      gs.push_back({row0[g + 1] - row0[g], N, K, A + row0[g] * lda, lda, B + g * strideB, ldb, C + row0[g] * ldc, ldc});
+  grouped(false, tb, gs, alpha, beta);
 }
 
-// C(M,N) = alpha A(K,M)^T B(K,N) + beta C
-void CudaBackend::gemm_tn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
-                          int64_t ldb, float beta, float* C, int64_t ldc) {
-  gemm(true, false, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+void CudaBackend::gemm_grouped_tn(int64_t groups, const int64_t* row0, int64_t M, int64_t N, float alpha,
+                                  const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
+                                  int64_t strideC, int64_t ldc) {
+  if (bf16_matmul_ || M == 0 || N == 0)
+    return Backend::gemm_grouped_tn(groups, row0, M, N, alpha, A, lda, B, ldb, beta, C, strideC, ldc);
+  std::vector<GroupedGemm> gs;
+  for (int64_t g = 0; g < groups; ++g)
+    if (row0[g + 1] > row0[g])
+      gs.push_back({M, N, row0[g + 1] - row0[g], A + row0[g] * lda, lda, B + row0[g] * ldb, ldb, C + g * strideC, ldc});
+  grouped(true, false, gs, alpha, beta);
 }
 
 }  // namespace dsv3

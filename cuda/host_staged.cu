@@ -61,20 +61,13 @@ class HostStagedCudaBackend final : public Backend {
     be_.set_bf16_matmul(on);
   }
 
-  void gemm_nt(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
-               int64_t ldb, float beta, float* C, int64_t ldc) override {
-    std::vector<Region> r{strided(A, M, K, lda, kIn), strided(B, N, K, ldb, kIn), strided(C, M, N, ldc, c_dir(beta))};
-    run(r, [&] { be_.gemm_nt(M, N, K, alpha, f(r[0]), lda, f(r[1]), ldb, beta, f(r[2]), ldc); });
-  }
-  void gemm_nn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
-               int64_t ldb, float beta, float* C, int64_t ldc) override {
-    std::vector<Region> r{strided(A, M, K, lda, kIn), strided(B, K, N, ldb, kIn), strided(C, M, N, ldc, c_dir(beta))};
-    run(r, [&] { be_.gemm_nn(M, N, K, alpha, f(r[0]), lda, f(r[1]), ldb, beta, f(r[2]), ldc); });
-  }
-  void gemm_tn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
-               int64_t ldb, float beta, float* C, int64_t ldc) override {
-    std::vector<Region> r{strided(A, K, M, lda, kIn), strided(B, K, N, ldb, kIn), strided(C, M, N, ldc, c_dir(beta))};
-    run(r, [&] { be_.gemm_tn(M, N, K, alpha, f(r[0]), lda, f(r[1]), ldb, beta, f(r[2]), ldc); });
+  void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+            const float* B, int64_t ldb, float beta, float* C, int64_t ldc) override {
+    // A (M,K) or (K,M) and B (K,N) or (N,K) as stored; C read too when beta != 0
+    std::vector<Region> r{ta ? strided(A, K, M, lda, kIn) : strided(A, M, K, lda, kIn),
+                          tb ? strided(B, N, K, ldb, kIn) : strided(B, K, N, ldb, kIn),
+                          strided(C, M, N, ldc, c_dir(beta))};
+    run(r, [&] { be_.gemm(ta, tb, M, N, K, alpha, f(r[0]), lda, f(r[1]), ldb, beta, f(r[2]), ldc); });
   }
   void rmsnorm_forward(const float* x, int64_t ldx, const float* w, float eps, int64_t rows, int64_t dim, float* y,
                        float* rstd) override {

@@ -116,17 +116,28 @@ void moe_experts(Backend& be, const ModelConfig& c, const MoeWeights& w, const s
   m.g.resize(rows * I);
   m.u.resize(rows * I);
   m.a.resize(rows * I);
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = offset[e + 1] - offset[e], r0 = offset[e];
-    if (n == 0) continue;
-    float* ge = m.g.data() + r0 * I;
-    float* ue = m.u.data() + r0 * I;
-    float* ae = m.a.data() + r0 * I;
-    be.gemm_nt(n, I, D, 1.0f, x + r0 * D, D, w.w_gate + e * I * D, D, 0.0f, ge, I);
-    be.gemm_nt(n, I, D, 1.0f, x + r0 * D, D, w.w_up + e * I * D, D, 0.0f, ue, I);
-    be.swiglu_forward(ge, ue, n, I, I, ae);
-    be.gemm_nt(n, D, I, 1.0f, ae, I, w.w_down + e * D * I, I, 0.0f, y + r0 * D, D);
-  }
+  // each local expert's SwiGLU on its row block: three grouped GEMMs over the experts, the product on all rows
+  be.gemm_grouped(true, E, offset.data(), I, D, 1.0f, x, D, w.w_gate, I * D, D, 0.0f, m.g.data(), I);
+  be.gemm_grouped(true, E, offset.data(), I, D, 1.0f, x, D, w.w_up, I * D, D, 0.0f, m.u.data(), I);
+  be.swiglu_forward(m.g.data(), m.u.data(), rows, I, I, m.a.data());
+  be.gemm_grouped(true, E, offset.data(), D, I, 1.0f, m.a.data(), I, w.w_down, D * I, I, 0.0f, y, D);
+}
+
+void moe_experts_backward(Backend& be, const ModelConfig& c, const MoeWeights& w, MoeWeights& g,
+                          const std::vector<int64_t>& offset, const float* x, const MlpActs& m, const float* dy,
+                          int64_t I, float* dx) {
+  const int64_t D = c.hidden_size, E = (int64_t)offset.size() - 1, rows = offset[E];
+  if (rows == 0) return;
+  std::vector<float> act_tmp, da(rows * I), dg(rows * I), du(rows * I);
+  const float* act = swiglu_product(be, m, rows, I, act_tmp);
+  const int64_t* r0 = offset.data();
+  be.gemm_grouped_tn(E, r0, D, I, 1.0f, dy, D, act, I, 1.0f, g.w_down, D * I, I);        // dWd_e += dy_e^T a_e
+  be.gemm_grouped(false, E, r0, I, D, 1.0f, dy, D, w.w_down, D * I, I, 0.0f, da.data(), I);  // da_e = dy_e Wd_e
+  be.swiglu_backward(m.g.data(), m.u.data(), da.data(), rows, I, dg.data(), du.data());
+  be.gemm_grouped_tn(E, r0, I, D, 1.0f, dg.data(), I, x, D, 1.0f, g.w_gate, I * D, D);
+  be.gemm_grouped_tn(E, r0, I, D, 1.0f, du.data(), I, x, D, 1.0f, g.w_up, I * D, D);
+  be.gemm_grouped(false, E, r0, D, I, 1.0f, dg.data(), I, w.w_gate, I * D, D, 1.0f, dx, D);  // dx_e += dg_e Wg_e
+  be.gemm_grouped(false, E, r0, D, I, 1.0f, du.data(), I, w.w_up, I * D, D, 1.0f, dx, D);
 }
 
 void moe_combine(Backend& be, const Routing& r, const Dispatch& d, int64_t D, float* out) {
@@ -283,15 +294,7 @@ void moe_backward(Backend& be, const ModelConfig& c, const MoeWeights& w, MoeWei
   if (ep.etp_size > 1) tp.allreduce(dweight.data(), T * K);
   // experts, each on its contiguous rows (on the rank that holds it: the row gradients travel there and back)
   auto experts_backward = [&](const std::vector<int64_t>& offset, const float* x, const float* gy, float* gx) {
-    std::vector<float> tmp;
-    const float* act = swiglu_product(be, a.experts, offset.back(), I, tmp);
-    for (int64_t e = 0; e + 1 < (int64_t)offset.size(); ++e) {
-      const int64_t n = offset[e + 1] - offset[e], r0 = offset[e];
-      if (n == 0) continue;
-      swiglu_mlp_backward(be, x + r0 * D, n, D, I, w.w_gate + e * I * D, w.w_up + e * I * D, w.w_down + e * D * I,
-                          a.experts.g.data() + r0 * I, a.experts.u.data() + r0 * I, act + r0 * I,
-                          gy + r0 * D, g.w_gate + e * I * D, g.w_up + e * I * D, g.w_down + e * D * I, gx + r0 * D);
-    }
+    moe_experts_backward(be, c, w, g, offset, x, a.experts, gy, I, gx);
   };
   if (ep.size > 1) {
     const int64_t n = (int64_t)a.ex.perm.size();

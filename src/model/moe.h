@@ -71,6 +71,11 @@ Dispatch moe_dispatch(Backend& be, const Routing& r, const float* x_norm, int64_
 // intermediate width held here (moe_intermediate_size / etp: under expert tensor parallelism y is a partial sum).
 void moe_experts(Backend& be, const ModelConfig& c, const MoeWeights& w, const std::vector<int64_t>& offset,
                  const float* x, float* y, int64_t I, MlpActs* acts = nullptr);
+// Its gradients given dy (rows, D): the local experts' weight gradients accumulate into g, dx (rows, D) too.
+// m: the forward's intermediates (the SwiGLU product rebuilt when selective recompute dropped it).
+void moe_experts_backward(Backend& be, const ModelConfig& c, const MoeWeights& w, MoeWeights& g,
+                          const std::vector<int64_t>& offset, const float* x, const MlpActs& m, const float* dy,
+                          int64_t I, float* dx);
 // out (T, D) = sum_k weight * expert_k(x)  (+ shared experts when present)
 void moe_combine(Backend& be, const Routing& r, const Dispatch& d, int64_t D, float* out);
 

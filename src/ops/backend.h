@@ -43,15 +43,36 @@ class Backend {
   void set_flash_attention(bool on) { flash_attention_ = on; }
   bool flash_attention() const { return flash_attention_; }
 
+  // C(M,N) = alpha op(A) op(B) + beta C, row-major: A is (M,K), or (K,M) used transposed when ta; B is (K,N), or
+  // (N,K) used transposed when tb. The one GEMM every backend implements; the model calls the three named forms.
+  virtual void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                    const float* B, int64_t ldb, float beta, float* C, int64_t ldc) = 0;
   // C(M,N) = alpha * A(M,K) . B(N,K)^T + beta * C   — a Linear layer: y = x W^T with W stored (out, in)
-  virtual void gemm_nt(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
-                       int64_t ldb, float beta, float* C, int64_t ldc) = 0;
-  // C(M,N) = alpha * A(M,K) . B(K,N) + beta * C
-  virtual void gemm_nn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
-                       int64_t ldb, float beta, float* C, int64_t ldc) = 0;
+  void gemm_nt(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B, int64_t ldb,
+               float beta, float* C, int64_t ldc) {
+    gemm(false, true, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
+  // C(M,N) = alpha * A(M,K) . B(K,N) + beta * C   — input gradients: dx = dy W
+  void gemm_nn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B, int64_t ldb,
+               float beta, float* C, int64_t ldc) {
+    gemm(false, false, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
   // C(M,N) = alpha * A(K,M)^T . B(K,N) + beta * C   — weight gradients: dW = dy^T x
-  virtual void gemm_tn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
-                       int64_t ldb, float beta, float* C, int64_t ldc) = 0;
+  void gemm_tn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B, int64_t ldb,
+               float beta, float* C, int64_t ldc) {
+    gemm(true, false, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
+  // Grouped GEMMs over the row blocks [row0[g], row0[g+1]) of A and C, g < groups (the local experts' tokens; row0 a
+  // host array of groups+1 offsets): C[rows_g] = alpha A[rows_g] op(B_g) + beta C[rows_g], B_g = B + g * strideB,
+  // (K,N) or (N,K) used transposed when tb. Default: one gemm per non-empty group; CUDA: one grouped cuBLAS call.
+  virtual void gemm_grouped(bool tb, int64_t groups, const int64_t* row0, int64_t N, int64_t K, float alpha,
+                            const float* A, int64_t lda, const float* B, int64_t strideB, int64_t ldb, float beta,
+                            float* C, int64_t ldc);
+  // The weight-gradient form: C_g (M,N) = alpha A[rows_g]^T B[rows_g] + beta C_g with C_g = C + g * strideC (the
+  // groups' row blocks are the reduction dimension).
+  virtual void gemm_grouped_tn(int64_t groups, const int64_t* row0, int64_t M, int64_t N, float alpha, const float* A,
+                               int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t strideC,
+                               int64_t ldc);
 
   // y(rows, dim) = x * rsqrt(mean(x^2) + eps) * w; x rows have stride ldx. rstd(rows) saved for backward if non-null.
   virtual void rmsnorm_forward(const float* x, int64_t ldx, const float* w, float eps, int64_t rows, int64_t dim,
@@ -197,6 +218,28 @@ class Backend {
   bool bf16_matmul_ = false;
   bool flash_attention_ = false;
 };
+
+// The default grouped GEMMs: one gemm per non-empty group (inline: the Backend stays header-only for the libraries
+// that implement it without the core library, e.g. the CUDA benchmark).
+inline void Backend::gemm_grouped(bool tb, int64_t groups, const int64_t* row0, int64_t N, int64_t K, float alpha,
+                           const float* A, int64_t lda, const float* B, int64_t strideB, int64_t ldb, float beta,
+                           float* C, int64_t ldc) {
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t m = row0[g + 1] - row0[g];
+    if (m > 0)
+      gemm(false, tb, m, N, K, alpha, A + row0[g] * lda, lda, B + g * strideB, ldb, beta, C + row0[g] * ldc, ldc);
+  }
+}
+
+inline void Backend::gemm_grouped_tn(int64_t groups, const int64_t* row0, int64_t M, int64_t N, float alpha, const float* A,
+                              int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t strideC,
+                              int64_t ldc) {
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t k = row0[g + 1] - row0[g];
+    if (k > 0)
+      gemm(true, false, M, N, k, alpha, A + row0[g] * lda, lda, B + row0[g] * ldb, ldb, beta, C + g * strideC, ldc);
+  }
+}
 
 // "cpu" or "cuda"; throws dsv3::Error when the device is not available (e.g. no GPU, or built without CUDA).
 std::unique_ptr<Backend> make_backend(const std::string& device, int threads = 0);

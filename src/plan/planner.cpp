@@ -112,10 +112,10 @@ Bytes layer_bytes(const ModelConfig& c, const PlanSettings& s, int64_t i, int64_
     const double dispatch = 2 * rows * D * f;                                                 // d.x, d.y
     const double exchange = z.ep > 1 ? rows * D * f + rows * 8 + 2 * z.ep * 8 + (El + 1) * 8 : 0;  // ex.x, perm, counts
     mlp = routing + dispatch + exchange + 3 * rows * Im * f + 3 * T * Is * f;
-    // backward: shared experts' da/dg/du first (freed); then dy, dx, dweight for all rows, with one expert's
-    // da/dg/du at a time, and at the end the router's dlogits
-    const double per_expert = 3 * (rows / El) * Im * f;
-    mlp_work = std::max(3 * T * Is * f, 2 * rows * D * f + rows * st + std::max(per_expert, T * E * st + b * E * 12));
+    // backward: shared experts' da/dg/du first (freed); then dy, dx, dweight for all rows, with the local experts'
+    // da/dg/du of all their rows (grouped GEMMs), and at the end the router's dlogits
+    const double experts = 3 * rows * Im * f;
+    mlp_work = std::max(3 * T * Is * f, 2 * rows * D * f + rows * st + std::max(experts, T * E * st + b * E * 12));
     if (z.ep > 1) r.ep = 3 * rows * D * f;  // gy, gx and the exchange buffer
   }
   const double mla_work = T * H * (dv + dqk + dn + dv) * f + T * (kvr + dr) * f + T * kvr * f + (qr > 0 ? 2 * T * qr * f : 0);

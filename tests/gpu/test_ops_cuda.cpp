@@ -149,6 +149,33 @@ TEST_F(CudaOps, GemmBf16) {
 // make_backend("cuda"): the same ops on host pointers, each copying its operands' regions to the device and back.
 // Strided operands move row by row: the padding columns between the rows (other tensors' data in the model) are
 // never written, and accumulating outputs keep what they held.
+// Grouped GEMMs (the local experts' SwiGLU): one cublasGemmGroupedBatchedEx call against the CPU's per-group loop,
+// with empty groups, DeepSeek-V3's expert shapes in small (I 2048 -> 256, D 7168 -> 448), both transposes of B, and
+// the weight-gradient form; in BF16 mode the CUDA side falls back to per-group BF16 GEMMs.
+TEST_F(CudaOps, GroupedGemms) {
+  const std::vector<int64_t> row0 = {0, 37, 37, 100, 101, 164};
+  const int64_t G = 5, rows = row0.back(), N = 256, K = 448;
+  for (const bool bf16 : {false, true}) {
+    cpu.set_bf16_matmul(bf16);
+    gpu().set_bf16_matmul(bf16);
+    const double tol = kTolGemm;
+    for (const bool tb : {true, false}) {
+      auto A = randn(rows * K, 1600), B = randn(G * N * K, 1601, 0.05f), C = randn(rows * N, 1602);
+      auto dA = dev(A), dB = dev(B), dC = dev(C);
+      cpu.gemm_grouped(tb, G, row0.data(), N, K, 1.0f, A.data(), K, B.data(), N * K, tb ? K : N, 0.5f, C.data(), N);
+      gpu().gemm_grouped(tb, G, row0.data(), N, K, 1.0f, dA.get(), K, dB.get(), N * K, tb ? K : N, 0.5f, dC.get(), N);
+      expect_nmse(std::string("gemm_grouped") + (tb ? " nt" : " nn") + (bf16 ? " bf16" : ""), C, dC.to_host(), tol);
+    }
+    auto A = randn(rows * K, 1603), B = randn(rows * N, 1604), W = randn(G * K * N, 1605);
+    auto dA = dev(A), dB = dev(B), dW = dev(W);
+    cpu.gemm_grouped_tn(G, row0.data(), K, N, 1.0f, A.data(), K, B.data(), N, 1.0f, W.data(), K * N, N);
+    gpu().gemm_grouped_tn(G, row0.data(), K, N, 1.0f, dA.get(), K, dB.get(), N, 1.0f, dW.get(), K * N, N);
+    expect_nmse(std::string("gemm_grouped_tn") + (bf16 ? " bf16" : ""), W, dW.to_host(), tol);
+  }
+  cpu.set_bf16_matmul(false);
+  gpu().set_bf16_matmul(false);
+}
+
 TEST_F(CudaOps, HostStagedPaddingUntouched) {
   auto staged = make_backend("cuda");
   const int64_t M = 37, N = 29, K = 41, ldc = N + 5;

@@ -455,3 +455,36 @@ TEST(CpuOps, MoePermutationGatherCombineAndBackward) {
   };
   EXPECT_NEAR((loss(w[tk] + 1e-2f) - loss(w[tk] - 1e-2f)) / 2e-2, dw[tk], 1e-3);
 }
+
+// Grouped GEMMs (the local experts): 4 groups of 5, 0, 7 and 1 rows, against plain triple loops per group.
+TEST(CpuOps, GroupedGemmsPerRowBlock) {
+  CpuBackend be(2);
+  const int64_t G = 4, N = 6, K = 9;
+  const std::vector<int64_t> row0 = {0, 5, 5, 12, 13};
+  const int64_t rows = row0.back();
+  auto A = randn(rows * K, 60), Bt = randn(G * N * K, 61), Bn = randn(G * K * N, 62), C0 = randn(rows * N, 63);
+  for (const bool tb : {true, false}) {
+    std::vector<float> C = C0;
+    be.gemm_grouped(tb, G, row0.data(), N, K, 1.5f, A.data(), K, tb ? Bt.data() : Bn.data(), N * K, tb ? K : N, 0.5f,
+                    C.data(), N);
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t r = row0[g]; r < row0[g + 1]; ++r)
+        for (int64_t j = 0; j < N; ++j) {
+          double s = 0;
+          for (int64_t k = 0; k < K; ++k)
+            s += (double)A[r * K + k] * (tb ? Bt[g * N * K + j * K + k] : Bn[g * K * N + k * N + j]);
+          EXPECT_NEAR(C[r * N + j], 1.5 * s + 0.5 * C0[r * N + j], 1e-4) << "tb " << tb << " g " << g;
+        }
+  }
+  // weight gradients: C_g (K, N) += A[rows_g]^T B[rows_g]; the empty group's C stays as it was
+  auto B = randn(rows * N, 64), W0 = randn(G * K * N, 65);
+  std::vector<float> W = W0;
+  be.gemm_grouped_tn(G, row0.data(), K, N, 1.0f, A.data(), K, B.data(), N, 1.0f, W.data(), K * N, N);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t i = 0; i < K; ++i)
+      for (int64_t j = 0; j < N; ++j) {
+        double s = 0;
+        for (int64_t r = row0[g]; r < row0[g + 1]; ++r) s += (double)A[r * K + i] * B[r * N + j];
+        EXPECT_NEAR(W[g * K * N + i * N + j], W0[g * K * N + i * N + j] + s, 1e-4) << "g " << g;
+      }
+}

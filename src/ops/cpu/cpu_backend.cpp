@@ -47,21 +47,6 @@ void CpuBackend::gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float a
               B, ldb, beta, C, ldc);
 }
 
-void CpuBackend::gemm_nt(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
-                         int64_t ldb, float beta, float* C, int64_t ldc) {
-  gemm(false, true, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-}
-
-void CpuBackend::gemm_nn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
-                         int64_t ldb, float beta, float* C, int64_t ldc) {
-  gemm(false, false, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-}
-
-void CpuBackend::gemm_tn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
-                         int64_t ldb, float beta, float* C, int64_t ldc) {
-  gemm(true, false, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-}
-
 void CpuBackend::rmsnorm_forward(const float* x, int64_t ldx, const float* w, float eps, int64_t rows, int64_t dim,
                                  float* y, float* rstd) {
 #pragma omp parallel for schedule(static)

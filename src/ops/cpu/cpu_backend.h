@@ -11,12 +11,9 @@ class CpuBackend final : public Backend {
  public:
   explicit CpuBackend(int threads = 0);
   std::string name() const override { return "cpu"; }
-  void gemm_nt(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B, int64_t ldb,
-               float beta, float* C, int64_t ldc) override;
-  void gemm_nn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B, int64_t ldb,
-               float beta, float* C, int64_t ldc) override;
-  void gemm_tn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B, int64_t ldb,
-               float beta, float* C, int64_t ldc) override;
+  // op(A) (M,K) . op(B) (K,N) with OpenBLAS; BF16 rounding of both operands in BF16 mode
+  void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+            const float* B, int64_t ldb, float beta, float* C, int64_t ldc) override;
   void rmsnorm_forward(const float* x, int64_t ldx, const float* w, float eps, int64_t rows, int64_t dim, float* y,
                        float* rstd) override;
   void rope_forward(float* x, int64_t rows, int64_t ldx, int64_t n_heads, int64_t head_stride, int64_t rope_dim,
@@ -66,9 +63,6 @@ class CpuBackend final : public Backend {
                       int64_t block_cols, float* out) override;
 
  private:
-  // every gemm_*: op(A) (M,K) . op(B) (K,N), transposed as stored when ta/tb; BF16 rounding of both in BF16 mode
-  void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
-            const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
   std::vector<float> bf16_a_, bf16_b_;  // the rounded operands of the BF16 mode (kept: no allocation per GEMM)
 };
 
