@@ -43,19 +43,40 @@ static_assert(kBM % kWarps == 0, "every warp owns the same number of query rows"
 
 __host__ __device__ inline int odd(int x) { return x | 1; }  // a row stride whose column reads hit distinct banks
 
-// ---- forward ---------------------------------------------------------------------------------------------------
+// ---- what the kernels share --------------------------------------------------------------------------------------
 
-// shared memory, in floats: Q (kBM, odd(dqk)) | K (kBN, odd(dqk)) | V (kBN, dv) | P (kBM, kLdP) | O (kBM, dv) |
-// per-row factor (kBM)
-size_t fwd_smem_bytes(int dqk, int dv) {
-  const size_t f = (size_t)(kBM + kBN) * odd(dqk) + (size_t)kBN * dv + (size_t)kBM * kLdP + (size_t)kBM * dv + kBM;
-  return f * sizeof(float);
+// This CTA's head h = blockIdx.y of sequence b = blockIdx.z: the row strides of the operands (q and dq: q_nope | q_pe,
+// H * (dn + dr) per token; kv and dkv: k_nope | v, H * (dn + dv); o and dout: H * dv) and row 0 of the head in q, kv
+// and kpe (k_pe: the same rows for every head, ldkpe apart).
+struct Head {
+  int b, h;
+  int64_t ldq, ldkv, ldo, ldkpe;
+  const float* q;
+  const float* kv;
+  const float* kpe;
+};
+__device__ __forceinline__ Head this_head(const float* q, const float* kv, const float* kpe, int64_t ldkpe, int S,
+                                          int H, int dn, int dr, int dv) {
+  Head x;
+  x.h = blockIdx.y;
+  x.b = blockIdx.z;
+  x.ldq = (int64_t)H * (dn + dr);
+  x.ldkv = (int64_t)H * (dn + dv);
+  x.ldo = (int64_t)H * dv;
+  x.ldkpe = ldkpe;
+  x.q = q + (int64_t)x.b * S * x.ldq + (int64_t)x.h * (dn + dr);
+  x.kv = kv + (int64_t)x.b * S * x.ldkv + (int64_t)x.h * (dn + dv);
+  x.kpe = kpe + (int64_t)x.b * S * ldkpe;
+  return x;
 }
 
-// K block (kBN keys from j0, per key k_nope(dn) | k_pe(dr): the score's dot product runs over dn + dr) into Ks with
-// row stride ldk, and V (dv) into Vs with row stride ldv; rows past S are zero.
-__device__ void load_kv_block(float* Ks, int ldk, float* Vs, int ldv, const float* __restrict__ kb, int64_t ldkv,
-                              const float* __restrict__ pb, int64_t ldkpe, int j0, int S, int dn, int dr, int dv) {
+// K block of the head (kBN keys from j0, per key k_nope(dn) | k_pe(dr): the score's dot product runs over dn + dr)
+// into Ks with row stride ldk, and V (dv) into Vs with row stride ldv; rows past S are zero.
+__device__ void load_kv_block(float* Ks, int ldk, float* Vs, int ldv, const Head& hd, int j0, int S, int dn, int dr,
+                              int dv) {
+  const float* __restrict__ kb = hd.kv;
+  const float* __restrict__ pb = hd.kpe;
+  const int64_t ldkv = hd.ldkv, ldkpe = hd.ldkpe;
   const int dqk = dn + dr;
   for (int e = threadIdx.x; e < kBN * dqk; e += kThreads) {
     const int r = e / dqk, k = e % dqk, j = j0 + r;
@@ -84,6 +105,22 @@ __device__ __forceinline__ float dot(const float* a, const float* b, int n) {
   return acc;
 }
 
+// the scaled score of query row r of the Q tile and key `lane` of the K tile: scale (q_nope . k_nope + q_pe . k_pe),
+// one dot product over the dqk = dn + dr columns of both tiles (row stride ldk)
+__device__ __forceinline__ float score(const float* Qs, const float* Ks, int ldk, int dqk, int r, int lane,
+                                       float scale) {
+  return scale * dot(Qs + r * ldk, Ks + lane * ldk, dqk);
+}
+
+// ---- forward ---------------------------------------------------------------------------------------------------
+
+// shared memory, in floats: Q (kBM, odd(dqk)) | K (kBN, odd(dqk)) | V (kBN, dv) | P (kBM, kLdP) | O (kBM, dv) |
+// per-row factor (kBM)
+size_t fwd_smem_bytes(int dqk, int dv) {
+  const size_t f = (size_t)(kBM + kBN) * odd(dqk) + (size_t)kBN * dv + (size_t)kBM * kLdP + (size_t)kBM * dv + kBM;
+  return f * sizeof(float);
+}
+
 // grid (ceil(S/kBM), H, B), kThreads threads, fwd_smem_bytes(dn + dr, dv) of dynamic shared memory
 __global__ void __launch_bounds__(kThreads)
     flash_fwd_kernel(const float* __restrict__ q, const float* __restrict__ kv, const float* __restrict__ kpe,
@@ -91,12 +128,9 @@ __global__ void __launch_bounds__(kThreads)
                      float* __restrict__ lse) {
   extern __shared__ float smem[];
   const int dqk = dn + dr, ldk = odd(dqk);
-  const int i0 = blockIdx.x * kBM, h = blockIdx.y, b = blockIdx.z;
+  const int i0 = blockIdx.x * kBM;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t ldq = (int64_t)H * dqk, ldkv = (int64_t)H * (dn + dv), ldo = (int64_t)H * dv;
-  const float* qb = q + (int64_t)b * S * ldq + (int64_t)h * dqk;
-  const float* kb = kv + (int64_t)b * S * ldkv + (int64_t)h * (dn + dv);
-  const float* pb = kpe + (int64_t)b * S * ldkpe;
+  const Head hd = this_head(q, kv, kpe, ldkpe, S, H, dn, dr, dv);
   float* Qs = smem;
   float* Ks = Qs + kBM * ldk;
   float* Vs = Ks + kBN * ldk;
@@ -104,7 +138,7 @@ __global__ void __launch_bounds__(kThreads)
   float* Os = Ps + kBM * kLdP;
   float* row_f = Os + kBM * dv;  // per row: exp(m_old - m_new) in the loop, 1/l at the end
 
-  load_rows(Qs, ldk, qb, ldq, i0, kBM, dqk, S);
+  load_rows(Qs, ldk, hd.q, hd.ldq, i0, kBM, dqk, S);
   for (int e = threadIdx.x; e < kBM * dv; e += kThreads) Os[e] = 0.0f;
   float m_run[kRowsPerWarp], l_run[kRowsPerWarp];  // the same in every lane of the owning warp
 #pragma unroll
@@ -115,14 +149,14 @@ __global__ void __launch_bounds__(kThreads)
   const int j_end = min(S, i0 + kBM);
   for (int j0 = 0; j0 < j_end; j0 += kBN) {
     __syncthreads();  // the previous block's K, V and P are consumed
-    load_kv_block(Ks, ldk, Vs, dv, kb, ldkv, pb, ldkpe, j0, S, dn, dr, dv);
+    load_kv_block(Ks, ldk, Vs, dv, hd, j0, S, dn, dr, dv);
     __syncthreads();
     const int j = j0 + lane;
 #pragma unroll
     for (int rr = 0; rr < kRowsPerWarp; ++rr) {
       const int r = warp + rr * kWarps, i = i0 + r;
       float s = -INFINITY;
-      if (j <= i && j < S) s = scale * dot(Qs + r * ldk, Ks + lane * ldk, dqk);
+      if (j <= i && j < S) s = score(Qs, Ks, ldk, dqk, r, lane, scale);
       const float m_new = fmaxf(m_run[rr], cuda::warp_max(s));
       const float p = s == -INFINITY ? 0.0f : expf(s - m_new);
       const float f = m_run[rr] == -INFINITY ? 0.0f : expf(m_run[rr] - m_new);
@@ -147,13 +181,13 @@ __global__ void __launch_bounds__(kThreads)
     const int r = warp + rr * kWarps, i = i0 + r;
     if (lane == 0) {
       row_f[r] = 1.0f / l_run[rr];
-      if (i < S) lse[((int64_t)b * H + h) * S + i] = m_run[rr] + logf(l_run[rr]);
+      if (i < S) lse[((int64_t)hd.b * H + hd.h) * S + i] = m_run[rr] + logf(l_run[rr]);
     }
   }
   __syncthreads();
   for (int e = threadIdx.x; e < kBM * dv; e += kThreads) {
     const int r = e / dv, c = e % dv, i = i0 + r;
-    if (i < S) o[((int64_t)b * S + i) * ldo + (int64_t)h * dv + c] = Os[e] * row_f[r];
+    if (i < S) o[((int64_t)hd.b * S + i) * hd.ldo + (int64_t)hd.h * dv + c] = Os[e] * row_f[r];
   }
 }
 
@@ -183,10 +217,38 @@ __device__ __forceinline__ PdS p_ds(const float* Qs, const float* Ks, int ldk, i
                                     int j, int S, float scale) {
   PdS x{0.0f, 0.0f};
   if (j <= i && i < S) {
-    x.p = expf(scale * dot(Qs + r * ldk, Ks + lane * ldk, dqk) - lse_r);
+    x.p = expf(score(Qs, Ks, ldk, dqk, r, lane, scale) - lse_r);
     x.ds = scale * x.p * (dot(dOs + r * ldv, Vs + lane * ldv, dv) - D_r);
   }
   return x;
+}
+
+// the query rows i0..i0+kBM-1 of the head that both backward kernels need: Q into Qs (row stride ldk), dO into dOs
+// (row stride ldv), lse and D into lse_s and D_s; rows past S are zero
+__device__ void load_query_block(float* Qs, int ldk, float* dOs, int ldv, float* lse_s, float* D_s, const Head& hd,
+                                 const float* __restrict__ dout, const float* __restrict__ lse,
+                                 const float* __restrict__ D, int i0, int S, int H, int dqk, int dv) {
+  const float* dob = dout + (int64_t)hd.b * S * hd.ldo + (int64_t)hd.h * dv;
+  const float* lb = lse + ((int64_t)hd.b * H + hd.h) * S;
+  const float* Db = D + ((int64_t)hd.b * H + hd.h) * S;
+  load_rows(Qs, ldk, hd.q, hd.ldq, i0, kBM, dqk, S);
+  load_rows(dOs, ldv, dob, hd.ldo, i0, kBM, dv, S);
+  for (int r = threadIdx.x; r < kBM; r += kThreads) {
+    const int i = i0 + r;
+    lse_s[r] = i < S ? lb[i] : 0.0f;
+    D_s[r] = i < S ? Db[i] : 0.0f;
+  }
+}
+
+// C (kBN, cols) += A^T B over the kBM query rows: A (kBM, kBN) a P or dS tile (row stride kLdP), B (kBM, cols) with row
+// stride ldb, C dense
+__device__ void add_At_B(float* C, int cols, const float* A, const float* B, int ldb) {
+  for (int e = threadIdx.x; e < kBN * cols; e += kThreads) {
+    const int c = e / cols, k = e % cols;
+    float acc = C[e];
+    for (int r = 0; r < kBM; ++r) acc = fmaf(A[r * kLdP + c], B[r * ldb + k], acc);
+    C[e] = acc;
+  }
 }
 
 // shared memory, in floats: K (kBN, odd(dqk)) | V (kBN, odd(dv)) | Q (kBM, odd(dqk)) | dO (kBM, odd(dv)) |
@@ -205,15 +267,9 @@ __global__ void __launch_bounds__(kThreads)
                          float* __restrict__ dkv, float* __restrict__ dkpe_h) {
   extern __shared__ float smem[];
   const int dqk = dn + dr, ldk = odd(dqk), ldv = odd(dv);
-  const int j0 = blockIdx.x * kBN, h = blockIdx.y, b = blockIdx.z;
+  const int j0 = blockIdx.x * kBN;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t ldq = (int64_t)H * dqk, ldkv = (int64_t)H * (dn + dv), ldo = (int64_t)H * dv;
-  const float* qb = q + (int64_t)b * S * ldq + (int64_t)h * dqk;
-  const float* kb = kv + (int64_t)b * S * ldkv + (int64_t)h * (dn + dv);
-  const float* pb = kpe + (int64_t)b * S * ldkpe;
-  const float* dob = dout + (int64_t)b * S * ldo + (int64_t)h * dv;
-  const float* lb = lse + ((int64_t)b * H + h) * S;
-  const float* Db = D + ((int64_t)b * H + h) * S;
+  const Head hd = this_head(q, kv, kpe, ldkpe, S, H, dn, dr, dv);
   float* Ks = smem;
   float* Vs = Ks + kBN * ldk;
   float* Qs = Vs + kBN * ldv;
@@ -225,19 +281,13 @@ __global__ void __launch_bounds__(kThreads)
   float* lse_s = dVs + kBN * dv;
   float* D_s = lse_s + kBM;
 
-  load_kv_block(Ks, ldk, Vs, ldv, kb, ldkv, pb, ldkpe, j0, S, dn, dr, dv);
+  load_kv_block(Ks, ldk, Vs, ldv, hd, j0, S, dn, dr, dv);
   for (int e = threadIdx.x; e < kBN * dqk; e += kThreads) dKs[e] = 0.0f;
   for (int e = threadIdx.x; e < kBN * dv; e += kThreads) dVs[e] = 0.0f;
   // the first query row that sees key j0 is j0 itself
   for (int i0 = j0 / kBM * kBM; i0 < S; i0 += kBM) {
     __syncthreads();  // the previous query block's tiles are consumed (the first time: K, V are loaded)
-    load_rows(Qs, ldk, qb, ldq, i0, kBM, dqk, S);
-    load_rows(dOs, ldv, dob, ldo, i0, kBM, dv, S);
-    for (int r = threadIdx.x; r < kBM; r += kThreads) {
-      const int i = i0 + r;
-      lse_s[r] = i < S ? lb[i] : 0.0f;
-      D_s[r] = i < S ? Db[i] : 0.0f;
-    }
+    load_query_block(Qs, ldk, dOs, ldv, lse_s, D_s, hd, dout, lse, D, i0, S, H, dqk, dv);
     __syncthreads();
     const int j = j0 + lane;
 #pragma unroll
@@ -249,32 +299,22 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
     // dV(c, k) += sum_r P(r, c) dO(r, k);  dK(c, k) += sum_r dS(r, c) Q(r, k)
-    for (int e = threadIdx.x; e < kBN * dv; e += kThreads) {
-      const int c = e / dv, k = e % dv;
-      float acc = dVs[e];
-      for (int r = 0; r < kBM; ++r) acc = fmaf(Ps[r * kLdP + c], dOs[r * ldv + k], acc);
-      dVs[e] = acc;
-    }
-    for (int e = threadIdx.x; e < kBN * dqk; e += kThreads) {
-      const int c = e / dqk, k = e % dqk;
-      float acc = dKs[e];
-      for (int r = 0; r < kBM; ++r) acc = fmaf(dSs[r * kLdP + c], Qs[r * ldk + k], acc);
-      dKs[e] = acc;
-    }
+    add_At_B(dVs, dv, Ps, dOs, ldv);
+    add_At_B(dKs, dqk, dSs, Qs, ldk);
   }
   __syncthreads();
-  float* dkb = dkv + (int64_t)b * S * ldkv + (int64_t)h * (dn + dv);
+  float* dkb = dkv + (int64_t)hd.b * S * hd.ldkv + (int64_t)hd.h * (dn + dv);
   for (int e = threadIdx.x; e < kBN * dqk; e += kThreads) {
     const int c = e / dqk, k = e % dqk, j = j0 + c;
     if (j >= S) continue;
     if (k < dn)
-      dkb[(int64_t)j * ldkv + k] = dKs[e];
+      dkb[(int64_t)j * hd.ldkv + k] = dKs[e];
     else
-      dkpe_h[(((int64_t)b * H + h) * S + j) * dr + (k - dn)] = dKs[e];
+      dkpe_h[(((int64_t)hd.b * H + hd.h) * S + j) * dr + (k - dn)] = dKs[e];
   }
   for (int e = threadIdx.x; e < kBN * dv; e += kThreads) {
     const int c = e / dv, k = e % dv, j = j0 + c;
-    if (j < S) dkb[(int64_t)j * ldkv + dn + k] = dVs[e];
+    if (j < S) dkb[(int64_t)j * hd.ldkv + dn + k] = dVs[e];
   }
 }
 
@@ -294,15 +334,9 @@ __global__ void __launch_bounds__(kThreads)
                         float* __restrict__ dq) {
   extern __shared__ float smem[];
   const int dqk = dn + dr, ldk = odd(dqk), ldv = odd(dv);
-  const int i0 = blockIdx.x * kBM, h = blockIdx.y, b = blockIdx.z;
+  const int i0 = blockIdx.x * kBM;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t ldq = (int64_t)H * dqk, ldkv = (int64_t)H * (dn + dv), ldo = (int64_t)H * dv;
-  const float* qb = q + (int64_t)b * S * ldq + (int64_t)h * dqk;
-  const float* kb = kv + (int64_t)b * S * ldkv + (int64_t)h * (dn + dv);
-  const float* pb = kpe + (int64_t)b * S * ldkpe;
-  const float* dob = dout + (int64_t)b * S * ldo + (int64_t)h * dv;
-  const float* lb = lse + ((int64_t)b * H + h) * S;
-  const float* Db = D + ((int64_t)b * H + h) * S;
+  const Head hd = this_head(q, kv, kpe, ldkpe, S, H, dn, dr, dv);
   float* Qs = smem;
   float* dOs = Qs + kBM * ldk;
   float* Ks = dOs + kBM * ldv;
@@ -312,18 +346,12 @@ __global__ void __launch_bounds__(kThreads)
   float* lse_s = dQs + kBM * dqk;
   float* D_s = lse_s + kBM;
 
-  load_rows(Qs, ldk, qb, ldq, i0, kBM, dqk, S);
-  load_rows(dOs, ldv, dob, ldo, i0, kBM, dv, S);
-  for (int r = threadIdx.x; r < kBM; r += kThreads) {
-    const int i = i0 + r;
-    lse_s[r] = i < S ? lb[i] : 0.0f;
-    D_s[r] = i < S ? Db[i] : 0.0f;
-  }
+  load_query_block(Qs, ldk, dOs, ldv, lse_s, D_s, hd, dout, lse, D, i0, S, H, dqk, dv);
   for (int e = threadIdx.x; e < kBM * dqk; e += kThreads) dQs[e] = 0.0f;
   const int j_end = min(S, i0 + kBM);
   for (int j0 = 0; j0 < j_end; j0 += kBN) {
     __syncthreads();  // the previous key block is consumed (the first time: Q, dO, lse, D are loaded)
-    load_kv_block(Ks, ldk, Vs, ldv, kb, ldkv, pb, ldkpe, j0, S, dn, dr, dv);
+    load_kv_block(Ks, ldk, Vs, ldv, hd, j0, S, dn, dr, dv);
     __syncthreads();
     const int j = j0 + lane;
 #pragma unroll
@@ -342,10 +370,10 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   __syncthreads();
-  float* dqb = dq + (int64_t)b * S * ldq + (int64_t)h * dqk;
+  float* dqb = dq + (int64_t)hd.b * S * hd.ldq + (int64_t)hd.h * dqk;
   for (int e = threadIdx.x; e < kBM * dqk; e += kThreads) {
     const int r = e / dqk, k = e % dqk, i = i0 + r;
-    if (i < S) dqb[(int64_t)i * ldq + k] = dQs[e];
+    if (i < S) dqb[(int64_t)i * hd.ldq + k] = dQs[e];
   }
 }
 

@@ -18,6 +18,7 @@
 #include "core/error.h"
 #include "cuda_backend.cuh"
 #include "device_buffer.cuh"
+#include "gpu_test_util.h"  // one_gpu_per_rank
 #include "parallel/comm.h"
 #include "parallel/nccl_comm.h"
 
@@ -48,18 +49,8 @@ int main(int argc, char** argv) {
   const int64_t max_mib = argc > 1 ? std::atoll(argv[1]) : 256;
   const int reps = argc > 2 ? std::atoi(argv[2]) : 20;
   const int n = comm.size();
-  std::string reason;
-  const bool usable = cuda_device_usable(&reason);
-  int count = 0;
-  if (usable && cudaGetDeviceCount(&count) != cudaSuccess) count = 0;
-  const std::vector<int> nodes = comm.group_nodes(GroupKind::world);
-  int on_node = 0;
-  for (int node : nodes) on_node += node == nodes[comm.rank()];
-  std::string skip = n < 2 ? "1 rank: nothing to measure (mpirun -np N with N GPUs)"
-                     : !usable ? "no CUDA device: " + reason
-                     : on_node > count ? std::to_string(on_node) + " ranks on a node with " + std::to_string(count) +
-                                             " CUDA device(s)"
-                                       : "";
+  const std::string gpus = dsv3::test::one_gpu_per_rank(comm);
+  const std::string skip = n < 2 ? "1 rank: nothing to measure (mpirun -np N with N GPUs)" : gpus;
   if (comm.any(!skip.empty())) {
     if (comm.rank() == 0) std::printf("SKIPPED: %s\n", skip.empty() ? "another rank has no CUDA device" : skip.c_str());
     return 77;

@@ -24,10 +24,12 @@
 #include <string>
 #include <vector>
 
+#include "../unit/test_util.h"  // error_of
 #include "core/error.h"
 #include "cuda_backend.cuh"
 #include "cuda_check.cuh"
 #include "device_buffer.cuh"
+#include "gpu_test_util.h"   // randn, random_vector, one_gpu_per_rank
 #include "io/safetensors.h"  // float_to_bf16, bf16_to_float
 #include "parallel/comm.h"
 #include "parallel/nccl_comm.h"
@@ -35,6 +37,9 @@
 
 using namespace dsv3;
 using cuda::DeviceBuffer;
+using dsv3::test::error_of;
+using dsv3::test::random_vector;
+using dsv3::test::randn;
 
 namespace {
 
@@ -71,34 +76,15 @@ const GroupKind kKinds[] = {GroupKind::world, GroupKind::tp,  GroupKind::dp,  Gr
 
 uint64_t seed_of(GroupKind k, int op) { return 1000003ull * (g_comm->rank() + 1) + 101 * (int)k + op; }
 
-std::vector<float> randn(size_t n, uint64_t seed) {
-  std::mt19937_64 g(seed);
-  std::normal_distribution<float> d(0.0f, 1.0f);
-  std::vector<float> v(n);
-  for (auto& x : v) x = d(g);
-  return v;
-}
 std::vector<double> randn_d(size_t n, uint64_t seed) {
-  std::mt19937_64 g(seed);
-  std::normal_distribution<double> d(0.0, 1.0);
-  std::vector<double> v(n);
-  for (auto& x : v) x = d(g);
-  return v;
+  return random_vector<double>(n, seed, std::normal_distribution<double>(0.0, 1.0));
 }
 // integers in [-8, 8] as floats: every sum over <= 16 ranks is exact in BF16 and FP32
 std::vector<float> small_ints(size_t n, uint64_t seed) {
-  std::mt19937_64 g(seed);
-  std::uniform_int_distribution<int> d(-8, 8);
-  std::vector<float> v(n);
-  for (auto& x : v) x = (float)d(g);
-  return v;
+  return random_vector<float>(n, seed, std::uniform_int_distribution<int>(-8, 8));
 }
 std::vector<int64_t> randi(size_t n, uint64_t seed) {
-  std::mt19937_64 g(seed);
-  std::uniform_int_distribution<int64_t> d(-(int64_t(1) << 40), int64_t(1) << 40);
-  std::vector<int64_t> v(n);
-  for (auto& x : v) x = d(g);
-  return v;
+  return random_vector<int64_t>(n, seed, std::uniform_int_distribution<int64_t>(-(int64_t(1) << 40), int64_t(1) << 40));
 }
 std::vector<uint16_t> to_bf16(const std::vector<float>& v) {
   std::vector<uint16_t> b(v.size());
@@ -309,15 +295,6 @@ void check_pipeline(Comm& comm, NcclComm& nc, const std::string& tag) {
   expect_exact(tag + " pp ring sendrecv", ref, fetch(nc, dy));
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
 // single_comms: which settings of NcclOptions::singleton_comms to test for a layout (both on one rank; on more ranks
 // the first layout also with 1-rank communicators, so that etp/embd-style groups go through NCCL once)
 std::vector<bool> singleton_settings(int world, size_t layout_index) {
@@ -325,10 +302,9 @@ std::vector<bool> singleton_settings(int world, size_t layout_index) {
   return {false};
 }
 
-}  // namespace
-
-TEST(NcclComm, CollectivesMatchMpi) {
-  Comm& comm = *g_comm;
+// f(nc, singleton, tag) for every layout of this world size and each of its singleton_comms settings, each on a new
+// NcclComm; tag names the layout (and the 1-rank communicators)
+void for_each_setting(Comm& comm, const std::function<void(NcclComm&, bool, const std::string&)>& f) {
   const auto ls = layouts(comm.size());
   for (size_t li = 0; li < ls.size(); ++li) {
     set_layout(comm, ls[li]);
@@ -336,27 +312,26 @@ TEST(NcclComm, CollectivesMatchMpi) {
       NcclOptions opt;
       opt.singleton_comms = singleton;
       NcclComm nc(comm, opt);
-      const std::string tag = std::string(ls[li].name) + (singleton ? " (1-rank comms)" : "");
-      for (GroupKind k : kKinds) {
-        EXPECT_EQ(nc.has_nccl(k), singleton || comm.group_size(k) > 1) << tag << " " << group_name(k);
-        check_collectives(comm, nc, k, tag);
-      }
+      f(nc, singleton, std::string(ls[li].name) + (singleton ? " (1-rank comms)" : ""));
     }
   }
 }
 
+}  // namespace
+
+TEST(NcclComm, CollectivesMatchMpi) {
+  Comm& comm = *g_comm;
+  for_each_setting(comm, [&](NcclComm& nc, bool singleton, const std::string& tag) {
+    for (GroupKind k : kKinds) {
+      EXPECT_EQ(nc.has_nccl(k), singleton || comm.group_size(k) > 1) << tag << " " << group_name(k);
+      check_collectives(comm, nc, k, tag);
+    }
+  });
+}
+
 TEST(NcclComm, PipelineMatchesMpi) {
   Comm& comm = *g_comm;
-  const auto ls = layouts(comm.size());
-  for (size_t li = 0; li < ls.size(); ++li) {
-    set_layout(comm, ls[li]);
-    for (bool singleton : singleton_settings(comm.size(), li)) {
-      NcclOptions opt;
-      opt.singleton_comms = singleton;
-      NcclComm nc(comm, opt);
-      check_pipeline(comm, nc, std::string(ls[li].name) + (singleton ? " (1-rank comms)" : ""));
-    }
-  }
+  for_each_setting(comm, [&](NcclComm& nc, bool, const std::string& tag) { check_pipeline(comm, nc, tag); });
 }
 
 // the named wrappers are the generic operations on their group
@@ -506,19 +481,8 @@ int main(int argc, char** argv) {
     delete listeners.Release(listeners.default_result_printer());
   }
   // every rank needs a device, every node one device per rank; all ranks agree before any NCCL call
-  std::string reason;
-  const bool usable = cuda_device_usable(&reason);
   int count = 0;
-  if (usable && cudaGetDeviceCount(&count) != cudaSuccess) count = 0;
-  const std::vector<int> nodes = comm.group_nodes(GroupKind::world);
-  int on_node = 0;
-  for (int node : nodes) on_node += node == nodes[comm.rank()];
-  std::string skip;
-  if (!usable) skip = "no CUDA device: " + reason;
-  else if (on_node > count)
-    skip = std::to_string(on_node) + " ranks on a node with " + std::to_string(count) +
-           " CUDA device(s): NCCL needs one GPU per rank (run with at most " + std::to_string(count) +
-           " ranks per node)";
+  const std::string skip = dsv3::test::one_gpu_per_rank(comm, &count);
   if (comm.any(!skip.empty())) {
     if (comm.rank() == 0)
       std::printf("SKIPPED: %s\n", skip.empty() ? "another rank cannot use a CUDA device" : skip.c_str());

@@ -23,10 +23,13 @@
 #include "core/numerics.h"
 #include "cuda_backend.cuh"
 #include "device_buffer.cuh"
+#include "gpu_test_util.h"  // randn, random_vector
 #include "ops/cpu/cpu_backend.h"
 
 using namespace dsv3;
 using cuda::DeviceBuffer;
+using dsv3::test::random_vector;
+using dsv3::test::randn;
 
 namespace {
 
@@ -46,20 +49,8 @@ const GpuEnv& gpu_env() {
   return env;
 }
 
-std::vector<float> randn(size_t n, uint64_t seed, float sd = 1.0f) {
-  std::mt19937_64 g(seed);
-  std::normal_distribution<float> d(0.0f, sd);
-  std::vector<float> v(n);
-  for (auto& x : v) x = d(g);
-  return v;
-}
-
 std::vector<int64_t> randint(size_t n, int64_t lo, int64_t hi, uint64_t seed) {  // [lo, hi)
-  std::mt19937_64 g(seed);
-  std::uniform_int_distribution<int64_t> d(lo, hi - 1);
-  std::vector<int64_t> v(n);
-  for (auto& x : v) x = d(g);
-  return v;
+  return random_vector<int64_t>(n, seed, std::uniform_int_distribution<int64_t>(lo, hi - 1));
 }
 
 double nmse(const std::vector<float>& ref, const std::vector<float>& got) {
@@ -293,26 +284,49 @@ std::string attn_tag(const AttnCfg& c) {
   return " B" + std::to_string(c.B) + " S" + std::to_string(c.S) + " H" + std::to_string(c.H);
 }
 
+// A config's random operands, drawn in this order from ++seed: q (B,S,H,dn+dr), kv (B,S,H,dn+dv), kpe (B*S, ldkpe),
+// and for a backward test dout (B,S,H,dv); then the gradients' initial values: dq and dkv garbage (the ops write
+// them), dkpe (accumulated into).
+struct AttnData {
+  int64_t T;    // tokens B*S
+  float scale;  // 1/sqrt(dn + dr)
+  std::vector<float> q, kv, kpe, dout;
+  AttnData(const AttnCfg& c, uint64_t& seed, bool backward)
+      : T(c.B * c.S),
+        scale(1.0f / std::sqrt((float)(c.dn + c.dr))),
+        q(randn(T * c.H * (c.dn + c.dr), ++seed)),
+        kv(randn(T * c.H * (c.dn + c.dv), ++seed)),
+        kpe(randn(T * c.ldkpe, ++seed)),
+        dout(backward ? randn(T * c.H * c.dv, ++seed) : std::vector<float>()) {}
+  struct Grads {
+    std::vector<float> dq, dkv, dkpe;
+  };
+  Grads initial_grads(uint64_t& seed) const {
+    Grads g;
+    g.dq = randn(q.size(), ++seed, 100.0f);
+    g.dkv = randn(kv.size(), ++seed, 100.0f);
+    g.dkpe = randn(kpe.size(), ++seed);
+    return g;
+  }
+};
+
 TEST_F(CudaOps, MlaAttentionForward) {
   uint64_t seed = 500;
   for (const auto& c : kAttnCfgs) {
-    const int64_t T = c.B * c.S;
-    const float scale = 1.0f / std::sqrt((float)(c.dn + c.dr));
-    auto q = randn(T * c.H * (c.dn + c.dr), ++seed), kv = randn(T * c.H * (c.dn + c.dv), ++seed),
-         kpe = randn(T * c.ldkpe, ++seed);
-    std::vector<float> o(T * c.H * c.dv), probs(c.B * c.H * c.S * c.S);
-    cpu.mla_attention_forward(q.data(), kv.data(), kpe.data(), c.ldkpe, c.B, c.S, c.H, c.dn, c.dr, c.dv, scale,
-                              o.data(), probs.data());
-    auto d_q = dev(q), d_kv = dev(kv), d_kpe = dev(kpe);
+    const AttnData a(c, seed, false);
+    std::vector<float> o(a.T * c.H * c.dv), probs(c.B * c.H * c.S * c.S);
+    cpu.mla_attention_forward(a.q.data(), a.kv.data(), a.kpe.data(), c.ldkpe, c.B, c.S, c.H, c.dn, c.dr, c.dv,
+                              a.scale, o.data(), probs.data());
+    auto d_q = dev(a.q), d_kv = dev(a.kv), d_kpe = dev(a.kpe);
     DeviceBuffer<float> d_o(o.size()), d_probs(probs.size());
-    gpu().mla_attention_forward(d_q.get(), d_kv.get(), d_kpe.get(), c.ldkpe, c.B, c.S, c.H, c.dn, c.dr, c.dv, scale,
+    gpu().mla_attention_forward(d_q.get(), d_kv.get(), d_kpe.get(), c.ldkpe, c.B, c.S, c.H, c.dn, c.dr, c.dv, a.scale,
                                 d_o.get(), d_probs.get());
     expect_nmse("mla_attention_forward o" + attn_tag(c), o, d_o.to_host(), kTolGemm);
     expect_nmse("mla_attention_forward probs" + attn_tag(c), probs, d_probs.to_host(), kTolGemm);
     // without probs: the scores go to scratch, one head at a time here
     cuda_->set_attention_chunk_bytes(sizeof(float) * c.S * c.S);
     DeviceBuffer<float> d_o2(o.size());
-    gpu().mla_attention_forward(d_q.get(), d_kv.get(), d_kpe.get(), c.ldkpe, c.B, c.S, c.H, c.dn, c.dr, c.dv, scale,
+    gpu().mla_attention_forward(d_q.get(), d_kv.get(), d_kpe.get(), c.ldkpe, c.B, c.S, c.H, c.dn, c.dr, c.dv, a.scale,
                                 d_o2.get(), nullptr);
     expect_nmse("mla_attention_forward o (no probs, chunked)" + attn_tag(c), o, d_o2.to_host(), kTolGemm);
     cuda_->set_attention_chunk_bytes(size_t(1) << 30);
@@ -323,23 +337,18 @@ TEST_F(CudaOps, MlaAttentionBackward) {
   uint64_t seed = 600;
   for (const auto& c : kAttnCfgs) {
     for (const size_t chunk : {size_t(1) << 30, sizeof(float) * c.S * c.S}) {
-      const int64_t T = c.B * c.S;
-      const float scale = 1.0f / std::sqrt((float)(c.dn + c.dr));
-      auto q = randn(T * c.H * (c.dn + c.dr), ++seed), kv = randn(T * c.H * (c.dn + c.dv), ++seed),
-           kpe = randn(T * c.ldkpe, ++seed), dout = randn(T * c.H * c.dv, ++seed);
-      std::vector<float> o(T * c.H * c.dv), probs(c.B * c.H * c.S * c.S);
-      cpu.mla_attention_forward(q.data(), kv.data(), kpe.data(), c.ldkpe, c.B, c.S, c.H, c.dn, c.dr, c.dv, scale,
-                                o.data(), probs.data());
-      // dq and dkv are written (start from garbage), dkpe accumulates
-      auto dq = randn(q.size(), ++seed, 100.0f), dkv = randn(kv.size(), ++seed, 100.0f),
-           dkpe = randn(kpe.size(), ++seed);
-      auto d_q = dev(q), d_kv = dev(kv), d_kpe = dev(kpe), d_probs = dev(probs), d_dout = dev(dout), d_dq = dev(dq),
-           d_dkv = dev(dkv), d_dkpe = dev(dkpe);
-      cpu.mla_attention_backward(q.data(), kv.data(), kpe.data(), c.ldkpe, probs.data(), dout.data(), c.B, c.S, c.H,
-                                 c.dn, c.dr, c.dv, scale, dq.data(), dkv.data(), dkpe.data());
+      const AttnData a(c, seed, true);
+      std::vector<float> o(a.T * c.H * c.dv), probs(c.B * c.H * c.S * c.S);
+      cpu.mla_attention_forward(a.q.data(), a.kv.data(), a.kpe.data(), c.ldkpe, c.B, c.S, c.H, c.dn, c.dr, c.dv,
+                                a.scale, o.data(), probs.data());
+      auto [dq, dkv, dkpe] = a.initial_grads(seed);
+      auto d_q = dev(a.q), d_kv = dev(a.kv), d_kpe = dev(a.kpe), d_probs = dev(probs), d_dout = dev(a.dout),
+           d_dq = dev(dq), d_dkv = dev(dkv), d_dkpe = dev(dkpe);
+      cpu.mla_attention_backward(a.q.data(), a.kv.data(), a.kpe.data(), c.ldkpe, probs.data(), a.dout.data(), c.B,
+                                 c.S, c.H, c.dn, c.dr, c.dv, a.scale, dq.data(), dkv.data(), dkpe.data());
       cuda_->set_attention_chunk_bytes(chunk);
       gpu().mla_attention_backward(d_q.get(), d_kv.get(), d_kpe.get(), c.ldkpe, d_probs.get(), d_dout.get(), c.B, c.S,
-                                   c.H, c.dn, c.dr, c.dv, scale, d_dq.get(), d_dkv.get(), d_dkpe.get());
+                                   c.H, c.dn, c.dr, c.dv, a.scale, d_dq.get(), d_dkv.get(), d_dkpe.get());
       cuda_->set_attention_chunk_bytes(size_t(1) << 30);
       const std::string tag = attn_tag(c) + (chunk < (size_t(1) << 30) ? " chunked" : "");
       expect_nmse("mla_attention_backward dq" + tag, dq, d_dq.to_host(), kTolGemm);
@@ -365,17 +374,14 @@ std::string flash_tag(const AttnCfg& c) {
 TEST_F(CudaOps, MlaFlashAttentionForward) {
   uint64_t seed = 1400;
   for (const auto& c : kFlashCfgs) {
-    const int64_t T = c.B * c.S;
-    const float scale = 1.0f / std::sqrt((float)(c.dn + c.dr));
-    auto q = randn(T * c.H * (c.dn + c.dr), ++seed), kv = randn(T * c.H * (c.dn + c.dv), ++seed),
-         kpe = randn(T * c.ldkpe, ++seed);
-    std::vector<float> o(T * c.H * c.dv), lse(c.B * c.H * c.S);
-    cpu.mla_flash_attention_forward(q.data(), kv.data(), kpe.data(), c.ldkpe, c.B, c.S, c.H, c.dn, c.dr, c.dv, scale,
-                                    o.data(), lse.data());
-    auto d_q = dev(q), d_kv = dev(kv), d_kpe = dev(kpe);
+    const AttnData a(c, seed, false);
+    std::vector<float> o(a.T * c.H * c.dv), lse(c.B * c.H * c.S);
+    cpu.mla_flash_attention_forward(a.q.data(), a.kv.data(), a.kpe.data(), c.ldkpe, c.B, c.S, c.H, c.dn, c.dr, c.dv,
+                                    a.scale, o.data(), lse.data());
+    auto d_q = dev(a.q), d_kv = dev(a.kv), d_kpe = dev(a.kpe);
     DeviceBuffer<float> d_o(o.size()), d_lse(lse.size());
     gpu().mla_flash_attention_forward(d_q.get(), d_kv.get(), d_kpe.get(), c.ldkpe, c.B, c.S, c.H, c.dn, c.dr, c.dv,
-                                      scale, d_o.get(), d_lse.get());
+                                      a.scale, d_o.get(), d_lse.get());
     expect_nmse("mla_flash_attention_forward o" + flash_tag(c), o, d_o.to_host(), kTolGemm);
     expect_nmse("mla_flash_attention_forward lse" + flash_tag(c), lse, d_lse.to_host(), kTolGemm);
   }
@@ -384,30 +390,27 @@ TEST_F(CudaOps, MlaFlashAttentionForward) {
 TEST_F(CudaOps, MlaFlashAttentionBackward) {
   uint64_t seed = 1500;
   for (const auto& c : kFlashCfgs) {
-    const int64_t T = c.B * c.S;
-    const float scale = 1.0f / std::sqrt((float)(c.dn + c.dr));
-    auto q = randn(T * c.H * (c.dn + c.dr), ++seed), kv = randn(T * c.H * (c.dn + c.dv), ++seed),
-         kpe = randn(T * c.ldkpe, ++seed), dout = randn(T * c.H * c.dv, ++seed);
-    std::vector<float> o(T * c.H * c.dv), lse(c.B * c.H * c.S);
-    cpu.mla_flash_attention_forward(q.data(), kv.data(), kpe.data(), c.ldkpe, c.B, c.S, c.H, c.dn, c.dr, c.dv, scale,
-                                    o.data(), lse.data());
-    // dq and dkv are written (start from garbage), dkpe accumulates; both sides get the CPU's o and lse
-    auto dq = randn(q.size(), ++seed, 100.0f), dkv = randn(kv.size(), ++seed, 100.0f),
-         dkpe = randn(kpe.size(), ++seed);
+    const AttnData a(c, seed, true);
+    std::vector<float> o(a.T * c.H * c.dv), lse(c.B * c.H * c.S);
+    cpu.mla_flash_attention_forward(a.q.data(), a.kv.data(), a.kpe.data(), c.ldkpe, c.B, c.S, c.H, c.dn, c.dr, c.dv,
+                                    a.scale, o.data(), lse.data());
+    // both sides get the CPU's o and lse
+    auto [dq, dkv, dkpe] = a.initial_grads(seed);
     const auto dkpe0 = dkpe;
-    auto d_q = dev(q), d_kv = dev(kv), d_kpe = dev(kpe), d_o = dev(o), d_lse = dev(lse), d_dout = dev(dout),
+    auto d_q = dev(a.q), d_kv = dev(a.kv), d_kpe = dev(a.kpe), d_o = dev(o), d_lse = dev(lse), d_dout = dev(a.dout),
          d_dq = dev(dq), d_dkv = dev(dkv), d_dkpe = dev(dkpe);
-    cpu.mla_flash_attention_backward(q.data(), kv.data(), kpe.data(), c.ldkpe, o.data(), lse.data(), dout.data(), c.B,
-                                     c.S, c.H, c.dn, c.dr, c.dv, scale, dq.data(), dkv.data(), dkpe.data());
+    cpu.mla_flash_attention_backward(a.q.data(), a.kv.data(), a.kpe.data(), c.ldkpe, o.data(), lse.data(),
+                                     a.dout.data(), c.B, c.S, c.H, c.dn, c.dr, c.dv, a.scale, dq.data(), dkv.data(),
+                                     dkpe.data());
     gpu().mla_flash_attention_backward(d_q.get(), d_kv.get(), d_kpe.get(), c.ldkpe, d_o.get(), d_lse.get(),
-                                       d_dout.get(), c.B, c.S, c.H, c.dn, c.dr, c.dv, scale, d_dq.get(), d_dkv.get(),
+                                       d_dout.get(), c.B, c.S, c.H, c.dn, c.dr, c.dv, a.scale, d_dq.get(), d_dkv.get(),
                                        d_dkpe.get());
     expect_nmse("mla_flash_attention_backward dq" + flash_tag(c), dq, d_dq.to_host(), kTolGemm);
     expect_nmse("mla_flash_attention_backward dkv" + flash_tag(c), dkv, d_dkv.to_host(), kTolGemm);
     const auto got_dkpe = d_dkpe.to_host();
     expect_nmse("mla_flash_attention_backward dkpe" + flash_tag(c), dkpe, got_dkpe, kTolGemm);
     int64_t pad_changed = 0;  // the columns of a k_pe row past dr (kv_a's latent in the model) are never written
-    for (int64_t t = 0; t < T; ++t)
+    for (int64_t t = 0; t < a.T; ++t)
       for (int64_t k = c.dr; k < c.ldkpe; ++k) pad_changed += got_dkpe[t * c.ldkpe + k] != dkpe0[t * c.ldkpe + k];
     EXPECT_EQ(pad_changed, 0) << flash_tag(c);
   }
@@ -417,23 +420,23 @@ TEST_F(CudaOps, MlaFlashAttentionBackward) {
 TEST_F(CudaOps, MlaFlashAttentionHostStaged) {
   auto staged = make_backend("cuda");
   const AttnCfg c{2, 41, 3, 16, 8, 16, 24};  // the tiny golden model's head dims, k_pe inside kv_a's row
-  const int64_t T = c.B * c.S;
+  uint64_t seed = 1600;
+  const AttnData a(c, seed, true);
   const float scale = 0.25f;
-  auto q = randn(T * c.H * (c.dn + c.dr), 1601), kv = randn(T * c.H * (c.dn + c.dv), 1602),
-       kpe = randn(T * c.ldkpe, 1603), dout = randn(T * c.H * c.dv, 1604);
-  std::vector<float> o(T * c.H * c.dv), lse(c.B * c.H * c.S), o_g(o.size()), lse_g(lse.size());
-  cpu.mla_flash_attention_forward(q.data(), kv.data(), kpe.data(), c.ldkpe, c.B, c.S, c.H, c.dn, c.dr, c.dv, scale,
-                                  o.data(), lse.data());
-  staged->mla_flash_attention_forward(q.data(), kv.data(), kpe.data(), c.ldkpe, c.B, c.S, c.H, c.dn, c.dr, c.dv,
+  std::vector<float> o(a.T * c.H * c.dv), lse(c.B * c.H * c.S), o_g(o.size()), lse_g(lse.size());
+  cpu.mla_flash_attention_forward(a.q.data(), a.kv.data(), a.kpe.data(), c.ldkpe, c.B, c.S, c.H, c.dn, c.dr, c.dv,
+                                  scale, o.data(), lse.data());
+  staged->mla_flash_attention_forward(a.q.data(), a.kv.data(), a.kpe.data(), c.ldkpe, c.B, c.S, c.H, c.dn, c.dr, c.dv,
                                       scale, o_g.data(), lse_g.data());
   expect_nmse("host-staged mla_flash_attention_forward o", o, o_g, kTolGemm);
   expect_nmse("host-staged mla_flash_attention_forward lse", lse, lse_g, kTolGemm);
-  auto dq = randn(q.size(), 1605, 100.0f), dkv = randn(kv.size(), 1606, 100.0f), dkpe = randn(kpe.size(), 1607);
+  auto [dq, dkv, dkpe] = a.initial_grads(seed);
   auto dq_g = dq, dkv_g = dkv, dkpe_g = dkpe;
-  cpu.mla_flash_attention_backward(q.data(), kv.data(), kpe.data(), c.ldkpe, o.data(), lse.data(), dout.data(), c.B,
-                                   c.S, c.H, c.dn, c.dr, c.dv, scale, dq.data(), dkv.data(), dkpe.data());
-  staged->mla_flash_attention_backward(q.data(), kv.data(), kpe.data(), c.ldkpe, o.data(), lse.data(), dout.data(),
-                                       c.B, c.S, c.H, c.dn, c.dr, c.dv, scale, dq_g.data(), dkv_g.data(),
+  cpu.mla_flash_attention_backward(a.q.data(), a.kv.data(), a.kpe.data(), c.ldkpe, o.data(), lse.data(),
+                                   a.dout.data(), c.B, c.S, c.H, c.dn, c.dr, c.dv, scale, dq.data(), dkv.data(),
+                                   dkpe.data());
+  staged->mla_flash_attention_backward(a.q.data(), a.kv.data(), a.kpe.data(), c.ldkpe, o.data(), lse.data(),
+                                       a.dout.data(), c.B, c.S, c.H, c.dn, c.dr, c.dv, scale, dq_g.data(), dkv_g.data(),
                                        dkpe_g.data());
   expect_nmse("host-staged mla_flash_attention_backward dq", dq, dq_g, kTolGemm);
   expect_nmse("host-staged mla_flash_attention_backward dkv", dkv, dkv_g, kTolGemm);

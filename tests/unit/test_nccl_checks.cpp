@@ -4,26 +4,16 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
-#include <functional>
 #include <limits>
 #include <string>
 #include <vector>
 
 #include "core/error.h"
 #include "parallel/nccl_comm.h"
+#include "test_util.h"
 
 using namespace dsv3;
-
-namespace {
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
-}  // namespace
+using dsv3::test::error_of;
 
 TEST(NcclChecks, CountsNameTheOperation) {
   EXPECT_EQ(nccl_count(0, 4, "allreduce"), 0u);

@@ -79,21 +79,50 @@ void CpuBackend::rope_forward(float* x, int64_t rows, int64_t ldx, int64_t n_hea
   }
 }
 
+namespace {
+// One head of one sequence in MLA attention's operands: row 0 of the head in each. T = const float for the inputs,
+// float for their gradients (dq, dkv, dkpe are laid out as q, kv, kpe).
+template <class T>
+struct MlaHead {
+  T* q;    // (S, dn + dr) q_nope | q_pe, rows MlaLayout::ldq apart
+  T* k;    // (S, dn) k_nope, rows ldkv apart
+  T* v;    // (S, dv) = k + dn, rows ldkv apart
+  T* kpe;  // (S, dr) k_pe, rows ldkpe apart: the same rows for every head
+};
+
+// The layout of MLA attention's operands (backend.h): q (B,S,H,dn+dr), kv (B,S,H,dn+dv) with k_nope | v per head,
+// k_pe rows ldkpe apart shared by the heads, o and dout (B,S,H,dv), probs (B,H,S,S), lse (B,H,S).
+struct MlaLayout {
+  int64_t S, H, dn, dr, dv, ldkpe, ldq, ldkv, ldo;
+  MlaLayout(int64_t S, int64_t H, int64_t dn, int64_t dr, int64_t dv, int64_t ldkpe)
+      : S(S), H(H), dn(dn), dr(dr), dv(dv), ldkpe(ldkpe), ldq(H * (dn + dr)), ldkv(H * (dn + dv)), ldo(H * dv) {}
+  // head h of sequence b in q, kv and kpe (or dq, dkv and dkpe)
+  template <class T>
+  MlaHead<T> head(T* q, T* kv, T* kpe, int64_t b, int64_t h) const {
+    T* k = kv + b * S * ldkv + h * (dn + dv);
+    return {q + b * S * ldq + h * (dn + dr), k, k + dn, kpe + b * S * ldkpe};
+  }
+  int64_t o(int64_t b, int64_t h) const { return b * S * ldo + h * dv; }  // row 0 of the head in o and dout
+  int64_t rows(int64_t b, int64_t h) const { return (b * H + h) * S; }    // the head's S values in lse (B,H,S)
+  // the scaled scores scale * (q_nope k_nope^T + q_pe k_pe^T) of the head's query rows i0..i0+m-1 against keys
+  // 0..n-1 into p (m, n), leading dimension n
+  void scores(const MlaHead<const float>& x, int64_t i0, int64_t m, int64_t n, float scale, float* p) const {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, dn, scale, x.q + i0 * ldq, ldq, x.k, ldkv, 0.0f, p, n);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, dr, scale, x.q + i0 * ldq + dn, ldq, x.kpe, ldkpe,
+                1.0f, p, n);
+  }
+};
+}  // namespace
+
 void CpuBackend::mla_attention_forward(const float* q, const float* kv, const float* kpe, int64_t ldkpe, int64_t B,
                                        int64_t S, int64_t H, int64_t dn, int64_t dr, int64_t dv, float scale, float* o,
                                        float* probs) {
-  const int64_t ldq = H * (dn + dr), ldkv = H * (dn + dv), ldo = H * dv;
+  const MlaLayout L(S, H, dn, dr, dv, ldkpe);
   std::vector<float> scores(S * S);
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t h = 0; h < H; ++h) {
-      const float* qh = q + b * S * ldq + h * (dn + dr);
-      const float* kh = kv + b * S * ldkv + h * (dn + dv);
-      const float* vh = kh + dn;
-      const float* kp = kpe + b * S * ldkpe;
-      // scores(S,S) = scale * (q_nope k_nope^T + q_pe k_pe^T)
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, S, S, dn, scale, qh, ldq, kh, ldkv, 0.0f, scores.data(), S);
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, S, S, dr, scale, qh + dn, ldq, kp, ldkpe, 1.0f,
-                  scores.data(), S);
+      const MlaHead<const float> x = L.head(q, kv, kpe, b, h);
+      L.scores(x, 0, S, S, scale, scores.data());  // (S,S)
       // causal softmax: row i sees keys 0..i
       for (int64_t i = 0; i < S; ++i) {
         float* row = scores.data() + i * S;
@@ -108,9 +137,9 @@ void CpuBackend::mla_attention_forward(const float* q, const float* kv, const fl
         for (int64_t j = 0; j <= i; ++j) row[j] *= inv;
         for (int64_t j = i + 1; j < S; ++j) row[j] = 0.0f;
       }
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, S, dv, S, 1.0f, scores.data(), S, vh, ldkv, 0.0f,
-                  o + b * S * ldo + h * dv, ldo);
-      if (probs) std::copy(scores.begin(), scores.end(), probs + (b * H + h) * S * S);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, S, dv, S, 1.0f, scores.data(), S, x.v, L.ldkv, 0.0f,
+                  o + L.o(b, h), L.ldo);
+      if (probs) std::copy(scores.begin(), scores.end(), probs + L.rows(b, h) * S);
     }
   }
 }
@@ -313,23 +342,18 @@ void CpuBackend::mla_attention_backward(const float* q, const float* kv, const f
                                         const float* probs, const float* dout, int64_t B, int64_t S, int64_t H,
                                         int64_t dn, int64_t dr, int64_t dv, float scale, float* dq, float* dkv,
                                         float* dkpe) {
-  const int64_t ldq = H * (dn + dr), ldkv = H * (dn + dv), ldo = H * dv;
+  const MlaLayout L(S, H, dn, dr, dv, ldkpe);
+  const int64_t ldq = L.ldq, ldkv = L.ldkv, ldo = L.ldo;
   std::vector<float> dp(S * S);
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t h = 0; h < H; ++h) {
-      const float* P = probs + (b * H + h) * S * S;
-      const float* qh = q + b * S * ldq + h * (dn + dr);
-      const float* kh = kv + b * S * ldkv + h * (dn + dv);
-      const float* vh = kh + dn;
-      const float* kp = kpe + b * S * ldkpe;
-      const float* doh = dout + b * S * ldo + h * dv;
-      float* dqh = dq + b * S * ldq + h * (dn + dr);
-      float* dkh = dkv + b * S * ldkv + h * (dn + dv);
-      float* dvh = dkh + dn;
-      float* dkp = dkpe + b * S * ldkpe;
+      const float* P = probs + L.rows(b, h) * S;
+      const MlaHead<const float> x = L.head(q, kv, kpe, b, h);
+      const MlaHead<float> dx = L.head(dq, dkv, dkpe, b, h);
+      const float* doh = dout + L.o(b, h);
       // O = P V:  dP = dO V^T (S,S),  dV = P^T dO (S,dv)
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, S, S, dv, 1.0f, doh, ldo, vh, ldkv, 0.0f, dp.data(), S);
-      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, S, dv, S, 1.0f, P, S, doh, ldo, 0.0f, dvh, ldkv);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, S, S, dv, 1.0f, doh, ldo, x.v, ldkv, 0.0f, dp.data(), S);
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, S, dv, S, 1.0f, P, S, doh, ldo, 0.0f, dx.v, ldkv);
       // softmax: dScore = P * (dP - rowsum(dP * P)), times the softmax scale
       for (int64_t i = 0; i < S; ++i) {
         const float* pr = P + i * S;
@@ -340,11 +364,11 @@ void CpuBackend::mla_attention_backward(const float* q, const float* kv, const f
         for (int64_t j = i + 1; j < S; ++j) g[j] = 0.0f;
       }
       // score = q_nope k_nope^T + q_pe k_pe^T
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, S, dn, S, 1.0f, dp.data(), S, kh, ldkv, 0.0f, dqh, ldq);
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, S, dr, S, 1.0f, dp.data(), S, kp, ldkpe, 0.0f, dqh + dn,
-                  ldq);
-      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, S, dn, S, 1.0f, dp.data(), S, qh, ldq, 0.0f, dkh, ldkv);
-      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, S, dr, S, 1.0f, dp.data(), S, qh + dn, ldq, 1.0f, dkp,
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, S, dn, S, 1.0f, dp.data(), S, x.k, ldkv, 0.0f, dx.q, ldq);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, S, dr, S, 1.0f, dp.data(), S, x.kpe, ldkpe, 0.0f,
+                  dx.q + dn, ldq);
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, S, dn, S, 1.0f, dp.data(), S, x.q, ldq, 0.0f, dx.k, ldkv);
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, S, dr, S, 1.0f, dp.data(), S, x.q + dn, ldq, 1.0f, dx.kpe,
                   ldkpe);
     }
   }
@@ -360,22 +384,16 @@ constexpr int64_t kFlashRows = 64;  // query rows per tile
 void CpuBackend::mla_flash_attention_forward(const float* q, const float* kv, const float* kpe, int64_t ldkpe,
                                              int64_t B, int64_t S, int64_t H, int64_t dn, int64_t dr, int64_t dv,
                                              float scale, float* o, float* lse) {
-  const int64_t ldq = H * (dn + dr), ldkv = H * (dn + dv), ldo = H * dv;
+  const MlaLayout L(S, H, dn, dr, dv, ldkpe);
   std::vector<float> p(std::min(kFlashRows, S) * S);
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t h = 0; h < H; ++h) {
-      const float* qh = q + b * S * ldq + h * (dn + dr);
-      const float* kh = kv + b * S * ldkv + h * (dn + dv);
-      const float* vh = kh + dn;
-      const float* kp = kpe + b * S * ldkpe;
-      float* lh = lse + (b * H + h) * S;
+      const MlaHead<const float> x = L.head(q, kv, kpe, b, h);
+      float* lh = lse + L.rows(b, h);
       for (int64_t i0 = 0; i0 < S; i0 += kFlashRows) {
         // rows i0..i0+m-1 see keys 0..n-1 at most (causal): the tile's scores are (m, n), leading dimension n
         const int64_t m = std::min(kFlashRows, S - i0), n = i0 + m;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, dn, scale, qh + i0 * ldq, ldq, kh, ldkv, 0.0f,
-                    p.data(), n);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, dr, scale, qh + i0 * ldq + dn, ldq, kp, ldkpe,
-                    1.0f, p.data(), n);
+        L.scores(x, i0, m, n, scale, p.data());
         for (int64_t r = 0; r < m; ++r) {
           const int64_t i = i0 + r;
           float* row = p.data() + r * n;
@@ -391,8 +409,8 @@ void CpuBackend::mla_flash_attention_forward(const float* q, const float* kv, co
           for (int64_t j = 0; j <= i; ++j) row[j] *= inv;
           for (int64_t j = i + 1; j < n; ++j) row[j] = 0.0f;
         }
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, dv, n, 1.0f, p.data(), n, vh, ldkv, 0.0f,
-                    o + (b * S + i0) * ldo + h * dv, ldo);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, dv, n, 1.0f, p.data(), n, x.v, L.ldkv, 0.0f,
+                    o + L.o(b, h) + i0 * L.ldo, L.ldo);
       }
     }
   }
@@ -402,30 +420,22 @@ void CpuBackend::mla_flash_attention_backward(const float* q, const float* kv, c
                                               const float* o, const float* lse, const float* dout, int64_t B,
                                               int64_t S, int64_t H, int64_t dn, int64_t dr, int64_t dv, float scale,
                                               float* dq, float* dkv, float* dkpe) {
-  const int64_t ldq = H * (dn + dr), ldkv = H * (dn + dv), ldo = H * dv;
+  const MlaLayout L(S, H, dn, dr, dv, ldkpe);
+  const int64_t ldq = L.ldq, ldkv = L.ldkv, ldo = L.ldo;
   std::vector<float> p(std::min(kFlashRows, S) * S), dp(p.size());
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t h = 0; h < H; ++h) {
-      const float* qh = q + b * S * ldq + h * (dn + dr);
-      const float* kh = kv + b * S * ldkv + h * (dn + dv);
-      const float* vh = kh + dn;
-      const float* kp = kpe + b * S * ldkpe;
-      const float* oh = o + b * S * ldo + h * dv;
-      const float* doh = dout + b * S * ldo + h * dv;
-      const float* lh = lse + (b * H + h) * S;
-      float* dqh = dq + b * S * ldq + h * (dn + dr);
-      float* dkh = dkv + b * S * ldkv + h * (dn + dv);
-      float* dvh = dkh + dn;
-      float* dkp = dkpe + b * S * ldkpe;
+      const MlaHead<const float> x = L.head(q, kv, kpe, b, h);
+      const MlaHead<float> dx = L.head(dq, dkv, dkpe, b, h);
+      const float* oh = o + L.o(b, h);
+      const float* doh = dout + L.o(b, h);
+      const float* lh = lse + L.rows(b, h);
       // dk and dv collect every query tile's share: this head's columns of dkv start from zero (the op writes dkv)
-      for (int64_t t = 0; t < S; ++t) std::fill(dkh + t * ldkv, dkh + t * ldkv + dn + dv, 0.0f);
+      for (int64_t t = 0; t < S; ++t) std::fill(dx.k + t * ldkv, dx.k + t * ldkv + dn + dv, 0.0f);
       for (int64_t i0 = 0; i0 < S; i0 += kFlashRows) {
         const int64_t m = std::min(kFlashRows, S - i0), n = i0 + m;
         // P (m, n) recomputed from the scores and lse: exp(score - lse), zero above the diagonal
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, dn, scale, qh + i0 * ldq, ldq, kh, ldkv, 0.0f,
-                    p.data(), n);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, dr, scale, qh + i0 * ldq + dn, ldq, kp, ldkpe,
-                    1.0f, p.data(), n);
+        L.scores(x, i0, m, n, scale, p.data());
         for (int64_t r = 0; r < m; ++r) {
           const int64_t i = i0 + r;
           float* row = p.data() + r * n;
@@ -433,10 +443,10 @@ void CpuBackend::mla_flash_attention_backward(const float* q, const float* kv, c
           for (int64_t j = i + 1; j < n; ++j) row[j] = 0.0f;
         }
         // O = P V:  dP = dO V^T (m, n),  dV(0..n-1) += P^T dO
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, dv, 1.0f, doh + i0 * ldo, ldo, vh, ldkv, 0.0f,
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, dv, 1.0f, doh + i0 * ldo, ldo, x.v, ldkv, 0.0f,
                     dp.data(), n);
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n, dv, m, 1.0f, p.data(), n, doh + i0 * ldo, ldo, 1.0f,
-                    dvh, ldkv);
+                    dx.v, ldkv);
         // softmax: dScore = scale * P * (dP - D_i) with D_i = rowsum(dO_i * O_i) (= rowsum(dP_i * P_i))
         for (int64_t r = 0; r < m; ++r) {
           const int64_t i = i0 + r;
@@ -450,14 +460,14 @@ void CpuBackend::mla_flash_attention_backward(const float* q, const float* kv, c
           for (int64_t j = i + 1; j < n; ++j) g[j] = 0.0f;
         }
         // score = q_nope k_nope^T + q_pe k_pe^T: the tile's dq rows are whole; dk_nope, dk_pe (0..n-1) accumulate
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, dn, n, 1.0f, dp.data(), n, kh, ldkv, 0.0f,
-                    dqh + i0 * ldq, ldq);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, dr, n, 1.0f, dp.data(), n, kp, ldkpe, 0.0f,
-                    dqh + i0 * ldq + dn, ldq);
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n, dn, m, 1.0f, dp.data(), n, qh + i0 * ldq, ldq, 1.0f,
-                    dkh, ldkv);
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n, dr, m, 1.0f, dp.data(), n, qh + i0 * ldq + dn, ldq,
-                    1.0f, dkp, ldkpe);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, dn, n, 1.0f, dp.data(), n, x.k, ldkv, 0.0f,
+                    dx.q + i0 * ldq, ldq);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, dr, n, 1.0f, dp.data(), n, x.kpe, ldkpe, 0.0f,
+                    dx.q + i0 * ldq + dn, ldq);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n, dn, m, 1.0f, dp.data(), n, x.q + i0 * ldq, ldq, 1.0f,
+                    dx.k, ldkv);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n, dr, m, 1.0f, dp.data(), n, x.q + i0 * ldq + dn, ldq,
+                    1.0f, dx.kpe, ldkpe);
       }
     }
   }

@@ -1,0 +1,48 @@
+// defines: random_vector, randn — the seeded test data of the GPU tests; one_gpu_per_rank — why a rank cannot run
+// an NCCL program (one CUDA device per rank), for dsv3_nccl_tests and dsv3_nccl_bench
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cuda_backend.cuh"  // cuda_device_usable
+#include "parallel/comm.h"
+
+namespace dsv3::test {
+
+// n values of `dist` drawn with an mt19937_64 seeded with `seed`, as T
+template <class T, class Dist>
+std::vector<T> random_vector(size_t n, uint64_t seed, Dist dist) {
+  std::mt19937_64 g(seed);
+  std::vector<T> v(n);
+  for (auto& x : v) x = (T)dist(g);
+  return v;
+}
+
+inline std::vector<float> randn(size_t n, uint64_t seed, float sd = 1.0f) {
+  return random_vector<float>(n, seed, std::normal_distribution<float>(0.0f, sd));
+}
+
+// "" when this rank has a usable CUDA device and its node has at least one device per rank on it; otherwise why not.
+// devices (if not null): the devices this rank sees (0 without a usable one). Every rank calls it (comm.group_nodes).
+inline std::string one_gpu_per_rank(const Comm& comm, int* devices = nullptr) {
+  std::string reason;
+  const bool usable = cuda_device_usable(&reason);
+  int count = 0;
+  if (usable && cudaGetDeviceCount(&count) != cudaSuccess) count = 0;
+  if (devices) *devices = count;
+  const std::vector<int> nodes = comm.group_nodes(GroupKind::world);
+  int on_node = 0;
+  for (int node : nodes) on_node += node == nodes[comm.rank()];
+  if (!usable) return "no CUDA device: " + reason;
+  if (on_node > count)
+    return std::to_string(on_node) + " ranks on a node with " + std::to_string(count) +
+           " CUDA device(s): NCCL needs one GPU per rank (run with at most " + std::to_string(count) +
+           " ranks per node)";
+  return "";
+}
+
+}  // namespace dsv3::test
