@@ -29,21 +29,8 @@ struct ShardBatch {
 // __grid_constant__: the shard table is read in place from the argument space (indexed by blockIdx.y), not copied
 __global__ void adamw_kernel(const __grid_constant__ ShardBatch batch, const AdamWCoeffs c) {
   const Backend::AdamWShard& sh = batch.s[blockIdx.y];
-  const bool m16 = sh.m16 != nullptr;
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < sh.n; i += (int64_t)gridDim.x * blockDim.x) {
-    float m = m16 ? bf16_bits_to_f32(sh.m16[i]) : sh.m[i];
-    float v = m16 ? bf16_bits_to_f32(sh.v16[i]) : sh.v[i];
-    float p = sh.master[i];
-    adamw_element(c, sh.grad[i], sh.decay[i] != 0, m, v, p);
-    sh.master[i] = p;
-    if (m16) {
-      sh.m16[i] = f32_to_bf16_bits(m);
-      sh.v16[i] = f32_to_bf16_bits(v);
-    } else {
-      sh.m[i] = m;
-      sh.v[i] = v;
-    }
-  }
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < sh.n; i += (int64_t)gridDim.x * blockDim.x)
+    adamw_shard_element(c, sh, i);
 }
 
 // part[c] = sum of x[i]^2 over chunk c, in order

@@ -67,4 +67,22 @@ DSV3_HD inline void adamw_element(const AdamWCoeffs& c, float g, bool decay, flo
   p = p - c.lr * (m / c.bc1) / (sqrtf(v / c.bc2) + c.eps);
 }
 
+// Element i of a shard: its moments loaded (FP32, or BF16 widened), adamw_element, stored back (BF16 rounded to
+// nearest even). The one loop body of both backends' adamw_update.
+DSV3_HD inline void adamw_shard_element(const AdamWCoeffs& c, const Backend::AdamWShard& sh, int64_t i) {
+  const bool m16 = sh.m16 != nullptr;
+  float m = m16 ? bf16_bits_to_f32(sh.m16[i]) : sh.m[i];
+  float v = m16 ? bf16_bits_to_f32(sh.v16[i]) : sh.v[i];
+  float p = sh.master[i];
+  adamw_element(c, sh.grad[i], sh.decay[i] != 0, m, v, p);
+  sh.master[i] = p;
+  if (m16) {
+    sh.m16[i] = f32_to_bf16_bits(m);
+    sh.v16[i] = f32_to_bf16_bits(v);
+  } else {
+    sh.m[i] = m;
+    sh.v[i] = v;
+  }
+}
+
 }  // namespace dsv3

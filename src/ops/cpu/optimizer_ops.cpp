@@ -18,22 +18,8 @@ void CpuBackend::adamw_update(const AdamWShard* shards, int count, const AdamWHy
   const AdamWCoeffs c = adamw_coeffs(h);
   for (int s = 0; s < count; ++s) {
     const AdamWShard& sh = shards[s];
-    const bool m16 = sh.m16 != nullptr;
 #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < sh.n; ++i) {
-      float m = m16 ? bf16_bits_to_f32(sh.m16[i]) : sh.m[i];
-      float v = m16 ? bf16_bits_to_f32(sh.v16[i]) : sh.v[i];
-      float p = sh.master[i];
-      adamw_element(c, sh.grad[i], sh.decay[i] != 0, m, v, p);
-      sh.master[i] = p;
-      if (m16) {
-        sh.m16[i] = f32_to_bf16_bits(m);
-        sh.v16[i] = f32_to_bf16_bits(v);
-      } else {
-        sh.m[i] = m;
-        sh.v[i] = v;
-      }
-    }
+    for (int64_t i = 0; i < sh.n; ++i) adamw_shard_element(c, sh, i);
   }
 }
 
