@@ -107,7 +107,9 @@ Bytes layer_bytes(const ModelConfig& c, const PlanSettings& s, int64_t i, int64_
   } else {
     const double E = c.n_routed_experts, K = c.num_experts_per_tok, El = E / z.ep;
     const double Im = (double)c.moe_intermediate_size / z.etp, Is = (double)c.moe_intermediate_size * c.n_shared_experts / z.tp;
-    const double rows = T * K;  // (token, expert) pairs routed from this rank; on average as many arrive here
+    // (token, expert) pairs routed from this rank (on average as many arrive here): under tp each rank routes its
+    // 1/tp token slice, with expert tensor parallelism (etp = tp) every token through its expert slices
+    const double rows = T * K / (z.etp > 1 ? 1 : z.tp);
     const double routing = T * E * st + 2 * T * K * st + E * 8 + (E + 1) * 8 + T * K * st;  // scores idx weight counts offset row_src
     const double dispatch = 2 * rows * D * f;                                                 // d.x, d.y
     const double exchange = z.ep > 1 ? rows * D * f + rows * 8 + 2 * z.ep * 8 + (El + 1) * 8 : 0;  // ex.x, perm, counts
