@@ -26,9 +26,12 @@ __global__ void combine_rows_kernel(const float* __restrict__ y, const int32_t* 
     float* o = out + t * D;
     for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
       float acc = o[j];
-      for (int64_t k = 0; k < K; ++k) {  // slot order, as the CPU op; mul then add (no FMA): the CPU's rounding
+      // slot order, as the CPU op. The CPU oracle's `o[i] += wk * yr[i]` is compiled to a fused multiply-add (GCC's
+      // default -ffp-contract=fast with -march=x86-64-v3: vfmadd in both its vector and scalar loops), so one
+      // correctly rounded fmaf per slot here; the former mul-then-add differed from the CPU by a few ulps per slot.
+      for (int64_t k = 0; k < K; ++k) {
         const float v = y[(int64_t)pos[t * K + k] * D + j];
-        acc = weight ? __fadd_rn(acc, __fmul_rn(weight[t * K + k], v)) : __fadd_rn(acc, v);
+        acc = weight ? __fmaf_rn(weight[t * K + k], v, acc) : __fadd_rn(acc, v);
       }
       o[j] = acc;
     }

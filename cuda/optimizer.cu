@@ -19,7 +19,7 @@ namespace dsv3 {
 namespace {
 using cuda::kBlock;
 
-constexpr int kShardsPerLaunch = 16;  // 16 x 56-byte shards: well inside the 4 KiB of kernel arguments
+constexpr int kShardsPerLaunch = 16;  // 16 x 64-byte shards: well inside the 4 KiB of kernel arguments
 constexpr int64_t kChunk = 4096;      // sum_squares: the CPU backend's chunk (ops/cpu/optimizer_ops.cpp)
 
 struct ShardBatch {
