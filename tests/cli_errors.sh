@@ -51,6 +51,7 @@ head -c 100000 "$TESTS/golden/tiny/model.safetensors" > "$tmp/trunc/model.safete
 expect_error "truncated safetensors" "model.safetensors" "$BIN/dsv3-generate" --hf "$tmp/trunc" --prompt-ids 1,2
 expect_error "bad prompt ids" "prompt-ids" "$BIN/dsv3-generate" --hf "$TESTS/golden/tiny" --prompt-ids 1,x
 expect_error "golden dir missing" "config.json" "$BIN/dsv3-golden" "$tmp/none"
+expect_error "golden with node-limited routing" "moe.max_nodes" "$BIN/dsv3-golden" "$TESTS/golden/tiny" moe.max_nodes=2
 "$BIN/dsv3" --help | grep -q "train.iters" || { echo "FAIL: dsv3 --help lacks train.iters"; fail=1; }
 "$BIN/dsv3-generate" --help | grep -q -- "--max-new-tokens" || { echo "FAIL: dsv3-generate --help"; fail=1; }
 # NaN/Inf: train.on_nan = skip skips the step and goes on; stop saves the last good state and exits non-zero

@@ -524,6 +524,9 @@ int main(int argc, char** argv) {
     if (deck.given("train.mtp_lambda")) g.mtp_lambda = deck.get<double>("train.mtp_lambda");
     if (deck.given("train.aux_alpha")) g.aux_alpha = deck.get<double>("train.aux_alpha");
     g.recompute = deck.get<std::string>("train.recompute") == "selective";
+    DSV3_CHECK(deck.get<int64_t>("moe.max_nodes") == 0,
+               "moe.max_nodes: the golden data was made with the config's group-limited routing only (node-limited "
+               "routing is checked by the unit tests and tests/mpi_equivalence.sh)");
     auto be = make_backend(deck);
     std::set<std::string> checks;
     std::stringstream ss(vm["checks"].as<std::string>());
