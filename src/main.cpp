@@ -62,6 +62,14 @@ std::string format_tflops(double tflops, double mfu) {
   return buf;
 }
 
+// " nodes/token 1.43": how many node groups a token's experts lie on (moe.nodes / moe.max_nodes), else nothing
+std::string format_nodes(double nodes_per_token) {
+  if (nodes_per_token <= 0) return "";
+  char buf[48];
+  std::snprintf(buf, sizeof buf, " nodes/token %.3g", nodes_per_token);
+  return buf;
+}
+
 // Rank 0 reads the deck (and its includes) and broadcasts it; a deck error stops every rank with rank 0's message.
 Deck read_deck(const Comm& comm, const std::string& path, const std::vector<std::string>& overrides) {
   std::string text, error;
@@ -277,8 +285,9 @@ int main(int argc, char** argv) {
         DSV3_LOG(info) << "iter " << it + 1 << "/" << iters << " | lm " << st.loss.lm << " mtp " << st.loss.mtp
                        << " aux " << st.loss.aux << " | lr " << st.lr << " | grad norm " << st.grad_norm
                        << (st.clip_coef < 1 ? " (clipped)" : "") << " | " << (int64_t)tok_s << " tok/s "
-                       << format_tflops(tflops, mfu) << " | load max/mean "
-                       << worst << " | time compute " << dt - ct.total() << "s ep a2a " << ct.ep << "s pp wait "
+                       << format_tflops(tflops, mfu) << " | load max/mean " << worst
+                       << format_nodes(st.nodes_per_token)
+                       << " | time compute " << dt - ct.total() << "s ep a2a " << ct.ep << "s pp wait "
                        << ct.pp << "s dp " << ct.dp + ct.edp << "s | ETA "
                        << format_duration(elapsed / (it + 1 - resumed.iteration) * (iters - it - 1));
       metrics.write({{"iteration", it + 1},
@@ -303,6 +312,7 @@ int main(int argc, char** argv) {
                      {"consumed_samples", consumed_samples},
                      {"consumed_tokens", (double)consumed_samples * S},
                      {"expert_load_max_over_mean", imbalance},
+                     {"expert_nodes_per_token", st.nodes_per_token},
                      {"memory_rss_bytes", memory_rss_bytes()},
                      {"memory_peak_bytes", memory_peak_bytes()},
                      {"memory_base_bytes", memory_base}});

@@ -10,7 +10,7 @@ run() {  # run NAME NP [overrides...]
   local name=$1 np=$2; shift 2
   tiny_mpirun "$np" train.iters=20 log.metrics="$tmp/$name.jsonl" checkpoint.dir="" checkpoint.load="" "$@"
 }
-run one 1
+run one 1 moe.nodes=2  # node groups named, no limit: the same losses, the log counts each token's nodes
 run dp4_ep2 4 parallel.ep=2
 run dp8_ep4 8 parallel.ep=4
 run pp2_dp4_ep4 8 parallel.pp=2 parallel.ep=4
@@ -39,5 +39,11 @@ moved = max(abs(a[0] - b[0]) / abs(b[0]) for a, b in zip(ref_n, ref))
 print(f"node-limited (moe.max_nodes=1 of 2): dp4_ep2 vs 1 rank {worst:.2e}; vs unlimited routing: lm loss differs "
       f"by up to {moved:.2e}")
 ok &= len(got) == 20 and len(ref_n) == 20 and worst < 1e-5 and moved > 1e-4
+def nodes(name):
+    return [r["expert_nodes_per_token"] for r in map(json.loads, open(f"{d}/{name}.jsonl")) if "lm_loss" in r]
+free_n, lim_n = nodes("one"), nodes("one_nodes") + nodes("dp4_ep2_nodes")
+print(f"nodes per token (2 node groups): unlimited {min(free_n):.3f}..{max(free_n):.3f}, moe.max_nodes=1: "
+      f"{min(lim_n):.3f}..{max(lim_n):.3f}")
+ok &= all(1.0 < v <= 2.0 for v in free_n) and all(v == 1.0 for v in lim_n)
 sys.exit(0 if ok else 1)
 PY

@@ -44,7 +44,15 @@ void apply_node_limited_routing(const Comm& comm, const Deck& deck, const Parall
   const int64_t M = deck.get<int64_t>("moe.max_nodes");
   const std::vector<int> node = comm.group_nodes(GroupKind::ep);  // collective: before any early return
   const int64_t spans = node.empty() ? 1 : *std::max_element(node.begin(), node.end()) + 1;
-  if (M == 0) return;
+  if (M == 0) {  // no limit; moe.nodes alone names node groups for the log's nodes/token (the all-to-all fan-out)
+    const int64_t N = deck.get<int64_t>("moe.nodes");
+    if (N > 0 && cfg.n_routed_experts > 0) {
+      DSV3_CHECK(cfg.n_routed_experts % N == 0, "moe.nodes = " << N << " " << deck.where_set({"moe.nodes"}) << ": the "
+                                                  << cfg.n_routed_experts << " routed experts cannot be split evenly");
+      cfg.route_nodes = N;
+    }
+    return;
+  }
   std::string error;
   int64_t N = deck.get<int64_t>("moe.nodes");
   if (N == 0) {

@@ -38,10 +38,20 @@ PipelineResult run_pipeline(Model& m, const Comm* comm, const std::vector<MicroB
     out.loss.mtp += l.mtp * mb.weight;
     out.loss.aux += l.aux * mb.weight;
     out.loss.total += l.total * mb.weight;
+    const ModelConfig& c = m.config();
     for (const auto& [layer, mt] : tr.moe) {
       auto& load = out.expert_load[layer];
       load.resize(mt.counts.size(), 0);
       for (size_t e = 0; e < mt.counts.size(); ++e) load[e] += mt.counts[e];
+      if (c.route_nodes > 1) {  // a token's ids are ascending: its node groups change where the node does
+        const int64_t K = c.num_experts_per_tok, per = c.n_routed_experts / c.route_nodes;
+        for (size_t t = 0; t + K <= mt.idx.size(); t += K) {
+          int64_t span = 1;
+          for (int64_t k = 1; k < K; ++k) span += mt.idx[t + k] / per != mt.idx[t + k - 1] / per;
+          out.node_spans += span;
+          ++out.routed_tokens;
+        }
+      }
     }
   };
   auto send_forward = [&](int i) {  // a non-last stage's output: the next stage's input, not needed here again

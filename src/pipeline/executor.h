@@ -23,6 +23,9 @@ struct MicroBatch {
 struct PipelineResult {
   Losses loss;  // weighted sum over the micro-batches of this stage's losses (lm/mtp only on the loss stage)
   std::map<int64_t, std::vector<int64_t>> expert_load;  // this stage's MoE layers: tokens per expert
+  // with node groups (ModelConfig::route_nodes > 1), over this stage's MoE layers and tokens: the node groups each
+  // token's experts lie on, summed, and the tokens counted (their ratio: the all-to-all's fan-out per token)
+  int64_t node_spans = 0, routed_tokens = 0;
   std::vector<ForwardTrace> traces;                     // per micro-batch, when keep_hidden was asked
 };
 

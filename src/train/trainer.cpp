@@ -62,6 +62,14 @@ StepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t S, double lr, 
   st.loss = pr.loss;
   st.expert_load = std::move(pr.expert_load);
   combine_over_ranks(st.loss, st.expert_load);
+  if (model_.config().route_nodes > 1) {  // every stage's layers, every data-parallel rank's tokens
+    int64_t n[2] = {pr.node_spans, pr.routed_tokens};
+    if (comm_) {
+      comm_->allreduce_sum(GroupKind::pp, n, 2);
+      comm_->allreduce_sum(GroupKind::dp, n, 2);
+    }
+    st.nodes_per_token = n[1] > 0 ? (double)n[0] / (double)n[1] : 0.0;
+  }
   if (comm_) sync_tied_grads(grads_, *comm_);  // the MTP's use of the embedding on the last pipeline stage
   if (cfg_.bf16_grads) round_to_bf16(grads_.data(), grads_.size());
   if (++steps_ == cfg_.inject_nan_at && grads_.size() > 0) grads_.data()[0] = std::nanf("");  // fault injection

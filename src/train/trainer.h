@@ -27,6 +27,7 @@ struct StepStats {
   Losses loss;               // averaged over the micro-batches
   double grad_norm = 0, clip_coef = 1, lr = 0, mtp_lambda = 0, gamma = 0;
   std::map<int64_t, std::vector<int64_t>> expert_load;  // MoE layer -> tokens dispatched per expert this step
+  double nodes_per_token = 0;  // node groups a token's experts lie on, mean over tokens and MoE layers (0: no groups)
   bool skipped = false;      // a NaN/Inf loss or gradient: no update was made (the weights are the last good ones)
 };
 
