@@ -67,6 +67,10 @@ void CudaBackend::gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float 
 void CudaBackend::grouped(bool ta, bool tb, const std::vector<GroupedGemm>& gs, float alpha, float beta) {
   const int n = (int)gs.size();
   if (n == 0) return;
+  if (n == 1) {  // one block (a dense MLP, or one local expert): the plain GEMM, no pointer arrays
+    const GroupedGemm& g = gs[0];
+    return gemm_rowmajor(cublas_, ta, tb, g.M, g.N, g.K, alpha, g.A, g.lda, g.B, g.ldb, beta, g.C, g.ldc, CUDA_R_32F);
+  }
   std::vector<cublasOperation_t> opA(n, tb ? CUBLAS_OP_T : CUBLAS_OP_N), opB(n, ta ? CUBLAS_OP_T : CUBLAS_OP_N);
   std::vector<int> m(n), nn(n), k(n), lda(n), ldb(n), ldc(n), size(n, 1);
   std::vector<float> alphas(n, alpha), betas(n, beta);

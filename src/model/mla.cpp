@@ -120,14 +120,10 @@ void mla_forward(Backend& be, const ModelConfig& c, const MlaWeights& w, const R
     be.mla_attention_forward(a.q.data(), a.kv.data(), a.kva.data() + kvr, kvr + dr, B, S, H, dn, dr, dv, scale,
                              a.o.data(), a.probs.data());
   // o_proj is row-parallel: each rank's heads give a partial sum, completed over tp (sp: this rank's rows of it)
-  if (tp.sp) {
-    std::vector<float> part(T * D);
-    be.gemm_nt(T, D, H * dv, 1.0f, a.o.data(), H * dv, w.o, H * dv, 0.0f, part.data(), D);
-    tp.reduce_scatter_rows(part.data(), tp.sp_rows(T), D, out);
-  } else {
-    be.gemm_nt(T, D, H * dv, 1.0f, a.o.data(), H * dv, w.o, H * dv, 0.0f, out, D);
-    tp.allreduce(out, T * D);
-  }
+  std::vector<float> part(tp.sp ? T * D : 0);
+  float* o = tp.sp ? part.data() : out;
+  be.gemm_nt(T, D, H * dv, 1.0f, a.o.data(), H * dv, w.o, H * dv, 0.0f, o, D);
+  tp.sum_partial_rows(o, T, D, out);
 }
 
 void mla_backward(Backend& be, const ModelConfig& c, const MlaWeights& w, MlaWeights& g, const RopeTable& rope,

@@ -137,7 +137,6 @@ void Model::layer_forward(int64_t layer, float* x, int64_t B, int64_t S, MlaCach
   const TensorGroup tp = sp ? tp_ : tp_.without_sp();
   const int64_t T = B * S, D = cfg_.hidden_size, Tl = tp.sp_rows(T);
   const std::string pre = "model.layers." + std::to_string(layer) + ".";
-  const float eps = (float)cfg_.rms_norm_eps;
   LayerActs local;
   LayerActs& la = keep ? *keep : local;
   la.B = B;
@@ -146,12 +145,10 @@ void Model::layer_forward(int64_t layer, float* x, int64_t B, int64_t S, MlaCach
   if (keep) la.x_in.assign(x, x + Tl * D);
   la.rstd1.resize(Tl);
   la.xn1.resize(T * D);  // the tp region's input: all rows (gathered under sp)
-  std::vector<float> y(Tl * D), xn_loc(tp.sp ? Tl * D : 0);
+  std::vector<float> y(Tl * D);
 
   // attention block: x += MLA(rmsnorm(x))
-  float* xn1 = tp.sp ? xn_loc.data() : la.xn1.data();
-  be_.rmsnorm_forward(x, D, params_.get(pre + "input_layernorm.weight"), eps, Tl, D, xn1, la.rstd1.data());
-  if (tp.sp) tp.gather_rows(xn1, Tl, D, la.xn1.data());
+  norm_gathered(x, pre + "input_layernorm.weight", Tl, tp, la.xn1.data(), la.rstd1.data());
   const MlaWeights aw = MlaWeights::from(params_, cfg_, layer);
   if (cache)
     mla_forward_cached(be_, cfg_, aw, rope_, la.xn1.data(), T, *cache, y.data(), tp);
@@ -163,17 +160,15 @@ void Model::layer_forward(int64_t layer, float* x, int64_t B, int64_t S, MlaCach
   // MLP block: x += MLP(rmsnorm(x)), dense SwiGLU or DeepSeekMoE
   la.rstd2.resize(Tl);
   la.xn2.resize(T * D);
-  float* xn2 = tp.sp ? xn_loc.data() : la.xn2.data();
-  be_.rmsnorm_forward(x, D, params_.get(pre + "post_attention_layernorm.weight"), eps, Tl, D, xn2, la.rstd2.data());
-  if (tp.sp) tp.gather_rows(xn2, Tl, D, la.xn2.data());
+  norm_gathered(x, pre + "post_attention_layernorm.weight", Tl, tp, la.xn2.data(), la.rstd2.data());
   if (!cfg_.is_moe_layer(layer)) {
     // column-parallel gate/up, row-parallel down: this rank's intermediate columns, then the sum over tp
     std::vector<float> part(tp.sp ? T * D : 0);
+    float* o = tp.sp ? part.data() : y.data();
     swiglu_mlp_forward(be_, la.xn2.data(), T, D, cfg_.intermediate_size / tp.size,
                        params_.get(pre + "mlp.gate_proj.weight"), params_.get(pre + "mlp.up_proj.weight"),
-                       params_.get(pre + "mlp.down_proj.weight"), tp.sp ? part.data() : y.data(), false, &la.mlp);
-    if (tp.sp) tp.reduce_scatter_rows(part.data(), Tl, D, y.data());
-    else tp.allreduce(y.data(), T * D);
+                       params_.get(pre + "mlp.down_proj.weight"), o, false, &la.mlp);
+    tp.sum_partial_rows(o, T, D, y.data());
   } else {
     const MoeWeights mw = MoeWeights::from(params_, cfg_, layer);
     moe_forward(be_, cfg_, mw, ep_, la.xn2.data(), B, S, y.data(), la.moe, tp);
@@ -196,14 +191,12 @@ void Model::layer_forward(int64_t layer, float* x, int64_t B, int64_t S, MlaCach
   }
 }
 
-std::vector<float> Model::norm_output(const float* x, const std::string& weight, int64_t Tl, int64_t T,
-                                      const TensorGroup& tp) {
+void Model::norm_gathered(const float* x, const std::string& weight, int64_t Tl, const TensorGroup& tp, float* out,
+                          float* rstd) {
   const int64_t D = cfg_.hidden_size;
-  std::vector<float> out(T * D), loc(tp.sp ? Tl * D : 0), rstd(Tl);
-  be_.rmsnorm_forward(x, D, params_.get(weight), (float)cfg_.rms_norm_eps, Tl, D, tp.sp ? loc.data() : out.data(),
-                      rstd.data());
-  if (tp.sp) tp.gather_rows(loc.data(), Tl, D, out.data());
-  return out;
+  std::vector<float> loc(tp.sp ? Tl * D : 0);
+  be_.rmsnorm_forward(x, D, params_.get(weight), (float)cfg_.rms_norm_eps, Tl, D, tp.sp ? loc.data() : out, rstd);
+  if (tp.sp) tp.gather_rows(loc.data(), Tl, D, out);
 }
 
 void Model::layer_backward(int64_t layer, const LayerActs& la, float* dx, double aux_coef, Params& grads) {
@@ -222,17 +215,15 @@ void Model::layer_backward(int64_t layer, const LayerActs& la, float* dx, double
   std::vector<float> xn_re;
   const float* xn2 = la.xn2.data();
   if (la.xn2.empty() && T > 0) {
-    xn_re = norm_output(la.x_mid.data(), pre + "post_attention_layernorm.weight", Tl, T, tp);
+    xn_re.resize(T * D);
+    norm_gathered(la.x_mid.data(), pre + "post_attention_layernorm.weight", Tl, tp, xn_re.data(), nullptr);
     xn2 = xn_re.data();
   }
   // MLP block: x_out = x_mid + mlp(rmsnorm(x_mid)); dx flows through the residual and through the norm
   if (!cfg_.is_moe_layer(layer)) {
-    const int64_t I = cfg_.intermediate_size / tp.size;
-    std::vector<float> tmp;
-    swiglu_mlp_backward(be_, xn2, T, D, I, params_.get(pre + "mlp.gate_proj.weight"),
-                        params_.get(pre + "mlp.up_proj.weight"), params_.get(pre + "mlp.down_proj.weight"),
-                        la.mlp.g.data(), la.mlp.u.data(), swiglu_product(be_, la.mlp, T, I, tmp), dout,
-                        grads.get(pre + "mlp.gate_proj.weight"),
+    swiglu_mlp_backward(be_, xn2, T, D, cfg_.intermediate_size / tp.size, params_.get(pre + "mlp.gate_proj.weight"),
+                        params_.get(pre + "mlp.up_proj.weight"), params_.get(pre + "mlp.down_proj.weight"), la.mlp,
+                        dout, grads.get(pre + "mlp.gate_proj.weight"),
                         grads.get(pre + "mlp.up_proj.weight"), grads.get(pre + "mlp.down_proj.weight"), dxn.data());
   } else {
     const MoeWeights mw = MoeWeights::from(params_, cfg_, layer);
@@ -240,13 +231,8 @@ void Model::layer_backward(int64_t layer, const LayerActs& la, float* dx, double
     moe_backward(be_, cfg_, mw, mg, ep_, xn2, la.moe, dout, aux_coef, dxn.data(), tp);
   }
   // each rank's columns (and, MoE, token slice) gave a partial input gradient: summed over tp (sp: this rank's rows)
-  float* dxn2 = dxn.data();
-  if (tp.sp) {
-    tp.reduce_scatter_rows(dxn.data(), Tl, D, dxn_loc.data());
-    dxn2 = dxn_loc.data();
-  } else {
-    tp.allreduce(dxn.data(), T * D);
-  }
+  float* dxn2 = tp.sp ? dxn_loc.data() : dxn.data();
+  tp.sum_partial_rows(dxn.data(), T, D, dxn2);
   norm_backward(la.x_mid.data(), pre + "post_attention_layernorm.weight", la.rstd2.data(), dxn2, Tl, dx, grads, tp);
   // attention block: x_mid = x_in + mla(rmsnorm(x_in))
   if (tp.sp) {
@@ -259,7 +245,7 @@ void Model::layer_backward(int64_t layer, const LayerActs& la, float* dx, double
   MlaWeights ag = MlaWeights::from(grads, cfg_, layer);
   const float* xn1 = la.xn1.data();
   if (la.xn1.empty() && T > 0) {
-    xn_re = norm_output(la.x_in.data(), pre + "input_layernorm.weight", Tl, T, tp);
+    norm_gathered(la.x_in.data(), pre + "input_layernorm.weight", Tl, tp, xn_re.data(), nullptr);
     xn1 = xn_re.data();
   }
   mla_backward(be_, cfg_, aw, ag, rope_, xn1, la.B, la.S, la.att, dout, dxn2, tp);
@@ -351,12 +337,7 @@ Losses Model::forward_into(const int64_t* tokens, const int64_t* labels, int64_t
   a.x_final = std::move(x);
   a.rstd_final.resize(Tl);
   a.h.resize(T * D);  // the heads' input: all rows (sp: the final norm on this rank's rows, then all-gathered)
-  {
-    std::vector<float> h_loc(sp ? Tl * D : 0);
-    float* h = sp ? h_loc.data() : a.h.data();
-    be_.rmsnorm_forward(a.x_final.data(), D, params_.get("model.norm.weight"), eps, Tl, D, h, a.rstd_final.data());
-    if (sp) tp_.gather_rows(h, Tl, D, a.h.data());
-  }
+  norm_gathered(a.x_final.data(), "model.norm.weight", Tl, tp_, a.h.data(), a.rstd_final.data());
   if (keep) tr->final_norm = a.h;
   a.logits.resize(T * Vl);
   be_.gemm_nt(T, Vl, D, 1.0f, a.h.data(), D, params_.get("lm_head.weight"), D, 0.0f, a.logits.data(), Vl);
@@ -413,13 +394,8 @@ Losses Model::forward_into(const int64_t* tokens, const int64_t* labels, int64_t
     a.mtp_x = std::move(xm);
     a.mtp_rstd_out.resize(Tml);
     a.mtp_hn.resize(Tm * D);
-    {
-      std::vector<float> hn_loc(msp ? Tml * D : 0);
-      float* hn = msp ? hn_loc.data() : a.mtp_hn.data();
-      be_.rmsnorm_forward(a.mtp_x.data(), D, params_.get(pre + "shared_head.norm.weight"), eps, Tml, D, hn,
-                          a.mtp_rstd_out.data());
-      if (msp) tp_.gather_rows(hn, Tml, D, a.mtp_hn.data());
-    }
+    norm_gathered(a.mtp_x.data(), pre + "shared_head.norm.weight", Tml, msp ? tp_ : tp_.without_sp(),
+                  a.mtp_hn.data(), a.mtp_rstd_out.data());
     a.mtp_logits.resize(Tm * Vl);
     be_.gemm_nt(Tm, Vl, D, 1.0f, a.mtp_hn.data(), D, params_.get("lm_head.weight"), D, 0.0f, a.mtp_logits.data(),
                 Vl);

@@ -150,10 +150,10 @@ class Model {
                      bool sp = false);
   // dx (T, D): gradient w.r.t. the layer's output residual in, w.r.t. its input out (in place).
   void layer_backward(int64_t layer, const LayerActs& la, float* dx, double aux_coef, Params& grads);
-  // The output of an RMSNorm of x (this rank's Tl rows) for a tp region: all T rows (gathered under tp.sp); what
-  // selective recompute rebuilds in backward.
-  std::vector<float> norm_output(const float* x, const std::string& weight, int64_t Tl, int64_t T,
-                                 const TensorGroup& tp);
+  // An RMSNorm of x (this rank's Tl rows) as a tp region's input: out all rows (Tl*tp, D: gathered under tp.sp),
+  // rstd (Tl) when non-null. The norms before MLA, the MLP and the heads, and selective recompute's rebuild.
+  void norm_gathered(const float* x, const std::string& weight, int64_t Tl, const TensorGroup& tp, float* out,
+                     float* rstd);
   // An RMSNorm's backward on `rows` rows: dx += , the weight's gradient += (summed over tp under tp.sp)
   void norm_backward(const float* x, const std::string& weight, const float* rstd, const float* dy, int64_t rows,
                      float* dx, Params& grads, const TensorGroup& tp);

@@ -57,14 +57,14 @@ Dispatch moe_dispatch(Backend& be, const Routing& r, const float* xn, int64_t D)
   d.offset.assign(r.E + 1, 0);
   for (int64_t e = 0; e < r.E; ++e) d.offset[e + 1] = d.offset[e] + r.counts[e];
   const int64_t rows = r.T * r.K;
-  d.row_src.resize(rows);
+  // counting sort, stable (token order kept within an expert): (token, slot) tk goes to grouped row pos[tk]
   std::vector<int64_t> fill(d.offset.begin(), d.offset.end() - 1);
-  for (int64_t tk = 0; tk < rows; ++tk) d.row_src[fill[r.idx[tk]]++] = (int32_t)tk;  // stable: token order kept
-  d.pos.resize(rows);
   std::vector<int32_t> token(rows);  // the token each grouped row copies
-  for (int64_t i = 0; i < rows; ++i) {
-    d.pos[d.row_src[i]] = (int32_t)i;
-    token[i] = (int32_t)(d.row_src[i] / r.K);
+  d.pos.resize(rows);
+  for (int64_t tk = 0; tk < rows; ++tk) {
+    const int64_t i = fill[r.idx[tk]]++;
+    d.pos[tk] = (int32_t)i;
+    token[i] = (int32_t)(tk / r.K);
   }
   d.x.resize(rows * D);
   d.y.resize(rows * D);
@@ -72,6 +72,10 @@ Dispatch moe_dispatch(Backend& be, const Routing& r, const float* xn, int64_t D)
   return d;
 }
 
+namespace {
+
+// The SwiGLU product a = silu(g) * u of m (rows, I): m.a when kept, else rebuilt into tmp from g and u (selective
+// recompute dropped it after the forward).
 const float* swiglu_product(Backend& be, const MlpActs& m, int64_t rows, int64_t I, std::vector<float>& tmp) {
   if ((int64_t)m.a.size() == rows * I) return m.a.data();
   tmp.resize(rows * I);
@@ -79,65 +83,69 @@ const float* swiglu_product(Backend& be, const MlpActs& m, int64_t rows, int64_t
   return tmp.data();
 }
 
+// The SwiGLU MLP of G row blocks [row0[g], row0[g+1]) of x, block g through weights g (gate/up (I, D) I*D apart,
+// down (D, I) D*I apart): out = down(silu(gate x) * up x) + beta out. The local experts' grouped pass, and with one
+// block a dense MLP: the same GEMMs either way. m gets g, u, a (rows, I).
+void swiglu_blocks_forward(Backend& be, int64_t G, const int64_t* row0, int64_t D, int64_t I, const float* x,
+                           const float* w_gate, const float* w_up, const float* w_down, float beta, float* out,
+                           MlpActs& m) {
+  const int64_t rows = row0[G];
+  m.g.resize(rows * I);
+  m.u.resize(rows * I);
+  m.a.resize(rows * I);
+  be.gemm_grouped(true, G, row0, I, D, 1.0f, x, D, w_gate, I * D, D, 0.0f, m.g.data(), I);
+  be.gemm_grouped(true, G, row0, I, D, 1.0f, x, D, w_up, I * D, D, 0.0f, m.u.data(), I);
+  be.swiglu_forward(m.g.data(), m.u.data(), rows, I, I, m.a.data());
+  be.gemm_grouped(true, G, row0, D, I, 1.0f, m.a.data(), I, w_down, D * I, I, beta, out, D);
+}
+
+// Its gradients given dy (rows, D): the weight gradients accumulate (blocks as the weights), dx (rows, D) too.
+void swiglu_blocks_backward(Backend& be, int64_t G, const int64_t* row0, int64_t D, int64_t I, const float* x,
+                            const float* w_gate, const float* w_up, const float* w_down, const MlpActs& m,
+                            const float* dy, float* gw_gate, float* gw_up, float* gw_down, float* dx) {
+  const int64_t rows = row0[G];
+  if (rows == 0) return;
+  std::vector<float> act_tmp, da(rows * I), dg(rows * I), du(rows * I);
+  const float* act = swiglu_product(be, m, rows, I, act_tmp);
+  be.gemm_grouped_tn(G, row0, D, I, 1.0f, dy, D, act, I, 1.0f, gw_down, D * I, I);           // dWd += dy^T a
+  be.gemm_grouped(false, G, row0, I, D, 1.0f, dy, D, w_down, D * I, I, 0.0f, da.data(), I);  // da = dy Wd
+  be.swiglu_backward(m.g.data(), m.u.data(), da.data(), rows, I, dg.data(), du.data());
+  be.gemm_grouped_tn(G, row0, I, D, 1.0f, dg.data(), I, x, D, 1.0f, gw_gate, I * D, D);
+  be.gemm_grouped_tn(G, row0, I, D, 1.0f, du.data(), I, x, D, 1.0f, gw_up, I * D, D);
+  be.gemm_grouped(false, G, row0, D, I, 1.0f, dg.data(), I, w_gate, I * D, D, 1.0f, dx, D);  // dx += dg Wg
+  be.gemm_grouped(false, G, row0, D, I, 1.0f, du.data(), I, w_up, I * D, D, 1.0f, dx, D);
+}
+
+}  // namespace
+
 void swiglu_mlp_forward(Backend& be, const float* x, int64_t T, int64_t D, int64_t I, const float* w_gate,
                         const float* w_up, const float* w_down, float* out, bool accumulate, MlpActs* acts) {
   if (T == 0) return;
   MlpActs local;
-  MlpActs& m = acts ? *acts : local;
-  m.g.resize(T * I);
-  m.u.resize(T * I);
-  m.a.resize(T * I);
-  be.gemm_nt(T, I, D, 1.0f, x, D, w_gate, D, 0.0f, m.g.data(), I);
-  be.gemm_nt(T, I, D, 1.0f, x, D, w_up, D, 0.0f, m.u.data(), I);
-  be.swiglu_forward(m.g.data(), m.u.data(), T, I, I, m.a.data());
-  be.gemm_nt(T, D, I, 1.0f, m.a.data(), I, w_down, I, accumulate ? 1.0f : 0.0f, out, D);
+  const int64_t row0[2] = {0, T};
+  swiglu_blocks_forward(be, 1, row0, D, I, x, w_gate, w_up, w_down, accumulate ? 1.0f : 0.0f, out,
+                        acts ? *acts : local);
 }
 
 void swiglu_mlp_backward(Backend& be, const float* x, int64_t T, int64_t D, int64_t I, const float* w_gate,
-                         const float* w_up, const float* w_down, const float* g, const float* u, const float* a,
-                         const float* dy, float* gw_gate, float* gw_up, float* gw_down, float* dx) {
-  if (T == 0) return;
-  std::vector<float> da(T * I), dg(T * I), du(T * I);
-  be.gemm_tn(D, I, T, 1.0f, dy, D, a, I, 1.0f, gw_down, I);     // dWd += dy^T a
-  be.gemm_nn(T, I, D, 1.0f, dy, D, w_down, I, 0.0f, da.data(), I);  // da = dy Wd
-  be.swiglu_backward(g, u, da.data(), T, I, dg.data(), du.data());
-  be.gemm_tn(I, D, T, 1.0f, dg.data(), I, x, D, 1.0f, gw_gate, D);
-  be.gemm_tn(I, D, T, 1.0f, du.data(), I, x, D, 1.0f, gw_up, D);
-  be.gemm_nn(T, D, I, 1.0f, dg.data(), I, w_gate, D, 1.0f, dx, D);
-  be.gemm_nn(T, D, I, 1.0f, du.data(), I, w_up, D, 1.0f, dx, D);
+                         const float* w_up, const float* w_down, const MlpActs& m, const float* dy, float* gw_gate,
+                         float* gw_up, float* gw_down, float* dx) {
+  const int64_t row0[2] = {0, T};
+  swiglu_blocks_backward(be, 1, row0, D, I, x, w_gate, w_up, w_down, m, dy, gw_gate, gw_up, gw_down, dx);
 }
 
 void moe_experts(Backend& be, const ModelConfig& c, const MoeWeights& w, const std::vector<int64_t>& offset,
                  const float* x, float* y, int64_t I, MlpActs* acts) {
-  const int64_t D = c.hidden_size, E = (int64_t)offset.size() - 1;
-  const int64_t rows = offset[E];
   MlpActs local;
-  MlpActs& m = acts ? *acts : local;
-  m.g.resize(rows * I);
-  m.u.resize(rows * I);
-  m.a.resize(rows * I);
-  // each local expert's SwiGLU on its row block: three grouped GEMMs over the experts, the product on all rows
-  be.gemm_grouped(true, E, offset.data(), I, D, 1.0f, x, D, w.w_gate, I * D, D, 0.0f, m.g.data(), I);
-  be.gemm_grouped(true, E, offset.data(), I, D, 1.0f, x, D, w.w_up, I * D, D, 0.0f, m.u.data(), I);
-  be.swiglu_forward(m.g.data(), m.u.data(), rows, I, I, m.a.data());
-  be.gemm_grouped(true, E, offset.data(), D, I, 1.0f, m.a.data(), I, w.w_down, D * I, I, 0.0f, y, D);
+  swiglu_blocks_forward(be, (int64_t)offset.size() - 1, offset.data(), c.hidden_size, I, x, w.w_gate, w.w_up,
+                        w.w_down, 0.0f, y, acts ? *acts : local);
 }
 
 void moe_experts_backward(Backend& be, const ModelConfig& c, const MoeWeights& w, MoeWeights& g,
                           const std::vector<int64_t>& offset, const float* x, const MlpActs& m, const float* dy,
                           int64_t I, float* dx) {
-  const int64_t D = c.hidden_size, E = (int64_t)offset.size() - 1, rows = offset[E];
-  if (rows == 0) return;
-  std::vector<float> act_tmp, da(rows * I), dg(rows * I), du(rows * I);
-  const float* act = swiglu_product(be, m, rows, I, act_tmp);
-  const int64_t* r0 = offset.data();
-  be.gemm_grouped_tn(E, r0, D, I, 1.0f, dy, D, act, I, 1.0f, g.w_down, D * I, I);        // dWd_e += dy_e^T a_e
-  be.gemm_grouped(false, E, r0, I, D, 1.0f, dy, D, w.w_down, D * I, I, 0.0f, da.data(), I);  // da_e = dy_e Wd_e
-  be.swiglu_backward(m.g.data(), m.u.data(), da.data(), rows, I, dg.data(), du.data());
-  be.gemm_grouped_tn(E, r0, I, D, 1.0f, dg.data(), I, x, D, 1.0f, g.w_gate, I * D, D);
-  be.gemm_grouped_tn(E, r0, I, D, 1.0f, du.data(), I, x, D, 1.0f, g.w_up, I * D, D);
-  be.gemm_grouped(false, E, r0, D, I, 1.0f, dg.data(), I, w.w_gate, I * D, D, 1.0f, dx, D);  // dx_e += dg_e Wg_e
-  be.gemm_grouped(false, E, r0, D, I, 1.0f, du.data(), I, w.w_up, I * D, D, 1.0f, dx, D);
+  swiglu_blocks_backward(be, (int64_t)offset.size() - 1, offset.data(), c.hidden_size, I, x, w.w_gate, w.w_up,
+                         w.w_down, m, dy, g.w_gate, g.w_up, g.w_down, dx);
 }
 
 void moe_combine(Backend& be, const Routing& r, const Dispatch& d, int64_t D, float* out) {
@@ -266,8 +274,7 @@ void moe_forward(Backend& be, const ModelConfig& c, const MoeWeights& w, const E
   moe_combine(be, rs, a.d, D, o + a.t0 * D);  // combine (this rank's token slice)
   // shared partial sums + each slice from the rank that computed it, or (etp) every token's partial sums over the
   // expert slices (sp: this rank's rows of the sum; a routed slice is exactly its sequence-parallel rows)
-  if (tp.sp) tp.reduce_scatter_rows(part.data(), tp.sp_rows(T), D, out);
-  else tp.allreduce(out, T * D);
+  tp.sum_partial_rows(o, T, D, out);
 }
 
 void moe_backward(Backend& be, const ModelConfig& c, const MoeWeights& w, MoeWeights& g, const ExpertGroup& ep,
@@ -281,9 +288,8 @@ void moe_backward(Backend& be, const ModelConfig& c, const MoeWeights& w, MoeWei
   const int64_t t0 = a.t0;
   if (w.sh_gate) {
     const int64_t Is = c.moe_intermediate_size * c.n_shared_experts / tp.size;
-    std::vector<float> tmp;
-    swiglu_mlp_backward(be, xn, T, D, Is, w.sh_gate, w.sh_up, w.sh_down, a.shared.g.data(), a.shared.u.data(),
-                        swiglu_product(be, a.shared, T, Is, tmp), dout, g.sh_gate, g.sh_up, g.sh_down, dxn);
+    swiglu_mlp_backward(be, xn, T, D, Is, w.sh_gate, w.sh_up, w.sh_down, a.shared, dout, g.sh_gate, g.sh_up, g.sh_down,
+                        dxn);
   }
   // combine: out_t += w_tk y_row  ->  dy_row = w_tk dout_t,  dw_tk = dout_t . y_row (dweight: every token's slots,
   // 0 outside this rank's slice)

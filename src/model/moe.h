@@ -57,8 +57,7 @@ struct Routing {
 
 struct Dispatch {
   std::vector<int64_t> offset;   // (E+1) first row of each expert in the grouped buffer
-  std::vector<int32_t> row_src;  // (T*K) token*K + slot that each grouped row came from
-  std::vector<int32_t> pos;      // (T*K) the inverse: the grouped row of each (token, slot)
+  std::vector<int32_t> pos;      // (T*K) the grouped row of each (token, slot)
   std::vector<float> x;          // (T*K, D) gathered inputs, grouped by expert
   std::vector<float> y;          // (T*K, D) expert outputs
 };
@@ -83,17 +82,14 @@ void moe_combine(Backend& be, const Routing& r, const Dispatch& d, int64_t D, fl
 // f_i = E/(K*T_seq) * tokens of the sequence dispatched to i, P_i = mean_t s_it / sum_j s_jt, L = sum_i f_i P_i.
 double seq_balance_loss(const Routing& r, int64_t B);
 
-// The SwiGLU product a = silu(g) * u of m (rows, I): m.a when kept, else rebuilt into tmp from g and u (selective
-// recompute dropped it after the forward).
-const float* swiglu_product(Backend& be, const MlpActs& m, int64_t rows, int64_t I, std::vector<float>& tmp);
-
 // Dense SwiGLU MLP: out (T, D) = down(silu(gate(x)) * up(x)) (+= when accumulate); intermediates into acts.
 void swiglu_mlp_forward(Backend& be, const float* x, int64_t T, int64_t D, int64_t I, const float* w_gate,
                         const float* w_up, const float* w_down, float* out, bool accumulate, MlpActs* acts = nullptr);
-// Its gradients given dy (T, D): dW accumulate, dx (T, D) accumulates. g/u/a: the forward's intermediates (T, I).
+// Its gradients given dy (T, D): dW accumulate, dx (T, D) accumulates. m: the forward's intermediates (T, I; the
+// SwiGLU product rebuilt when selective recompute dropped it).
 void swiglu_mlp_backward(Backend& be, const float* x, int64_t T, int64_t D, int64_t I, const float* w_gate,
-                         const float* w_up, const float* w_down, const float* g, const float* u, const float* a,
-                         const float* dy, float* gw_gate, float* gw_up, float* gw_down, float* dx);
+                         const float* w_up, const float* w_down, const MlpActs& m, const float* dy, float* gw_gate,
+                         float* gw_up, float* gw_down, float* dx);
 
 // A whole MoE block, forward and backward (shared experts included); what backward needs is kept in MoeActs.
 // Expert parallelism: where the dispatched rows go and how the received ones are ordered for the local experts.

@@ -29,6 +29,12 @@ void TensorGroup::reduce_scatter_rows(const float* partial, int64_t rows_local, 
   comm->reduce_scatter(GroupKind::tp, partial, local, rows_local * cols);
 }
 
+void TensorGroup::sum_partial_rows(float* partial, int64_t T, int64_t cols, float* out) const {
+  if (sp) return reduce_scatter_rows(partial, T / size, cols, out);
+  allreduce(partial, T * cols);
+  if (out != partial) std::copy_n(partial, T * cols, out);
+}
+
 std::vector<float> TensorGroup::gather_columns(const float* local, int64_t rows, int64_t cols) const {
   if (size == 1) return std::vector<float>(local, local + rows * cols);
   std::vector<float> all(size * rows * cols), out(rows * size * cols);
@@ -51,9 +57,7 @@ void vocab_embedding_forward(Backend& be, const TensorGroup& tp, const int64_t* 
     if (v >= 0 && v < Vl) std::copy_n(table + v * D, D, o + t * D);
     else std::fill(o + t * D, o + (t + 1) * D, 0.0f);
   }
-  // exactly one rank contributes each row: the sum is the row itself
-  if (tp.sp) tp.reduce_scatter_rows(part.data(), n / tp.size, D, out);
-  else tp.allreduce(out, n * D);
+  tp.sum_partial_rows(o, n, D, out);  // exactly one rank contributes each row: the sum is the row itself
 }
 
 void vocab_embedding_backward(Backend& be, const TensorGroup& tp, const int64_t* ids, int64_t n, const float* dy,

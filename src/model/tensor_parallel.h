@@ -45,6 +45,10 @@ struct TensorGroup {
   void sum_replicated_grad(float* g, int64_t n) const { allreduce(g, n); }
   // in-place sum over the group (nothing for one rank): completes a row-parallel output or an input gradient
   void allreduce(float* x, int64_t n) const;
+  // A tp region's result over all T rows as this rank's partial sums (its heads, columns, token slice) -> the sum
+  // over the group: this rank's sp_rows(T) rows into out under sp (a reduce-scatter), else all T rows (an
+  // all-reduce in place; out may be partial itself, else the sum is copied there).
+  void sum_partial_rows(float* partial, int64_t T, int64_t cols, float* out) const;
   // (rows, cols) column slices on each rank -> (rows, size*cols) in rank order (logits for validation/generation)
   std::vector<float> gather_columns(const float* local, int64_t rows, int64_t cols) const;
 };

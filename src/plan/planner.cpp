@@ -110,7 +110,7 @@ Bytes layer_bytes(const ModelConfig& c, const PlanSettings& s, int64_t i, int64_
     // (token, expert) pairs routed from this rank (on average as many arrive here): under tp each rank routes its
     // 1/tp token slice, with expert tensor parallelism (etp = tp) every token through its expert slices
     const double rows = T * K / (z.etp > 1 ? 1 : z.tp);
-    const double routing = T * E * st + 2 * T * K * st + E * 8 + (E + 1) * 8 + T * K * st;  // scores idx weight counts offset row_src
+    const double routing = T * E * st + 2 * T * K * st + E * 8 + (E + 1) * 8 + T * K * st;  // scores idx weight counts offset pos
     const double dispatch = 2 * rows * D * f;                                                 // d.x, d.y
     const double exchange = z.ep > 1 ? rows * D * f + rows * 8 + 2 * z.ep * 8 + (El + 1) * 8 : 0;  // ex.x, perm, counts
     mlp = routing + dispatch + exchange + 3 * rows * Im * f + 3 * T * Is * f;
