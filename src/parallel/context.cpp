@@ -96,27 +96,27 @@ Params gather_experts(const Params& local, const Comm& comm) {
   for (const ParamSpec& p : local.table()) {
     float* dst = full.get(p.name);
     const int64_t n = local.local_numel(p);
+    // the slices of p over a group (slice r on group rank r: runs of the layout, r * run into each `stride` block)
+    // put together into block, which starts where slice 0's first run goes
+    auto join_slices = [&](GroupKind kind, int size, float* block) {
+      const GlobalLayout g = local.global_layout(p);
+      std::vector<float> all(n * size);
+      comm.allgather(kind, local.get(p.name), all.data(), n);
+      for (int r = 0; r < size; ++r)
+        for (int64_t k = 0; k < n; k += g.run)
+          std::copy_n(all.data() + r * n + k, g.run, block + (k / g.run) * g.stride + r * g.run);
+    };
     if (local.held(p) && !local.is_copy(p)) {
       if (local.etp_sharded(p)) {  // the etp slices of the local experts, then the experts over ep
         const int etp = local.plan().etp_size;
-        const GlobalLayout g = local.global_layout(p);
-        const int64_t mine = g.offset - local.plan().etp_rank * g.run;  // the first local expert's element
-        std::vector<float> all(n * etp), block(n * etp);
-        comm.allgather(GroupKind::etp, local.get(p.name), all.data(), n);
-        for (int r = 0; r < etp; ++r)
-          for (int64_t k = 0; k < n; k += g.run)
-            std::copy_n(all.data() + r * n + k, g.run, block.data() + (k / g.run) * g.stride + r * g.run);
+        std::vector<float> block(n * etp);
+        join_slices(GroupKind::etp, etp, block.data());
         if (ep > 1) comm.allgather(GroupKind::ep, block.data(), dst, n * etp);  // rank order = expert order
-        else std::copy(block.begin(), block.end(), dst + mine);
+        else std::copy(block.begin(), block.end(), dst);
       } else if (p.expert_stack && ep > 1) {
         comm.allgather(GroupKind::ep, local.get(p.name), dst, n);  // rank order = expert order
       } else if (local.tp_sharded(p)) {  // slice r of tp rank r: runs of the global tensor (params.h)
-        std::vector<float> all(n * tp);
-        comm.allgather(GroupKind::tp, local.get(p.name), all.data(), n);
-        const GlobalLayout g = local.global_layout(p);
-        for (int r = 0; r < tp; ++r)
-          for (int64_t k = 0; k < n; k += g.run)
-            std::copy_n(all.data() + r * n + k, g.run, dst + g.global(k) - g.offset + r * g.run);
+        join_slices(GroupKind::tp, tp, dst);
       } else
         std::memcpy(dst, local.get(p.name), n * sizeof(float));
     }
