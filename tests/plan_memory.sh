@@ -68,6 +68,7 @@ measure ep2 2 1 parallel.ep=2                 # experts split: the all-to-all bu
 measure pp2 2 1 parallel.pp=2                 # stage 0 of 2 keeps both of its micro-batches (1F1B warmup)
 measure tp2 2 1 parallel.tp=2                 # heads, columns, the vocabulary split; routed experts on 1/2 of the tokens
 measure tp2_etp2 2 1 parallel.tp=2 parallel.etp=2   # every token through half of each expert
+measure tp2_selective 2 1 parallel.tp=2 train.recompute=selective   # the dropped products are the 1/2 token slice's
 # more micro-batches than pipeline stages: a micro-batch's activations are freed after its backward, so at most
 # min(pp - stage, m) are alive (the 1F1B bound the planner uses), not m
 measure one_rank_2mb 1 1                      # 2 micro-batches of 8 on 1 rank

@@ -99,11 +99,12 @@ Bytes layer_bytes(const ModelConfig& c, const PlanSettings& s, int64_t i, int64_
   const double probs = s.flash_attention ? b * H * n * st : b * H * n * (double)n * f;
   const double mla = qlora + T * H * dqk * f + kv + T * st + probs + T * H * dv * f;
   // MLP
-  double mlp = 0, mlp_work = 0;
+  double mlp = 0, mlp_work = 0, products = 0;  // products: the SwiGLU products a (selective recompute drops them)
   if (!c.is_moe_layer(i)) {
     const double I = (double)c.intermediate_size / z.tp;
     mlp = 3 * T * I * f;
     mlp_work = 3 * T * I * f;
+    products = T * I * f;
   } else {
     const double E = c.n_routed_experts, K = c.num_experts_per_tok, El = E / z.ep;
     const double Im = (double)c.moe_intermediate_size / z.etp, Is = (double)c.moe_intermediate_size * c.n_shared_experts / z.tp;
@@ -114,6 +115,7 @@ Bytes layer_bytes(const ModelConfig& c, const PlanSettings& s, int64_t i, int64_
     const double dispatch = 2 * rows * D * f;                                                 // d.x, d.y
     const double exchange = z.ep > 1 ? rows * D * f + rows * 8 + 2 * z.ep * 8 + (El + 1) * 8 : 0;  // ex.x, perm, counts
     mlp = routing + dispatch + exchange + 3 * rows * Im * f + 3 * T * Is * f;
+    products = rows * Im * f + T * Is * f;
     // backward: shared experts' da/dg/du first (freed); then dy, dx, dweight for all rows, with the local experts'
     // da/dg/du of all their rows (grouped GEMMs), and at the end the router's dlogits
     const double experts = 3 * rows * Im * f;
@@ -129,17 +131,9 @@ Bytes layer_bytes(const ModelConfig& c, const PlanSettings& s, int64_t i, int64_
     // MLA's up-projections (qan, q, cn, kv), the SwiGLU products (dense, routed rows, shared); rebuilt one layer
     // at a time in backward: the norm output and the larger of the two rebuilt halves join the work buffer
     const double xn = 2 * T * D * f, up = (qr > 0 ? T * qr * f : 0) + T * H * dqk * f + T * kvr * f + T * H * (dn + dv) * f;
-    double act = 0;
-    if (!c.is_moe_layer(i)) {
-      act = T * ((double)c.intermediate_size / z.tp) * f;
-    } else {
-      const double rows = T * c.num_experts_per_tok;
-      act = rows * ((double)c.moe_intermediate_size / z.etp) * f +
-            T * ((double)c.moe_intermediate_size * c.n_shared_experts / z.tp) * f;
-    }
-    r.stored -= xn + up + act;
+    r.stored -= xn + up + products;
     r.kv -= T * kvr * f + T * H * (dn + dv) * f;
-    r.work += T * D * f + std::max(up, act);
+    r.work += T * D * f + std::max(up, products);
   }
   if (s.recompute == Recompute::Full) {  // only the layer input stays; the rest is rebuilt one layer at a time
     r.work += r.stored - Tr * D * f;
