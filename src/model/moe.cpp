@@ -153,6 +153,16 @@ void moe_combine(Backend& be, const Routing& r, const Dispatch& d, int64_t D, fl
   be.combine_rows(d.y.data(), d.pos.data(), r.weight.data(), r.T, r.K, D, out);
 }
 
+int64_t routed_node_spans(const ModelConfig& c, const std::vector<int32_t>& idx) {
+  const int64_t K = c.num_experts_per_tok, per = c.n_routed_experts / c.route_nodes;
+  int64_t spans = 0;
+  for (size_t t = 0; t + K <= idx.size(); t += K) {  // a token's ids are ascending: count where the node changes
+    spans += 1;
+    for (int64_t k = 1; k < K; ++k) spans += idx[t + k] / per != idx[t + k - 1] / per;
+  }
+  return spans;
+}
+
 double seq_balance_loss(const Routing& r, int64_t B) {
   if (B == 0) return 0.0;
   DSV3_CHECK(r.T % B == 0, "balance loss: " << r.T << " tokens do not split into " << B << " sequences");

@@ -1,5 +1,5 @@
 // defines: MoeWeights, Routing, Dispatch, moe_route, moe_dispatch, moe_experts, moe_combine, seq_balance_loss,
-//          swiglu_mlp_forward
+//          routed_node_spans, router_spec, swiglu_mlp_forward/backward
 // DeepSeekMoE as four named phases (the structure expert parallelism later splits across ranks):
 //   route    : sigmoid scores, bias-steered group-limited top-k, normalised weights x routed_scaling_factor
 //   dispatch : tokens grouped by expert (counting sort), rows gathered into one contiguous buffer
@@ -77,6 +77,10 @@ void moe_experts_backward(Backend& be, const ModelConfig& c, const MoeWeights& w
                           int64_t I, float* dx);
 // out (T, D) = sum_k weight * expert_k(x)  (+ shared experts when present)
 void moe_combine(Backend& be, const Routing& r, const Dispatch& d, int64_t D, float* out);
+
+// The node groups (ModelConfig::route_nodes) the experts of each token lie on, summed over the tokens of idx (T, K):
+// how many nodes the tokens' all-to-all reaches.
+int64_t routed_node_spans(const ModelConfig& c, const std::vector<int32_t>& idx);
 
 // Sequence-wise balance loss (paper eq. 17-20, without alpha), averaged over the B sequences of T/B tokens:
 // f_i = E/(K*T_seq) * tokens of the sequence dispatched to i, P_i = mean_t s_it / sum_j s_jt, L = sum_i f_i P_i.

@@ -43,14 +43,9 @@ PipelineResult run_pipeline(Model& m, const Comm* comm, const std::vector<MicroB
       auto& load = out.expert_load[layer];
       load.resize(mt.counts.size(), 0);
       for (size_t e = 0; e < mt.counts.size(); ++e) load[e] += mt.counts[e];
-      if (c.route_nodes > 1) {  // a token's ids are ascending: its node groups change where the node does
-        const int64_t K = c.num_experts_per_tok, per = c.n_routed_experts / c.route_nodes;
-        for (size_t t = 0; t + K <= mt.idx.size(); t += K) {
-          int64_t span = 1;
-          for (int64_t k = 1; k < K; ++k) span += mt.idx[t + k] / per != mt.idx[t + k - 1] / per;
-          out.node_spans += span;
-          ++out.routed_tokens;
-        }
+      if (c.route_nodes > 1) {
+        out.node_spans += routed_node_spans(c, mt.idx);
+        out.routed_tokens += (int64_t)mt.idx.size() / c.num_experts_per_tok;
       }
     }
   };

@@ -59,17 +59,10 @@ StepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t S, double lr, 
     mbs[i] = {tokens + i * mb * S, labels ? labels + i * mb * S : nullptr, n, (double)n / B_global};
   }
   PipelineResult pr = run_pipeline(model_, comm_, mbs, S, mtp_lambda, cfg_.aux_alpha, &grads_);
+  combine_over_ranks(pr);
   st.loss = pr.loss;
   st.expert_load = std::move(pr.expert_load);
-  combine_over_ranks(st.loss, st.expert_load);
-  if (model_.config().route_nodes > 1) {  // every stage's layers, every data-parallel rank's tokens
-    int64_t n[2] = {pr.node_spans, pr.routed_tokens};
-    if (comm_) {
-      comm_->allreduce_sum(GroupKind::pp, n, 2);
-      comm_->allreduce_sum(GroupKind::dp, n, 2);
-    }
-    st.nodes_per_token = n[1] > 0 ? (double)n[0] / (double)n[1] : 0.0;
-  }
+  st.nodes_per_token = pr.routed_tokens > 0 ? (double)pr.node_spans / (double)pr.routed_tokens : 0.0;
   if (comm_) sync_tied_grads(grads_, *comm_);  // the MTP's use of the embedding on the last pipeline stage
   if (cfg_.bf16_grads) round_to_bf16(grads_.data(), grads_.size());
   if (++steps_ == cfg_.inject_nan_at && grads_.size() > 0) grads_.data()[0] = std::nanf("");  // fault injection
@@ -111,18 +104,22 @@ Losses Trainer::evaluate(const int64_t* tokens, int64_t B, int64_t S, double mtp
     mbs[i] = {tokens + i * mb * S, labels ? labels + i * mb * S : nullptr, n, (double)n / B_global};
   }
   PipelineResult pr = run_pipeline(model_, comm_, mbs, S, mtp_lambda, cfg_.aux_alpha, nullptr);
-  combine_over_ranks(pr.loss, pr.expert_load);
+  combine_over_ranks(pr);
   return pr.loss;
 }
 
-void Trainer::combine_over_ranks(Losses& loss, std::map<int64_t, std::vector<int64_t>>& loads) const {
+void Trainer::combine_over_ranks(PipelineResult& pr) const {
   if (!comm_) return;
   // losses: each pipeline stage holds its part (lm/mtp on the last, the balance losses of its own layers), each
-  // data-parallel rank its share of the batch: sums over both
-  double l[4] = {loss.lm, loss.mtp, loss.aux, loss.total};
-  comm_->allreduce_sum(GroupKind::pp, l, 4);
-  comm_->allreduce_sum(GroupKind::dp, l, 4);
+  // data-parallel rank its share of the batch: sums over both; the node-group counts of the layers and tokens too
+  Losses& loss = pr.loss;
+  double l[6] = {loss.lm, loss.mtp, loss.aux, loss.total, (double)pr.node_spans, (double)pr.routed_tokens};
+  comm_->allreduce_sum(GroupKind::pp, l, 6);
+  comm_->allreduce_sum(GroupKind::dp, l, 6);
   loss = {l[0], l[1], l[2], l[3]};
+  pr.node_spans = (int64_t)l[4];
+  pr.routed_tokens = (int64_t)l[5];
+  auto& loads = pr.expert_load;
   // expert loads of every MoE layer (from the stage that holds it), summed over the data-parallel ranks
   const ModelConfig& c = model_.config();
   const int64_t E = c.n_routed_experts;

@@ -11,6 +11,8 @@
 
 namespace dsv3 {
 
+struct PipelineResult;
+
 class Deck;
 
 struct TrainerConfig {
@@ -52,7 +54,7 @@ class Trainer {
 
  private:
   // losses and expert loads of this rank's stage and data -> those of the whole model and the global batch
-  void combine_over_ranks(Losses& loss, std::map<int64_t, std::vector<int64_t>>& loads) const;
+  void combine_over_ranks(PipelineResult& pr) const;
   Model& model_;
   TrainerConfig cfg_;
   const Comm* comm_;
