@@ -253,10 +253,11 @@ void ModelConfig::validate() const {
     DSV3_CHECK(num_experts_per_tok <= topk_group * (n_routed_experts / n_group),
                s << ": model key 'num_experts_per_tok' (" << num_experts_per_tok << ") exceeds the experts in the "
                  << topk_group << " kept groups (" << topk_group * (n_routed_experts / n_group) << ")");
+    DSV3_CHECK(route_nodes >= 1 && n_routed_experts % route_nodes == 0,
+               "moe.nodes: the " << n_routed_experts << " routed experts cannot be split evenly over " << route_nodes
+                                 << " nodes");
     if (route_max_nodes > 0) {  // node-limited routing: the deck's moe.max_nodes over moe.nodes
       const int64_t N = route_nodes, M = route_max_nodes, E = n_routed_experts, K = num_experts_per_tok;
-      DSV3_CHECK(N >= 1 && E % N == 0, "moe.nodes: the " << E << " routed experts cannot be split evenly over " << N
-                                                          << " nodes");
       DSV3_CHECK(n_group == 1 || n_group % N == 0,
                  "moe.max_nodes: the " << n_group << " expert groups (model n_group) do not nest in the " << N
                                        << " nodes (n_group must be 1 or a multiple of moe.nodes)");

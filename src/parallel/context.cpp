@@ -44,17 +44,10 @@ void apply_node_limited_routing(const Comm& comm, const Deck& deck, const Parall
   const int64_t M = deck.get<int64_t>("moe.max_nodes");
   const std::vector<int> node = comm.group_nodes(GroupKind::ep);  // collective: before any early return
   const int64_t spans = node.empty() ? 1 : *std::max_element(node.begin(), node.end()) + 1;
-  if (M == 0) {  // no limit; moe.nodes alone names node groups for the log's nodes/token (the all-to-all fan-out)
-    const int64_t N = deck.get<int64_t>("moe.nodes");
-    if (N > 0 && cfg.n_routed_experts > 0) {
-      DSV3_CHECK(cfg.n_routed_experts % N == 0, "moe.nodes = " << N << " " << deck.where_set({"moe.nodes"}) << ": the "
-                                                  << cfg.n_routed_experts << " routed experts cannot be split evenly");
-      cfg.route_nodes = N;
-    }
-    return;
-  }
-  std::string error;
   int64_t N = deck.get<int64_t>("moe.nodes");
+  // without a limit, moe.nodes alone names node groups: for the log's nodes/token (the all-to-all fan-out)
+  if ((M == 0 && N == 0) || cfg.n_routed_experts == 0) return;
+  std::string error;
   if (N == 0) {
     N = spans;
     // expert range r lives on ep rank r: a node holds a contiguous block of experts iff its ep ranks are contiguous
@@ -81,6 +74,7 @@ void apply_node_limited_routing(const Comm& comm, const Deck& deck, const Parall
     }
   }
   if (comm.any(!error.empty())) throw Error(error.empty() ? "node-limited routing: invalid on another rank" : error);
+  if (M == 0) return;
   DSV3_LOG(info) << "node-limited routing: " << cfg.n_routed_experts << " experts in " << N << " node group(s) of "
                  << cfg.n_routed_experts / N << ", a token's " << cfg.num_experts_per_tok << " on at most " << M
                  << " (node score: the best " << router_spec(cfg).node_topk() << " biased scores)";
