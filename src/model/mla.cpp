@@ -33,22 +33,28 @@ void MlaCache::reserve(const ModelConfig& cfg, int64_t capacity) {
 
 namespace {
 
-// q (T, H*(dn+dr)) from x_norm (T, D); the q-LoRA intermediates go to a (when given)
-void project_q(Backend& be, const ModelConfig& c, const MlaWeights& w, const float* xn, int64_t T, int64_t H, float* q,
-               MlaActs* a) {
+// The q-LoRA latent qa (T, q_lora_rank) = q_a(x_norm); nothing without q-LoRA (q comes from x_norm directly).
+void project_q_latent(Backend& be, const ModelConfig& c, const MlaWeights& w, const float* xn, int64_t T,
+                      std::vector<float>& qa) {
+  if (c.q_lora_rank == 0) return;
+  qa.resize(T * c.q_lora_rank);
+  be.gemm_nt(T, c.q_lora_rank, c.hidden_size, 1.0f, xn, c.hidden_size, w.q_a, c.hidden_size, 0.0f, qa.data(),
+             c.q_lora_rank);
+}
+
+// q (T, H*(dn+dr)) before RoPE into u.q: q_b(rmsnorm(qa)) under q-LoRA (u.qan, u.qa_rstd too), else q_proj(x_norm)
+void up_project_q(Backend& be, const ModelConfig& c, const MlaWeights& w, const float* xn, const float* qa, int64_t T,
+                  int64_t H, MlaActs& u) {
   const int64_t D = c.hidden_size, dqk = c.qk_head_dim();
+  u.q.resize(T * H * dqk);
   if (c.q_lora_rank > 0) {
     const int64_t r = c.q_lora_rank;
-    MlaActs local;
-    if (!a) a = &local;
-    a->qa.resize(T * r);
-    a->qan.resize(T * r);
-    a->qa_rstd.resize(T);
-    be.gemm_nt(T, r, D, 1.0f, xn, D, w.q_a, D, 0.0f, a->qa.data(), r);
-    be.rmsnorm_forward(a->qa.data(), r, w.q_a_norm, (float)c.rms_norm_eps, T, r, a->qan.data(), a->qa_rstd.data());
-    be.gemm_nt(T, H * dqk, r, 1.0f, a->qan.data(), r, w.q_b, r, 0.0f, q, H * dqk);
+    u.qan.resize(T * r);
+    u.qa_rstd.resize(T);
+    be.rmsnorm_forward(qa, r, w.q_a_norm, (float)c.rms_norm_eps, T, r, u.qan.data(), u.qa_rstd.data());
+    be.gemm_nt(T, H * dqk, r, 1.0f, u.qan.data(), r, w.q_b, r, 0.0f, u.q.data(), H * dqk);
   } else {
-    be.gemm_nt(T, H * dqk, D, 1.0f, xn, D, w.q, D, 0.0f, q, H * dqk);
+    be.gemm_nt(T, H * dqk, D, 1.0f, xn, D, w.q, D, 0.0f, u.q.data(), H * dqk);
   }
 }
 
@@ -64,18 +70,9 @@ std::vector<int64_t> positions(int64_t B, int64_t S) {
 // rebuilt tensors are bit-identical to the forward's.
 void up_project(Backend& be, const ModelConfig& c, const MlaWeights& w, const RopeTable& rope, const float* xn,
                 const float* qa, const float* kva, int64_t T, int64_t H, const int64_t* pos, MlaActs& u) {
-  const int64_t D = c.hidden_size, dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim, dv = c.v_head_dim;
+  const int64_t dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim, dv = c.v_head_dim;
   const int64_t kvr = c.kv_lora_rank, dqk = dn + dr;
-  u.q.resize(T * H * dqk);
-  if (c.q_lora_rank > 0) {
-    const int64_t r = c.q_lora_rank;
-    u.qan.resize(T * r);
-    u.qa_rstd.resize(T);
-    be.rmsnorm_forward(qa, r, w.q_a_norm, (float)c.rms_norm_eps, T, r, u.qan.data(), u.qa_rstd.data());
-    be.gemm_nt(T, H * dqk, r, 1.0f, u.qan.data(), r, w.q_b, r, 0.0f, u.q.data(), H * dqk);
-  } else {
-    be.gemm_nt(T, H * dqk, D, 1.0f, xn, D, w.q, D, 0.0f, u.q.data(), H * dqk);
-  }
+  up_project_q(be, c, w, xn, qa, T, H, u);
   be.rope_forward(u.q.data() + dn, T, H * dqk, H, dqk, dr, pos, rope.cos.data(), rope.sin.data());
   u.cn.resize(T * kvr);
   u.c_rstd.resize(T);
@@ -104,10 +101,7 @@ void mla_forward(Backend& be, const ModelConfig& c, const MlaWeights& w, const R
   const auto pos = positions(B, S);
 
   // the down-projections to the latents (kept for backward), then the up-projections from them
-  if (c.q_lora_rank > 0) {
-    a.qa.resize(T * c.q_lora_rank);
-    be.gemm_nt(T, c.q_lora_rank, D, 1.0f, xn, D, w.q_a, D, 0.0f, a.qa.data(), c.q_lora_rank);
-  }
+  project_q_latent(be, c, w, xn, T, a.qa);
   be.gemm_nt(T, kvr + dr, D, 1.0f, xn, D, w.kv_a, D, 0.0f, a.kva.data(), kvr + dr);
   // RoPE on the single shared k_pe (the last dr columns of kv_a's output; the latent columns stay as they are)
   be.rope_forward(a.kva.data() + kvr, T, kvr + dr, 1, 0, dr, pos.data(), rope.cos.data(), rope.sin.data());
@@ -207,10 +201,13 @@ void mla_forward_cached(Backend& be, const ModelConfig& c, const MlaWeights& w, 
   const int64_t p0 = cache.len, len = p0 + n;
   DSV3_CHECK(len <= cache.cap && len <= rope.max_pos,
              "generation reached position " << len << ", beyond the cache/RoPE capacity " << std::min(cache.cap, rope.max_pos));
-  std::vector<float> q(n * H * (dn + dr)), kva(n * (kvr + dr));
+  MlaActs up;  // q's path as in training: the latent, then the up-projection
+  project_q_latent(be, c, w, xn, n, up.qa);
+  up_project_q(be, c, w, xn, up.qa.data(), n, H, up);
+  std::vector<float>& q = up.q;
+  std::vector<float> kva(n * (kvr + dr));
   std::vector<int64_t> pos(n);
   for (int64_t t = 0; t < n; ++t) pos[t] = p0 + t;
-  project_q(be, c, w, xn, n, H, q.data(), nullptr);
   be.gemm_nt(n, kvr + dr, D, 1.0f, xn, D, w.kv_a, D, 0.0f, kva.data(), kvr + dr);
   be.rope_forward(q.data() + dn, n, H * (dn + dr), H, dn + dr, dr, pos.data(), rope.cos.data(), rope.sin.data());
   be.rope_forward(kva.data() + kvr, n, kvr + dr, 1, 0, dr, pos.data(), rope.cos.data(), rope.sin.data());
