@@ -84,7 +84,7 @@ if [ "$build_status" = OK ]; then
     # the per-op NMSE table, from one run of the test binary
     timeout 45 "$TESTS_BIN" >"$LOG/gtest.log" 2>&1
   fi
-  grep -E "\[ (NMSE|idx|loss) " "$LOG/gtest.log" >"$LOG/nmse.txt" || true
+  grep -E "\[ (NMSE|idx|loss|abs) " "$LOG/gtest.log" >"$LOG/nmse.txt" || true
   n_skip=$(grep -c "\[  SKIPPED \]" "$LOG/gtest.log" || true)
   if [ "$ctest_rc" = 0 ] && [ "${n_skip:-0}" = 0 ]; then tests_status=PASSED
   elif [ "$ctest_rc" = 0 ]; then tests_status="SKIPPED ($(grep -m1 -o 'no CUDA device: .*' "$LOG/gtest.log"))"

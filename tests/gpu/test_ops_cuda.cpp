@@ -405,7 +405,26 @@ TEST_F(CudaOps, MlaFlashAttentionBackward) {
     gpu().mla_flash_attention_backward(d_q.get(), d_kv.get(), d_kpe.get(), c.ldkpe, d_o.get(), d_lse.get(),
                                        d_dout.get(), c.B, c.S, c.H, c.dn, c.dr, c.dv, a.scale, d_dq.get(), d_dkv.get(),
                                        d_dkpe.get());
-    expect_nmse("mla_flash_attention_backward dq" + flash_tag(c), dq, d_dq.to_host(), kTolGemm);
+    if (c.S > 1) {
+      expect_nmse("mla_flash_attention_backward dq" + flash_tag(c), dq, d_dq.to_host(), kTolGemm);
+    } else {
+      // One key per sequence: P = 1, so dS = scale (dO.V - D) with D = dO.o = dO.V is zero up to rounding (the
+      // softmax of one score has no gradient) and dq is that rounding on both sides (the CPU forms D in double, the
+      // GPU by a warp sum in FP32): an NMSE against it compares two noises (the GPU's first run: 6.8). Both must be
+      // that noise: |dq| <= 1e-5 scale dv max|dO| max|v| max|k| (a float dot product of dv terms rounds to ~dv 6e-8).
+      auto amax = [](const std::vector<float>& v) {
+        float m = 0;
+        for (float x : v) m = std::max(m, std::fabs(x));
+        return m;
+      };
+      const float bound =
+          1e-5f * a.scale * (float)c.dv * amax(a.dout) * amax(a.kv) * std::max(amax(a.kv), amax(a.kpe));
+      const float cpu_max = amax(dq), gpu_max = amax(d_dq.to_host());
+      std::printf("  [ abs      ] %-44s cpu %.2e gpu %.2e (bound %.1e)\n",
+                  ("mla_flash_attention_backward dq" + flash_tag(c)).c_str(), cpu_max, gpu_max, bound);
+      EXPECT_LE(cpu_max, bound);
+      EXPECT_LE(gpu_max, bound);
+    }
     expect_nmse("mla_flash_attention_backward dkv" + flash_tag(c), dkv, d_dkv.to_host(), kTolGemm);
     const auto got_dkpe = d_dkpe.to_host();
     expect_nmse("mla_flash_attention_backward dkpe" + flash_tag(c), dkpe, got_dkpe, kTolGemm);
