@@ -33,6 +33,13 @@ std::unique_ptr<Backend> make_cuda_backend(int device_hint);
 // (cuda/host_staged.cu), so that the host-memory model runs on the GPU's kernels; dsv3::Error when no device.
 std::unique_ptr<Backend> make_host_staged_cuda_backend(int device_hint);
 
+class MemoryResource;
+// The CUDA backend's memory (cuda/managed_pool.cu): managed memory cached by size; make_backend("cuda") installs it
+// as the default for Buffers (core/memory.h). cuda_managed_owns: whether a pointer lies in it (the ops then use it as
+// it is).
+MemoryResource& cuda_managed_memory();
+bool cuda_managed_owns(const void* p);
+
 class CudaBackend final : public Backend {
  public:
   explicit CudaBackend(int device);
@@ -79,6 +86,10 @@ class CudaBackend final : public Backend {
                     float* out) override;
   void combine_rows_backward(const float* dout, const float* y, const int32_t* pos, const float* weight, int64_t T,
                              int64_t K, int64_t D, float* dy, float* dweight) override;
+  // elementwise.cu
+  void add(const float* x, int64_t n, float* y) override;
+  void copy_rows(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) override;
+  void fill(float* x, int64_t n, float v) override;
   void rmsnorm_backward(const float* x, int64_t ldx, const float* w, const float* rstd, const float* dy, int64_t rows,
                         int64_t dim, float* dx, int64_t lddx, float* dw) override;
   void rope_backward(float* dx, int64_t rows, int64_t ldx, int64_t n_heads, int64_t head_stride, int64_t rope_dim,

@@ -15,6 +15,7 @@
 #include "core/deck.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "core/memory.h"
 #include "io/hf_checkpoint.h"
 #include "io/hf_export.h"
 #include "model/config.h"
@@ -236,6 +237,7 @@ int main(int argc, char** argv) {
     int64_t consumed_samples = resumed.consumed_samples, skipped_steps = 0;
     const double time_limit = deck.get<double>("run.time_limit");
     double slowest_step = 0;
+    int64_t pool_after_first = -1;  // system allocations of the tensor memory after the first iteration
     const auto t_start = std::chrono::steady_clock::now();
     for (int64_t it = resumed.iteration; it < iters; ++it) {
       const double consumed_tokens = (double)consumed_samples * S;
@@ -315,7 +317,12 @@ int main(int argc, char** argv) {
                      {"expert_nodes_per_token", st.nodes_per_token},
                      {"memory_rss_bytes", memory_rss_bytes()},
                      {"memory_peak_bytes", memory_peak_bytes()},
-                     {"memory_base_bytes", memory_base}});
+                     {"memory_base_bytes", memory_base},
+                     {"pool_live_bytes", default_memory().stats().live_bytes},
+                     {"pool_held_bytes", default_memory().stats().held_bytes},
+                     {"pool_system_allocations", default_memory().stats().system_allocations}});
+      // the steady-state loop allocates nothing from the system: counted from the end of the first iteration
+      if (pool_after_first < 0) pool_after_first = default_memory().stats().system_allocations;
       if (valid_data && ((it + 1) % eval_interval == 0 || it + 1 == iters)) evaluate(it + 1);
       // checkpoint hook: every checkpoint.interval iterations and at the end (train/checkpointing.h)
       // preemption and time limit: all ranks agree to stop after this iteration, save, and exit 0 (the job requeues
@@ -347,6 +354,11 @@ int main(int argc, char** argv) {
     DSV3_LOG(info) << "done: " << iters << " iterations, " << consumed_samples << " samples in "
                    << format_duration(std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count())
                    << "; peak memory " << memory_peak_bytes() / (1 << 20) << " MiB";
+    const MemoryResource::Stats pool = default_memory().stats();
+    DSV3_LOG(info) << "tensor memory (" << default_memory().name() << "): peak " << (pool.peak_live_bytes >> 20)
+                   << " MiB live, " << (pool.held_bytes >> 20) << " MiB held, " << pool.system_allocations
+                   << " system allocations (" << (pool_after_first < 0 ? 0 : pool.system_allocations - pool_after_first)
+                   << " after the first iteration)";
     return 0;
   } catch (const DeckFailure& e) {
     if (e.what()[0]) std::fprintf(stderr, "dsv3: error: %s\n", e.what());

@@ -21,6 +21,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "core/memory.h"
 #include "core/log.h"
 #include "io/safetensors.h"  // float_to_bf16 / bf16_to_float
 #include "parallel/comm.h"
@@ -981,16 +982,16 @@ TrainState load_checkpoint(const std::string& path, const Comm* comm, Params& pa
             const ParamSpec& p = table[i];
             const int64_t nl = params.local_numel(p);
             const int64_t lo = std::max(off, b.begin), hi = std::min(off + nl, b.begin + b.shard);
-            if (lo < hi) std::copy_n(params.get(p.name) + (lo - off), hi - lo, b.master.begin() + (lo - b.begin));
+            if (lo < hi) default_memory().copy(b.master.data() + (lo - b.begin), params.get(p.name) + (lo - off), sizeof(float) * (size_t)(hi - lo));
             off += nl;
           }
         }
       }
       for (AdamW::Bucket& b : bs) {
-        std::fill(b.m.begin(), b.m.end(), 0.0f);
-        std::fill(b.v.begin(), b.v.end(), 0.0f);
-        std::fill(b.m16.begin(), b.m16.end(), (uint16_t)0);
-        std::fill(b.v16.begin(), b.v16.end(), (uint16_t)0);
+        b.m.zero();
+        b.v.zero();
+        b.m16.zero();
+        b.v16.zero();
       }
       opt->set_t(0);
     } else {

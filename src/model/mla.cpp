@@ -35,7 +35,7 @@ namespace {
 
 // The q-LoRA latent qa (T, q_lora_rank) = q_a(x_norm); nothing without q-LoRA (q comes from x_norm directly).
 void project_q_latent(Backend& be, const ModelConfig& c, const MlaWeights& w, const float* xn, int64_t T,
-                      std::vector<float>& qa) {
+                      Floats& qa) {
   if (c.q_lora_rank == 0) return;
   qa.resize(T * c.q_lora_rank);
   be.gemm_nt(T, c.q_lora_rank, c.hidden_size, 1.0f, xn, c.hidden_size, w.q_a, c.hidden_size, 0.0f, qa.data(),
@@ -84,7 +84,7 @@ void up_project(Backend& be, const ModelConfig& c, const MlaWeights& w, const Ro
 }  // namespace
 
 void mla_drop_up_projections(MlaActs& a) {
-  for (auto* v : {&a.qan, &a.q, &a.cn, &a.kv}) std::vector<float>().swap(*v);
+  for (auto* v : {&a.qan, &a.q, &a.cn, &a.kv}) v->clear();
 }
 
 void mla_forward(Backend& be, const ModelConfig& c, const MlaWeights& w, const RopeTable& rope, const float* xn,
@@ -114,7 +114,7 @@ void mla_forward(Backend& be, const ModelConfig& c, const MlaWeights& w, const R
     be.mla_attention_forward(a.q.data(), a.kv.data(), a.kva.data() + kvr, kvr + dr, B, S, H, dn, dr, dv, scale,
                              a.o.data(), a.probs.data());
   // o_proj is row-parallel: each rank's heads give a partial sum, completed over tp (sp: this rank's rows of it)
-  std::vector<float> part(tp.sp ? T * D : 0);
+  Floats part(tp.sp ? T * D : 0);
   float* o = tp.sp ? part.data() : out;
   be.gemm_nt(T, D, H * dv, 1.0f, a.o.data(), H * dv, w.o, H * dv, 0.0f, o, D);
   tp.sum_partial_rows(o, T, D, out);
@@ -135,7 +135,7 @@ void mla_backward(Backend& be, const ModelConfig& c, const MlaWeights& w, MlaWei
   if (dropped) up_project(be, c, w, rope, xn, a.qa.data(), a.kva.data(), T, H, pos.data(), rebuilt);
   const MlaActs& u = dropped ? rebuilt : a;  // qan, q, cn, kv
   // o_proj: out = o Wo^T
-  std::vector<float> d_o(T * H * dv), dq(T * H * dqk), dkv(T * H * (dn + dv)), dkva(T * (kvr + dr), 0.0f);
+  Floats d_o(T * H * dv), dq(T * H * dqk), dkv(T * H * (dn + dv)), dkva(T * (kvr + dr));
   be.gemm_tn(D, H * dv, T, 1.0f, dout, D, a.o.data(), H * dv, 1.0f, g.o, H * dv);
   be.gemm_nn(T, H * dv, D, 1.0f, dout, D, w.o, H * dv, 0.0f, d_o.data(), H * dv);
   // attention core -> dq (rotated space), dkv, dk_pe (rotated space, into the k_pe columns of dkva)
@@ -153,7 +153,7 @@ void mla_backward(Backend& be, const ModelConfig& c, const MlaWeights& w, MlaWei
   be.rope_backward(dq.data() + dn, T, H * dqk, H, dqk, dr, pos.data(), rope.cos.data(), rope.sin.data());
   be.rope_backward(dkva.data() + kvr, T, kvr + dr, 1, 0, dr, pos.data(), rope.cos.data(), rope.sin.data());
   // kv_b: kv = cn Wkvb^T;  cn = rmsnorm(c)
-  std::vector<float> dcn(T * kvr);
+  Floats dcn(T * kvr);
   be.gemm_tn(H * (dn + dv), kvr, T, 1.0f, dkv.data(), H * (dn + dv), u.cn.data(), kvr, 1.0f, g.kv_b, kvr);
   be.gemm_nn(T, kvr, H * (dn + dv), 1.0f, dkv.data(), H * (dn + dv), w.kv_b, kvr, 0.0f, dcn.data(), kvr);
   // the latent and k_pe are shared by every head: sum the heads of all ranks (dkva holds only k_pe's part yet)
@@ -168,7 +168,7 @@ void mla_backward(Backend& be, const ModelConfig& c, const MlaWeights& w, MlaWei
   // q path
   if (c.q_lora_rank > 0) {
     const int64_t r = c.q_lora_rank;
-    std::vector<float> dqan(T * r), dqa(T * r, 0.0f);
+    Floats dqan(T * r), dqa(T * r);
     be.gemm_tn(H * dqk, r, T, 1.0f, dq.data(), H * dqk, u.qan.data(), r, 1.0f, g.q_b, r);
     be.gemm_nn(T, r, H * dqk, 1.0f, dq.data(), H * dqk, w.q_b, r, 0.0f, dqan.data(), r);
     tp.allreduce(dqan.data(), T * r);  // the q latent is shared by every head
@@ -180,15 +180,15 @@ void mla_backward(Backend& be, const ModelConfig& c, const MlaWeights& w, MlaWei
     if (tp.size == 1) {
       be.gemm_nn(T, D, H * dqk, 1.0f, dq.data(), H * dqk, w.q, D, 1.0f, dxn, D);
     } else {  // q_proj is column-parallel: this rank's heads give a partial input gradient
-      std::vector<float> dxq(T * D);
+      Floats dxq(T * D);
       be.gemm_nn(T, D, H * dqk, 1.0f, dq.data(), H * dqk, w.q, D, 0.0f, dxq.data(), D);
       if (tp.sp) {  // reduce-scatter: this rank's rows of the sum
-        std::vector<float> loc(Tl * D);
+        Floats loc(Tl * D);
         tp.reduce_scatter_rows(dxq.data(), Tl, D, loc.data());
-        for (int64_t i = 0; i < Tl * D; ++i) dxn[i] += loc[i];
+        be.add(loc.data(), Tl * D, dxn);
       } else {
         tp.allreduce(dxq.data(), T * D);
-        for (int64_t i = 0; i < T * D; ++i) dxn[i] += dxq[i];
+        be.add(dxq.data(), T * D, dxn);
       }
     }
   }
@@ -204,7 +204,7 @@ void mla_forward_cached(Backend& be, const ModelConfig& c, const MlaWeights& w, 
   MlaActs up;  // q's path as in training: the latent, then the up-projection
   project_q_latent(be, c, w, xn, n, up.qa);
   up_project_q(be, c, w, xn, up.qa.data(), n, H, up);
-  std::vector<float>& q = up.q;
+  Floats& q = up.q;
   std::vector<float> kva(n * (kvr + dr));
   std::vector<int64_t> pos(n);
   for (int64_t t = 0; t < n; ++t) pos[t] = p0 + t;

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "core/memory.h"
 #include "model/config.h"
 #include "model/params.h"
 #include "model/rope.h"
@@ -32,15 +33,16 @@ struct MlaWeights {
 };
 
 // What backward needs from the forward of one MLA block (T = B*S tokens).
+// Buffers in the run's memory (core/memory.h).
 struct MlaActs {
-  std::vector<float> qa, qa_rstd, qan;  // q-LoRA: (T, qr) pre-norm, (T), (T, qr) normalised
-  std::vector<float> q;                 // (T, H*(dn+dr)), RoPE applied
-  std::vector<float> kva;               // (T, kvr+dr): latent c (pre-norm) | k_pe (RoPE applied)
-  std::vector<float> c_rstd, cn;        // (T), (T, kvr)
-  std::vector<float> kv;                // (T, H*(dn+dv))
-  std::vector<float> probs;             // (B, H, S, S)  run.attention = standard
-  std::vector<float> lse;               // (B, H, S)     run.attention = flash: per-row log-sum-exp instead of probs
-  std::vector<float> o;                 // (T, H*dv)
+  Floats qa, qa_rstd, qan;  // q-LoRA: (T, qr) pre-norm, (T), (T, qr) normalised
+  Floats q;                 // (T, H*(dn+dr)), RoPE applied
+  Floats kva;               // (T, kvr+dr): latent c (pre-norm) | k_pe (RoPE applied)
+  Floats c_rstd, cn;        // (T), (T, kvr)
+  Floats kv;                // (T, H*(dn+dv))
+  Floats probs;             // (B, H, S, S)  run.attention = standard
+  Floats lse;               // (B, H, S)     run.attention = flash: per-row log-sum-exp instead of probs
+  Floats o;                 // (T, H*dv)
 };
 
 // The MLA inference cache of one layer and one sequence: only the normalised latent c (kvr) and the rotated k_pe

@@ -145,7 +145,7 @@ void Model::layer_forward(int64_t layer, float* x, int64_t B, int64_t S, MlaCach
   if (keep) la.x_in.assign(x, x + Tl * D);
   la.rstd1.resize(Tl);
   la.xn1.resize(T * D);  // the tp region's input: all rows (gathered under sp)
-  std::vector<float> y(Tl * D);
+  Floats y(Tl * D);
 
   // attention block: x += MLA(rmsnorm(x))
   norm_gathered(x, pre + "input_layernorm.weight", Tl, tp, la.xn1.data(), la.rstd1.data());
@@ -154,7 +154,7 @@ void Model::layer_forward(int64_t layer, float* x, int64_t B, int64_t S, MlaCach
     mla_forward_cached(be_, cfg_, aw, rope_, la.xn1.data(), T, *cache, y.data(), tp);
   else
     mla_forward(be_, cfg_, aw, rope_, la.xn1.data(), B, S, y.data(), la.att, tp);
-  for (int64_t i = 0; i < Tl * D; ++i) x[i] += y[i];
+  be_.add(y.data(), Tl * D, x);
   if (keep) la.x_mid.assign(x, x + Tl * D);
 
   // MLP block: x += MLP(rmsnorm(x)), dense SwiGLU or DeepSeekMoE
@@ -163,7 +163,7 @@ void Model::layer_forward(int64_t layer, float* x, int64_t B, int64_t S, MlaCach
   norm_gathered(x, pre + "post_attention_layernorm.weight", Tl, tp, la.xn2.data(), la.rstd2.data());
   if (!cfg_.is_moe_layer(layer)) {
     // column-parallel gate/up, row-parallel down: this rank's intermediate columns, then the sum over tp
-    std::vector<float> part(tp.sp ? T * D : 0);
+    Floats part(tp.sp ? T * D : 0);
     float* o = tp.sp ? part.data() : y.data();
     swiglu_mlp_forward(be_, la.xn2.data(), T, D, cfg_.intermediate_size / tp.size,
                        params_.get(pre + "mlp.gate_proj.weight"), params_.get(pre + "mlp.up_proj.weight"),
@@ -179,9 +179,9 @@ void Model::layer_forward(int64_t layer, float* x, int64_t B, int64_t S, MlaCach
       mt->counts = la.moe.r.counts;
     }
   }
-  for (int64_t i = 0; i < Tl * D; ++i) x[i] += y[i];
+  be_.add(y.data(), Tl * D, x);
   if (keep && recompute_ && !cache) {  // selective recompute: keep only what the rebuild needs
-    auto drop = [](std::vector<float>& v) { std::vector<float>().swap(v); };
+    auto drop = [](Floats& v) { v.clear(); };
     drop(la.xn1);
     drop(la.xn2);
     mla_drop_up_projections(la.att);
@@ -194,7 +194,7 @@ void Model::layer_forward(int64_t layer, float* x, int64_t B, int64_t S, MlaCach
 void Model::norm_gathered(const float* x, const std::string& weight, int64_t Tl, const TensorGroup& tp, float* out,
                           float* rstd) {
   const int64_t D = cfg_.hidden_size;
-  std::vector<float> loc(tp.sp ? Tl * D : 0);
+  Floats loc(tp.sp ? Tl * D : 0);
   be_.rmsnorm_forward(x, D, params_.get(weight), (float)cfg_.rms_norm_eps, Tl, D, tp.sp ? loc.data() : out, rstd);
   if (tp.sp) tp.gather_rows(loc.data(), Tl, D, out);
 }
@@ -203,7 +203,7 @@ void Model::layer_backward(int64_t layer, const LayerActs& la, float* dx, double
   const TensorGroup tp = la.sp ? tp_ : tp_.without_sp();
   const int64_t T = la.B * la.S, D = cfg_.hidden_size, Tl = tp.sp_rows(T);
   const std::string pre = "model.layers." + std::to_string(layer) + ".";
-  std::vector<float> dxn(T * D, 0.0f), dy(tp.sp ? T * D : 0), dxn_loc(tp.sp ? Tl * D : 0);
+  Floats dxn(T * D), dy(tp.sp ? T * D : 0), dxn_loc(tp.sp ? Tl * D : 0);
   // sp: the output gradient of a tp region all-gathered (the transpose of its reduce-scatter)
   const float* dout = dx;
   if (tp.sp) {
@@ -212,7 +212,7 @@ void Model::layer_backward(int64_t layer, const LayerActs& la, float* dx, double
   }
   // selective recompute: the norm outputs were dropped after the forward (the SwiGLU products and MLA's
   // up-projections are rebuilt where they are used)
-  std::vector<float> xn_re;
+  Floats xn_re;
   const float* xn2 = la.xn2.data();
   if (la.xn2.empty() && T > 0) {
     xn_re.resize(T * D);
@@ -237,14 +237,15 @@ void Model::layer_backward(int64_t layer, const LayerActs& la, float* dx, double
   // attention block: x_mid = x_in + mla(rmsnorm(x_in))
   if (tp.sp) {
     tp.gather_rows(dx, Tl, D, dy.data());
-    std::fill(dxn_loc.begin(), dxn_loc.end(), 0.0f);
+    be_.fill(dxn_loc.data(), Tl * D, 0.0f);
   } else {
-    std::fill(dxn.begin(), dxn.end(), 0.0f);
+    be_.fill(dxn.data(), T * D, 0.0f);
   }
   const MlaWeights aw = MlaWeights::from(params_, cfg_, layer);
   MlaWeights ag = MlaWeights::from(grads, cfg_, layer);
   const float* xn1 = la.xn1.data();
   if (la.xn1.empty() && T > 0) {
+    xn_re.resize(T * D);
     norm_gathered(la.x_in.data(), pre + "input_layernorm.weight", Tl, tp, xn_re.data(), nullptr);
     xn1 = xn_re.data();
   }
@@ -260,11 +261,10 @@ void Model::norm_backward(const float* x, const std::string& weight, const float
     return;
   }
   // sp: each rank saw only its rows, so the replicated norm weight's gradient is summed over tp
-  std::vector<float> gw(D, 0.0f);
+  Floats gw(D);
   be_.rmsnorm_backward(x, D, params_.get(weight), rstd, dy, rows, D, dx, D, gw.data());
   tp.sum_replicated_grad(gw.data(), D);
-  float* g = grads.get(weight);
-  for (int64_t i = 0; i < D; ++i) g[i] += gw[i];
+  be_.add(gw.data(), D, grads.get(weight));
 }
 
 namespace {
@@ -289,11 +289,11 @@ Losses Model::forward_into(const int64_t* tokens, const int64_t* labels, int64_t
                                            << tp_.size << " equal sequence slices (train.seq_length*train.micro_batch "
                                            << "must be divisible by parallel.tp)");
   const int64_t Tl = tp_.sp_rows(T);
-  auto gathered = [&](const std::vector<float>& loc, int64_t rows_local) {  // the trace's whole tensors
-    if (!sp) return loc;
-    std::vector<float> all(rows_local * tp_.size * D);
+  auto gathered = [&](const Floats& loc, int64_t rows_local) {  // the trace's whole tensors, on the host
+    if (!sp) return loc.to_host();
+    Floats all(rows_local * tp_.size * D);
     tp_.gather_rows(loc.data(), rows_local, D, all.data());
-    return all;
+    return all.to_host();
   };
   check_tokens(tokens, T, V);
   if (labels) check_tokens(labels, T, V);
@@ -313,12 +313,12 @@ Losses Model::forward_into(const int64_t* tokens, const int64_t* labels, int64_t
   Losses loss;
 
   // ---- main model: embedding -> layers -> final norm -> LM head (this pipeline stage's part of it)
-  std::vector<float> x(Tl * D);
+  Floats x(Tl * D);
   if (stage_.layout.embedding) {  // sp: reduce-scattered to this rank's rows
     vocab_embedding_forward(be_, tp_, tokens, T, params_.get("model.embed_tokens.weight"), V, D, x.data());
   } else {
     DSV3_CHECK(x_in || T == 0, "pipeline stage " << stage_.index << " needs the previous stage's activations");
-    std::copy(x_in, x_in + Tl * D, x.begin());
+    x.assign(x_in, x_in + Tl * D);
   }
   if (keep) {
     if (stage_.layout.embedding) tr->embed = gathered(x, Tl);
@@ -338,7 +338,7 @@ Losses Model::forward_into(const int64_t* tokens, const int64_t* labels, int64_t
   a.rstd_final.resize(Tl);
   a.h.resize(T * D);  // the heads' input: all rows (sp: the final norm on this rank's rows, then all-gathered)
   norm_gathered(a.x_final.data(), "model.norm.weight", Tl, tp_, a.h.data(), a.rstd_final.data());
-  if (keep) tr->final_norm = a.h;
+  if (keep) tr->final_norm = a.h.to_host();
   a.logits.resize(T * Vl);
   be_.gemm_nt(T, Vl, D, 1.0f, a.h.data(), D, params_.get("lm_head.weight"), D, 0.0f, a.logits.data(), Vl);
   a.targets.resize(T);  // position s predicts token s+1
@@ -358,11 +358,10 @@ Losses Model::forward_into(const int64_t* tokens, const int64_t* labels, int64_t
     const std::string pre = "model.layers." + std::to_string(L) + ".";
     a.mtp_next.resize(Tm);
     a.mtp_hin.resize(Tm * D);
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t i = 0; i < Sm; ++i) {
-        a.mtp_next[b * Sm + i] = tokens[b * S + i + 1];
-        std::copy_n(a.h.data() + (b * S + i) * D, D, a.mtp_hin.data() + (b * Sm + i) * D);
-      }
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t i = 0; i < Sm; ++i) a.mtp_next[b * Sm + i] = tokens[b * S + i + 1];
+      be_.copy_rows(a.h.data() + b * S * D, D, Sm, D, a.mtp_hin.data() + b * Sm * D, D);  // h rows 0..S-2
+    }
     a.mtp_e.resize(Tm * D);
     // the MTP's input side (embedding, enorm/hnorm, eh_proj) runs on all Tm rows, replicated over tp as without sp;
     // its decoder layer is sequence-parallel when tp divides Tm = B*(S-1) (a slice of the replicated rows, no
@@ -373,24 +372,26 @@ Losses Model::forward_into(const int64_t* tokens, const int64_t* labels, int64_t
     a.mtp_cat.resize(Tm * 2 * D);
     a.mtp_e_rstd.resize(Tm);
     a.mtp_h_rstd.resize(Tm);
-    std::vector<float> en(Tm * D), hn(Tm * D);
+    Floats en(Tm * D), hn(Tm * D);
     be_.rmsnorm_forward(a.mtp_e.data(), D, params_.get(pre + "enorm.weight"), eps, Tm, D, en.data(), a.mtp_e_rstd.data());
     be_.rmsnorm_forward(a.mtp_hin.data(), D, params_.get(pre + "hnorm.weight"), eps, Tm, D, hn.data(),
                         a.mtp_h_rstd.data());
-    for (int64_t t = 0; t < Tm; ++t) {
-      std::copy_n(en.data() + t * D, D, a.mtp_cat.data() + t * 2 * D);
-      std::copy_n(hn.data() + t * D, D, a.mtp_cat.data() + t * 2 * D + D);
-    }
-    std::vector<float> xm(Tm * D);
+    be_.copy_rows(en.data(), D, Tm, D, a.mtp_cat.data(), 2 * D);
+    be_.copy_rows(hn.data(), D, Tm, D, a.mtp_cat.data() + D, 2 * D);
+    Floats xm(Tm * D);
     be_.gemm_nt(Tm, D, 2 * D, 1.0f, a.mtp_cat.data(), 2 * D, params_.get(pre + "eh_proj.weight"), 2 * D, 0.0f,
                 xm.data(), D);
-    if (keep) tr->mtp_eh_proj = xm;
+    if (keep) tr->mtp_eh_proj = xm.to_host();
     const bool msp = sp && Tm % tp_.size == 0;
     const int64_t Tml = msp ? Tm / tp_.size : Tm;
-    if (msp) xm.erase(xm.begin(), xm.begin() + tp_.rank * Tml * D), xm.resize(Tml * D);  // this rank's rows
+    if (msp) {  // this rank's rows
+      Floats mine(Tml * D);
+      be_.copy_rows(xm.data() + tp_.rank * Tml * D, Tml * D, 1, Tml * D, mine.data(), Tml * D);
+      xm = std::move(mine);
+    }
     a.mtp_sp = msp;
     layer_forward(L, xm.data(), B, Sm, nullptr, cfg_.is_moe_layer(L) ? &tr->moe[L] : nullptr, &a.layers[L], msp);
-    if (keep) tr->mtp_block = msp ? gathered(xm, Tml) : xm;
+    if (keep) tr->mtp_block = msp ? gathered(xm, Tml) : xm.to_host();
     a.mtp_x = std::move(xm);
     a.mtp_rstd_out.resize(Tml);
     a.mtp_hn.resize(Tm * D);
@@ -444,12 +445,12 @@ void Model::backward_stage(const Activations& a, double mtp_lambda, double aux_a
   const double aux_coef = aux_alpha * loss_scale;
   const bool sp = tp_.sp;
   const int64_t Tl = tp_.sp_rows(T), t0 = sp ? tp_.rank * Tl : 0;  // sp: this rank's rows of the residual
-  std::vector<float> dx(Tl * D, 0.0f);  // gradient w.r.t. the residual stream at this stage's output
+  Floats dx(Tl * D);  // gradient w.r.t. the residual stream at this stage's output
 
   if (stage_.layout.loss) {
     float* g_head = grads.get("lm_head.weight");
     const float* w_head = params_.get("lm_head.weight");
-    std::vector<float> dh(T * D, 0.0f);  // gradient w.r.t. the final-norm output h (LM head + MTP input)
+    Floats dh(T * D);  // gradient w.r.t. the final-norm output h (LM head + MTP input)
     // ---- MTP module (reverse order of the forward)
     if (cfg_.num_nextn_predict_layers > 0) {
       float* g_emb = grads.get("model.embed_tokens.weight");  // the tied copy: summed with the first stage's
@@ -460,81 +461,77 @@ void Model::backward_stage(const Activations& a, double mtp_lambda, double aux_a
       const bool msp = a.mtp_sp;
       const TensorGroup mtp = msp ? tp_ : tp_.without_sp();
       const int64_t Tml = mtp.sp_rows(Tm);
-      std::vector<float> dlog(Tm * Vl), dhn(Tm * D), dxm(Tml * D, 0.0f);
+      Floats dlog(Tm * Vl), dhn(Tm * D), dxm(Tml * D);
       vocab_cross_entropy_backward(be_, tp_, a.mtp_logits.data(), a.mtp_lse.data(), Tm, V, a.mtp_targets.data(),
                                    nm ? (float)(loss_scale * mtp_lambda / nm) : 0.0f, dlog.data());
       be_.gemm_tn(Vl, D, Tm, 1.0f, dlog.data(), Vl, a.mtp_hn.data(), D, 1.0f, g_head, D);  // tied head: grads add up
       be_.gemm_nn(Tm, D, Vl, 1.0f, dlog.data(), Vl, w_head, D, 0.0f, dhn.data(), D);
       // each vocabulary slice's part of the gradient, summed over tp (sp: this rank's rows of the sum)
-      if (msp) tp_.reduce_scatter_rows(std::vector<float>(dhn).data(), Tml, D, dhn.data());
+      if (msp) tp_.reduce_scatter_rows(Floats(dhn).data(), Tml, D, dhn.data());
       else tp_.allreduce(dhn.data(), Tm * D);
       norm_backward(a.mtp_x.data(), pre + "shared_head.norm.weight", a.mtp_rstd_out.data(), dhn.data(), Tml,
                     dxm.data(), grads, mtp);
       layer_backward(L, a.layers[L], dxm.data(), aux_coef, grads);
       if (msp) {  // back to all rows for the replicated input side (the transpose of taking this rank's slice:
                   // the other rows' gradients come from their ranks)
-        std::vector<float> all(Tm * D);
+        Floats all(Tm * D);
         tp_.gather_rows(dxm.data(), Tml, D, all.data());
         dxm = std::move(all);
       }
       // eh_proj: x = cat Weh^T
-      std::vector<float> dcat(Tm * 2 * D);
+      Floats dcat(Tm * 2 * D);
       be_.gemm_tn(D, 2 * D, Tm, 1.0f, dxm.data(), D, a.mtp_cat.data(), 2 * D, 1.0f, grads.get(pre + "eh_proj.weight"),
                   2 * D);
       be_.gemm_nn(Tm, 2 * D, D, 1.0f, dxm.data(), D, params_.get(pre + "eh_proj.weight"), 2 * D, 0.0f, dcat.data(),
                   2 * D);
-      std::vector<float> den(Tm * D), dhn2(Tm * D), de(Tm * D, 0.0f), dhin(Tm * D, 0.0f);
-      for (int64_t t = 0; t < Tm; ++t) {
-        std::copy_n(dcat.data() + t * 2 * D, D, den.data() + t * D);
-        std::copy_n(dcat.data() + t * 2 * D + D, D, dhn2.data() + t * D);
-      }
+      Floats den(Tm * D), dhn2(Tm * D), de(Tm * D), dhin(Tm * D);
+      be_.copy_rows(dcat.data(), 2 * D, Tm, D, den.data(), D);
+      be_.copy_rows(dcat.data() + D, 2 * D, Tm, D, dhn2.data(), D);
       be_.rmsnorm_backward(a.mtp_e.data(), D, params_.get(pre + "enorm.weight"), a.mtp_e_rstd.data(), den.data(), Tm,
                            D, de.data(), D, grads.get(pre + "enorm.weight"));
       vocab_embedding_backward(be_, tp_, a.mtp_next.data(), Tm, de.data(), V, D, g_emb);  // tied embedding
       be_.rmsnorm_backward(a.mtp_hin.data(), D, params_.get(pre + "hnorm.weight"), a.mtp_h_rstd.data(), dhn2.data(),
                            Tm, D, dhin.data(), D, grads.get(pre + "hnorm.weight"));
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t i = 0; i < Sm; ++i)
-          for (int64_t j = 0; j < D; ++j) dh[(b * S + i) * D + j] += dhin[(b * Sm + i) * D + j];
+      for (int64_t b = 0; b < B; ++b) be_.add(dhin.data() + b * Sm * D, Sm * D, dh.data() + b * S * D);
     }
     // ---- LM head and final norm
     int64_t n = 0;
     for (int64_t t : a.targets) n += t >= 0;
-    std::vector<float> dlog(T * Vl);
+    Floats dlog(T * Vl);
     vocab_cross_entropy_backward(be_, tp_, a.logits.data(), a.lse.data(), T, V, a.targets.data(),
                                  n ? (float)(loss_scale / n) : 0.0f, dlog.data());
     be_.gemm_tn(Vl, D, T, 1.0f, dlog.data(), Vl, a.h.data(), D, 1.0f, g_head, D);
     if (tp_.size == 1) {
       be_.gemm_nn(T, D, V, 1.0f, dlog.data(), V, w_head, D, 1.0f, dh.data(), D);
     } else if (sp) {  // the transpose of the head input's all-gather: this rank's rows of the sum over tp
-      std::vector<float> dhh(T * D), loc(Tl * D);
+      Floats dhh(T * D), loc(Tl * D);
       be_.gemm_nn(T, D, Vl, 1.0f, dlog.data(), Vl, w_head, D, 0.0f, dhh.data(), D);
       tp_.reduce_scatter_rows(dhh.data(), Tl, D, loc.data());
-      for (int64_t i = 0; i < Tl * D; ++i) loc[i] += dh[t0 * D + i];  // + the MTP's part (whole on every rank)
+      be_.add(dh.data() + t0 * D, Tl * D, loc.data());  // + the MTP's part (whole on every rank)
       dh = std::move(loc);
     } else {  // each vocabulary slice's part of dh, summed over tp before it joins the MTP's (already whole) part
-      std::vector<float> dhh(T * D);
+      Floats dhh(T * D);
       be_.gemm_nn(T, D, Vl, 1.0f, dlog.data(), Vl, w_head, D, 0.0f, dhh.data(), D);
       tp_.allreduce(dhh.data(), T * D);
-      for (int64_t i = 0; i < T * D; ++i) dh[i] += dhh[i];
+      be_.add(dhh.data(), T * D, dh.data());
     }
     norm_backward(a.x_final.data(), "model.norm.weight", a.rstd_final.data(), dh.data(), Tl, dx.data(), grads, tp_);
   } else {
     DSV3_CHECK(dx_out || T == 0, "pipeline stage " << stage_.index << " needs the next stage's gradient");
-    std::copy(dx_out, dx_out + Tl * D, dx.begin());
+    dx.assign(dx_out, dx_out + Tl * D);
   }
   // ---- this stage's decoder layers in reverse, then the embedding (or the gradient for the previous stage)
   const auto& layers = stage_.layout.layers;
   for (auto it = layers.rbegin(); it != layers.rend(); ++it) layer_backward(*it, a.layers[*it], dx.data(), aux_coef, grads);
   if (stage_.layout.embedding) {
     if (sp) {  // the transpose of the embedding's reduce-scatter: every row's gradient, all-gathered
-      std::vector<float> all(T * D);
+      Floats all(T * D);
       tp_.gather_rows(dx.data(), Tl, D, all.data());
       dx = std::move(all);
     }
     vocab_embedding_backward(be_, tp_, a.tokens.data(), T, dx.data(), V, D, grads.get("model.embed_tokens.weight"));
   } else if (dx_in)
-    *dx_in = std::move(dx);
+    *dx_in = dx.to_host();  // the pipeline's send buffer
 }
 
 // Inference through this rank's pipeline stage: the first stage embeds, each stage runs its layers and hands the

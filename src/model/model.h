@@ -52,26 +52,27 @@ struct Losses {
 struct LayerActs {
   int64_t B = 0, S = 0;
   bool sp = false;  // sequence parallel: x_in, x_mid, the rstds hold this rank's T/tp rows; xn1, xn2 all T rows
-  std::vector<float> x_in, rstd1, xn1;   // residual in (T, D), input_layernorm rstd (T) and output (T, D)
-  std::vector<float> x_mid, rstd2, xn2;  // residual after attention, post_attention_layernorm rstd and output
+  Floats x_in, rstd1, xn1;   // residual in (T, D), input_layernorm rstd (T) and output (T, D)
+  Floats x_mid, rstd2, xn2;  // residual after attention, post_attention_layernorm rstd and output
   MlaActs att;
   MlpActs mlp;   // dense layers
   MoeActs moe;   // MoE layers
 };
 
-// The activations of a whole forward pass (one micro-batch), kept for backward.
+// The activations of a whole forward pass (one micro-batch), kept for backward. The float tensors are Buffers in the
+// run's memory (core/memory.h); token ids and targets stay on the host (the ops that read them stage a few KiB).
 struct Activations {
   int64_t B = 0, S = 0;
   std::vector<int64_t> tokens;           // (B, S)
   std::vector<LayerActs> layers;         // main layers, then the MTP layer
-  std::vector<float> x_final, rstd_final, h;  // residual after the last layer (sp: T/tp rows), model.norm rstd (same
+  Floats x_final, rstd_final, h;              // residual after the last layer (sp: T/tp rows), model.norm rstd (same
                                               // rows) and output (T, D: all rows, the heads' input)
-  std::vector<float> logits, lse;        // (T, V/tp) this rank's vocabulary slice, per-row log-sum-exp (T)
+  Floats logits, lse;                    // (T, V/tp) this rank's vocabulary slice, per-row log-sum-exp (T)
   std::vector<int64_t> targets;          // (T), -1 where no target
   // MTP depth 1 (Tm = B*(S-1) positions)
   std::vector<int64_t> mtp_next;         // (Tm) token i+1
-  std::vector<float> mtp_e, mtp_e_rstd, mtp_hin, mtp_h_rstd, mtp_cat;  // embedding (Tm,D), h slice (Tm,D), cat (Tm,2D)
-  std::vector<float> mtp_x, mtp_rstd_out, mtp_hn, mtp_logits, mtp_lse;  // block output, shared_head.norm, logits
+  Floats mtp_e, mtp_e_rstd, mtp_hin, mtp_h_rstd, mtp_cat;  // embedding (Tm,D), h slice (Tm,D), cat (Tm,2D)
+  Floats mtp_x, mtp_rstd_out, mtp_hn, mtp_logits, mtp_lse;  // block output, shared_head.norm, logits
   std::vector<int64_t> mtp_targets;      // (Tm)
   bool mtp_sp = false;                   // the MTP layer ran sequence-parallel (mtp_x, mtp_rstd_out: Tm/tp rows)
 };

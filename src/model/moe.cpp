@@ -76,7 +76,7 @@ namespace {
 
 // The SwiGLU product a = silu(g) * u of m (rows, I): m.a when kept, else rebuilt into tmp from g and u (selective
 // recompute dropped it after the forward).
-const float* swiglu_product(Backend& be, const MlpActs& m, int64_t rows, int64_t I, std::vector<float>& tmp) {
+const float* swiglu_product(Backend& be, const MlpActs& m, int64_t rows, int64_t I, Floats& tmp) {
   if ((int64_t)m.a.size() == rows * I) return m.a.data();
   tmp.resize(rows * I);
   be.swiglu_forward(m.g.data(), m.u.data(), rows, I, I, tmp.data());
@@ -105,7 +105,7 @@ void swiglu_blocks_backward(Backend& be, int64_t G, const int64_t* row0, int64_t
                             const float* dy, float* gw_gate, float* gw_up, float* gw_down, float* dx) {
   const int64_t rows = row0[G];
   if (rows == 0) return;
-  std::vector<float> act_tmp, da(rows * I), dg(rows * I), du(rows * I);
+  Floats act_tmp, da(rows * I), dg(rows * I), du(rows * I);
   const float* act = swiglu_product(be, m, rows, I, act_tmp);
   be.gemm_grouped_tn(G, row0, D, I, 1.0f, dy, D, act, I, 1.0f, gw_down, D * I, I);           // dWd += dy^T a
   be.gemm_grouped(false, G, row0, I, D, 1.0f, dy, D, w_down, D * I, I, 0.0f, da.data(), I);  // da = dy Wd
@@ -199,7 +199,7 @@ void exchange_rows(Backend& be, const ExpertGroup& ep, const ExpertExchange& ex,
     rc[p] = (to_experts ? ex.recv_rows[p] : ex.send_rows[p]) * D;
   }
   const int64_t n = (int64_t)ex.perm.size();
-  std::vector<float> buf(n * D);
+  Floats buf(n * D);
   if (to_experts) {
     ep.comm->ep_alltoallv(in, sc, buf.data(), rc);
     be.gather_rows(buf.data(), D, ex.inv.data(), n, D, out);  // out[perm[i]] = buf[i]
@@ -268,19 +268,19 @@ void moe_forward(Backend& be, const ModelConfig& c, const MoeWeights& w, const E
     a.ex = plan_exchange(ep, rs);
     a.ex.x.resize(a.ex.perm.size() * D);
     exchange_rows(be, ep, a.ex, D, a.d.x.data(), a.ex.x.data(), true);
-    std::vector<float> y(a.ex.x.size());
+    Floats y(a.ex.x.size());
     moe_experts(be, c, w, a.ex.offset, a.ex.x.data(), y.data(), I, &a.experts);
     exchange_rows(be, ep, a.ex, D, y.data(), a.d.y.data(), false);
   } else {
     moe_experts(be, c, w, a.d.offset, a.d.x.data(), a.d.y.data(), I, &a.experts);
   }
-  std::vector<float> part(tp.sp ? T * D : 0);  // sp: the partial sums of all rows before the reduce-scatter
+  Floats part(tp.sp ? T * D : 0);  // sp: the partial sums of all rows before the reduce-scatter
   float* o = tp.sp ? part.data() : out;
   if (w.sh_gate)  // shared experts on every token, this rank's columns of them
     swiglu_mlp_forward(be, xn_all, T, D, c.moe_intermediate_size * c.n_shared_experts / tp.size, w.sh_gate, w.sh_up,
                        w.sh_down, o, false, &a.shared);
   else
-    std::fill(o, o + T * D, 0.0f);
+    be.fill(o, T * D, 0.0f);
   moe_combine(be, rs, a.d, D, o + a.t0 * D);  // combine (this rank's token slice)
   // shared partial sums + each slice from the rank that computed it, or (etp) every token's partial sums over the
   // expert slices (sp: this rank's rows of the sum; a routed slice is exactly its sequence-parallel rows)
@@ -303,7 +303,8 @@ void moe_backward(Backend& be, const ModelConfig& c, const MoeWeights& w, MoeWei
   }
   // combine: out_t += w_tk y_row  ->  dy_row = w_tk dout_t,  dw_tk = dout_t . y_row (dweight: every token's slots,
   // 0 outside this rank's slice)
-  std::vector<float> dy(rows * D), dx(rows * D, 0.0f), dweight(T * K, 0.0f);
+  Floats dy(rows * D), dx(rows * D);
+  std::vector<float> dweight(T * K, 0.0f);  // (T, K): small, on the host with the routing
   be.combine_rows_backward(dout + t0 * D, d.y.data(), d.pos.data(), rsl.weight.data(), rsl.T, K, D, dy.data(),
                            dweight.data() + t0 * K);
   // etp: y held this rank's partial outputs, so dout . y is a partial dot product: the sum over the slices is dweight
@@ -314,7 +315,7 @@ void moe_backward(Backend& be, const ModelConfig& c, const MoeWeights& w, MoeWei
   };
   if (ep.size > 1) {
     const int64_t n = (int64_t)a.ex.perm.size();
-    std::vector<float> gy(n * D), gx(n * D, 0.0f);
+    Floats gy(n * D), gx(n * D);
     exchange_rows(be, ep, a.ex, D, dy.data(), gy.data(), true);
     experts_backward(a.ex.offset, a.ex.x.data(), gy.data(), gx.data());
     exchange_rows(be, ep, a.ex, D, gx.data(), dx.data(), false);
@@ -341,10 +342,10 @@ void moe_backward(Backend& be, const ModelConfig& c, const MoeWeights& w, MoeWei
     const int64_t r0 = tp.rank * T / tp.size, r1 = (tp.rank + 1) * T / tp.size;
     std::fill(dlogits.begin(), dlogits.begin() + r0 * E, 0.0f);
     std::fill(dlogits.begin() + r1 * E, dlogits.end(), 0.0f);
-    std::vector<float> gg(E * D, 0.0f);
+    Floats gg(E * D);
     be.gemm_tn(E, D, T, 1.0f, dlogits.data(), E, xn, D, 0.0f, gg.data(), D);
     tp.allreduce(gg.data(), E * D);
-    for (int64_t i = 0; i < E * D; ++i) g.gate[i] += gg[i];
+    be.add(gg.data(), E * D, g.gate);
   }
   be.gemm_nn(T, D, E, 1.0f, dlogits.data(), E, w.gate, D, 1.0f, dxn, D);
 }

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "core/memory.h"
 #include "model/config.h"
 #include "model/params.h"
 #include "model/tensor_parallel.h"
@@ -44,7 +45,7 @@ struct MoeWeights {
 
 // SwiGLU intermediates for backward: gate/up pre-activations and the product, (rows, I)
 struct MlpActs {
-  std::vector<float> g, u, a;
+  Floats g, u, a;
 };
 
 struct Routing {
@@ -58,8 +59,8 @@ struct Routing {
 struct Dispatch {
   std::vector<int64_t> offset;   // (E+1) first row of each expert in the grouped buffer
   std::vector<int32_t> pos;      // (T*K) the grouped row of each (token, slot)
-  std::vector<float> x;          // (T*K, D) gathered inputs, grouped by expert
-  std::vector<float> y;          // (T*K, D) expert outputs
+  Floats x;                      // (T*K, D) gathered inputs, grouped by expert
+  Floats y;                      // (T*K, D) expert outputs
 };
 
 // The model's routing rule (group limit, node limit, k, normalisation, scale) for Backend::router_forward.
@@ -102,7 +103,7 @@ struct ExpertExchange {
   std::vector<int64_t> offset;                // (E_local+1) rows of each local expert in the expert-major buffer
   std::vector<int32_t> perm;                  // received row (source-rank major) -> expert-major row
   std::vector<int32_t> inv;                   // the inverse: expert-major row -> received row
-  std::vector<float> x;                       // (rows received, D) expert-major inputs of the local experts
+  Floats x;                                   // (rows received, D) expert-major inputs of the local experts
 };
 
 struct MoeActs {

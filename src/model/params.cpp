@@ -174,7 +174,7 @@ Params::Params(std::vector<ParamSpec> table, ShardPlan plan) : table_(std::move(
     offset_.push_back(off);
     off += local_numel(table_[i]);
   }
-  data_.assign(off, 0.0f);
+  data_ = Floats((size_t)off);  // zeroed, in the run's memory (core/memory.h)
 }
 
 uint8_t Params::holding(const ParamSpec& p) const {

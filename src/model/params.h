@@ -8,6 +8,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "core/memory.h"
 #include "model/config.h"
 
 namespace dsv3 {
@@ -68,7 +69,9 @@ struct GlobalLayout {
   int64_t global(int64_t k) const { return (k / run) * stride + offset + k % run; }
 };
 
-// FP32 storage of the parameters this rank holds, addressed by name (contiguous, in table order).
+// FP32 storage of the parameters this rank holds, addressed by name (contiguous, in table order), in the run's memory
+// (core/memory.h: the CUDA pool under run.device = cuda; host code may read and write it through get() outside the
+// backend's ops, the pool being managed memory).
 class Params {
  public:
   Params() = default;
@@ -101,6 +104,7 @@ class Params {
   float* data() { return data_.data(); }
   const float* data() const { return data_.data(); }
   int64_t size() const { return (int64_t)data_.size(); }
+  void zero() { data_.zero(); }  // every element 0 (on the device under run.device = cuda)
   int64_t offset(const std::string& name) const;
 
  private:
@@ -109,7 +113,7 @@ class Params {
   ShardPlan plan_;
   std::unordered_map<std::string, size_t> index_;
   std::vector<int64_t> offset_;
-  std::vector<float> data_;
+  Floats data_;  // in the run's memory: host, or the GPU's (core/memory.h)
 };
 
 }  // namespace dsv3

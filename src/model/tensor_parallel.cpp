@@ -5,9 +5,17 @@
 #include <cstring>
 
 #include "core/error.h"
+#include "core/memory.h"
 #include "parallel/comm.h"
 
 namespace dsv3 {
+
+namespace {
+// a 1-rank group's "collective": a copy in the run's memory (core/memory.h), so device buffers stay on the device
+void copy_floats(float* dst, const float* src, int64_t n) {
+  if (n > 0 && dst != src) default_memory().copy(dst, src, sizeof(float) * (size_t)n);
+}
+}  // namespace
 
 void TensorGroup::allreduce(float* x, int64_t n) const {
   if (size > 1) comm->allreduce_sum(GroupKind::tp, x, n);
@@ -15,7 +23,7 @@ void TensorGroup::allreduce(float* x, int64_t n) const {
 
 void TensorGroup::gather_rows(const float* local, int64_t rows_local, int64_t cols, float* all) const {
   if (size == 1) {
-    std::copy_n(local, rows_local * cols, all);
+    copy_floats(all, local, rows_local * cols);
     return;
   }
   comm->allgather(GroupKind::tp, local, all, rows_local * cols);
@@ -23,7 +31,7 @@ void TensorGroup::gather_rows(const float* local, int64_t rows_local, int64_t co
 
 void TensorGroup::reduce_scatter_rows(const float* partial, int64_t rows_local, int64_t cols, float* local) const {
   if (size == 1) {
-    std::copy_n(partial, rows_local * cols, local);
+    copy_floats(local, partial, rows_local * cols);
     return;
   }
   comm->reduce_scatter(GroupKind::tp, partial, local, rows_local * cols);
@@ -32,7 +40,7 @@ void TensorGroup::reduce_scatter_rows(const float* partial, int64_t rows_local, 
 void TensorGroup::sum_partial_rows(float* partial, int64_t T, int64_t cols, float* out) const {
   if (sp) return reduce_scatter_rows(partial, T / size, cols, out);
   allreduce(partial, T * cols);
-  if (out != partial) std::copy_n(partial, T * cols, out);
+  copy_floats(out, partial, T * cols);
 }
 
 std::vector<float> TensorGroup::gather_columns(const float* local, int64_t rows, int64_t cols) const {

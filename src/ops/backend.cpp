@@ -2,20 +2,30 @@
 
 #include "core/deck.h"
 #include "core/error.h"
+#include "core/memory.h"
 #include "ops/cpu/cpu_backend.h"
 
 namespace dsv3 {
 
 #ifdef DSV3_HAVE_CUDA
-// cuda/host_staged.cu: the CUDA ops on host pointers (the model keeps its tensors in host memory today)
+// cuda/host_staged.cu: the CUDA ops on host pointers (staged) or on the CUDA pool's memory (in place)
 std::unique_ptr<Backend> make_host_staged_cuda_backend(int device_hint);
+// cuda/managed_pool.cu: the CUDA pool (managed memory)
+MemoryResource& cuda_managed_memory();
 #endif
 
 std::unique_ptr<Backend> make_backend(const std::string& device, int threads) {
-  if (device == "cpu") return std::make_unique<CpuBackend>(threads);
+  // the Buffers made from now on (parameters, gradients, optimizer state, activations) live where this backend's
+  // ops run (core/memory.h): host memory for the CPU, the CUDA pool for the GPU
+  if (device == "cpu") {
+    set_default_memory(nullptr);
+    return std::make_unique<CpuBackend>(threads);
+  }
   if (device == "cuda") {
 #ifdef DSV3_HAVE_CUDA
-    return make_host_staged_cuda_backend(0);
+    auto be = make_host_staged_cuda_backend(0);
+    set_default_memory(&cuda_managed_memory());
+    return be;
 #else
     DSV3_FAIL("run.device = cuda, but this dsv3 was built without CUDA (no nvcc at configure time)");
 #endif

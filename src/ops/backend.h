@@ -115,6 +115,14 @@ class Backend {
   virtual void combine_rows(const float* y, const int32_t* pos, const float* weight, int64_t T, int64_t K, int64_t D,
                             float* out) = 0;
 
+  // ---- elementwise and copies: what the model's host loops did, now on the backend's memory (core/memory.h) -----
+  // y(n) += x(n): the residual adds and gradient sums
+  virtual void add(const float* x, int64_t n, float* y) = 0;
+  // dst (rows, cols; rows ldd apart) = src (rows lds apart): slices, concatenations and splits of row blocks
+  virtual void copy_rows(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) = 0;
+  // x(n) = v
+  virtual void fill(float* x, int64_t n, float v) = 0;
+
   // ---- backward ops: gradients accumulate (+=) into dx/dw outputs unless stated otherwise ----------------
 
   // dx(rows, dim) += d/dx of rmsnorm given dy(rows, dim); dw(dim) += sum_r dy * x * rstd. rstd from the forward.

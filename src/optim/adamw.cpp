@@ -40,6 +40,13 @@ double clip_grads(Params& grads, double norm, double max_norm) {
   return coef;
 }
 
+void round_to_bf16(Backend& be, float* x, int64_t n) {
+  if (n <= 0) return;
+  Buffer<uint16_t> h(n);
+  be.to_bf16(x, n, h.data());
+  be.from_bf16(h.data(), n, x);
+}
+
 void round_to_bf16(float* x, int64_t n) {
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) x[i] = bf16_to_float(float_to_bf16(x[i]));
@@ -68,11 +75,11 @@ AdamW::AdamW(const Params& params, const AdamWConfig& cfg, const Comm* comm, Bac
     b.padded = (b.size + n - 1) / n * n;
     b.shard = b.padded / n;
     b.begin = r * b.shard;
-    std::vector<float> flat;
+    Floats flat;
     pack(params, b, flat);
-    b.master.assign(flat.begin() + b.begin, flat.begin() + b.begin + b.shard);
-    // per-element decay flags of my shard (padding: no decay, it never leaves the optimizer)
-    b.decay.assign(b.shard, 0);
+    b.master.assign(flat.data() + b.begin, flat.data() + b.begin + b.shard);
+    // per-element decay flags of my shard (padding: no decay, it never leaves the optimizer), made on the host
+    std::vector<uint8_t> decay(b.shard, 0);
     const bool tp_copy = params.plan().tp_size > 1 && params.plan().tp_rank > 0;  // replicated params: not counted
     b.norm_partial = false;
     int64_t off = 0;
@@ -80,7 +87,7 @@ AdamW::AdamW(const Params& params, const AdamWConfig& cfg, const Comm* comm, Bac
       const ParamSpec& p = table[i];
       const int64_t n_el = params.local_numel(p);
       const int64_t lo = std::max(off, b.begin), hi = std::min(off + n_el, b.begin + b.shard);
-      for (int64_t k = lo; k < hi; ++k) b.decay[k - b.begin] = p.decay;
+      for (int64_t k = lo; k < hi; ++k) decay[k - b.begin] = p.decay;
       const bool counted = !tp_copy || p.expert_stack || params.tp_sharded(p);
       if (!counted) b.norm_partial = true;
       if (counted && lo < hi) {
@@ -89,47 +96,52 @@ AdamW::AdamW(const Params& params, const AdamWConfig& cfg, const Comm* comm, Bac
       }
       off += n_el;
     }
-    if (cfg_.bf16_moments) {
-      b.m16.assign(b.shard, 0);
-      b.v16.assign(b.shard, 0);
+    b.decay.assign(decay.data(), decay.data() + decay.size());
+    if (cfg_.bf16_moments) {  // zeroed
+      b.m16 = Buffer<uint16_t>(b.shard);
+      b.v16 = Buffer<uint16_t>(b.shard);
     } else {
-      b.m.assign(b.shard, 0.0f);
-      b.v.assign(b.shard, 0.0f);
+      b.m = Floats(b.shard);
+      b.v = Floats(b.shard);
     }
   }
 }
 
-void AdamW::pack(const Params& src, const Bucket& b, std::vector<float>& flat) const {
-  flat.assign(b.padded, 0.0f);
+// flat (padded) = the bucket's parameters of src, in table order (copies in the run's memory: device to device on
+// the GPU); the padding zero
+void AdamW::pack(const Params& src, const Bucket& b, Floats& flat) const {
+  if ((int64_t)flat.size() != b.padded) flat = Floats(b.padded);
+  else if (b.padded > b.size) default_memory().zero(flat.data() + b.size, sizeof(float) * (b.padded - b.size));
   int64_t off = 0;
   for (int i : b.params) {
     const ParamSpec& p = src.table()[i];
     const int64_t n = src.local_numel(p);
-    std::memcpy(flat.data() + off, src.get(p.name), n * sizeof(float));
+    default_memory().copy(flat.data() + off, src.get(p.name), n * sizeof(float));
     off += n;
   }
 }
 
-void AdamW::unpack(const std::vector<float>& flat, const Bucket& b, Params& dst) const {
+void AdamW::unpack(const Floats& flat, const Bucket& b, Params& dst) const {
   int64_t off = 0;
   for (int i : b.params) {
     const ParamSpec& p = dst.table()[i];
     const int64_t n = dst.local_numel(p);
-    std::memcpy(dst.get(p.name), flat.data() + off, n * sizeof(float));
+    default_memory().copy(dst.get(p.name), flat.data() + off, n * sizeof(float));
     off += n;
   }
 }
 
 double AdamW::reduce_grads(const Params& grads) {
   double ss = 0;
-  std::vector<float> flat;
+  Floats flat;
   for (Bucket& b : buckets_) {
     pack(grads, b, flat);
-    b.g.resize(b.shard);
-    if (comm_)
+    if (comm_) {
+      if ((int64_t)b.g.size() != b.shard) b.g = Floats(b.shard);
       comm_->reduce_scatter((GroupKind)b.group, flat.data(), b.g.data(), b.shard);
-    else
-      std::copy(flat.begin(), flat.end(), b.g.begin());
+    } else {
+      b.g = std::move(flat);  // one rank: the packed gradients are the shard (padded == shard)
+    }
     if (!b.norm_partial)
       ss += be_->sum_squares(b.g.data(), b.shard);
     else
@@ -170,22 +182,25 @@ void AdamW::step(Params& params, double lr, double grad_scale) {
     shards.push_back(s);
   }
   be_->adamw_update(shards.data(), (int)shards.size(), h);
-  std::vector<float> flat;
-  std::vector<uint16_t> bf16;
+  Buffer<uint16_t> bf16;
   for (Bucket& b : buckets_) {
     // the updated shards of every rank back into the (replicated) model weights
-    flat.assign(b.padded, 0.0f);
-    std::vector<float> mine(b.master);
+    const Floats* mine = &b.master;
+    Floats rounded;
     if (cfg_.bf16_params) {  // the BF16 weights: the master rounded (nearest even)
-      bf16.resize(b.shard);
-      be_->to_bf16(mine.data(), b.shard, bf16.data());
-      be_->from_bf16(bf16.data(), b.shard, mine.data());
+      rounded = Floats(b.shard);
+      bf16 = Buffer<uint16_t>(b.shard);
+      be_->to_bf16(b.master.data(), b.shard, bf16.data());
+      be_->from_bf16(bf16.data(), b.shard, rounded.data());
+      mine = &rounded;
     }
-    if (comm_)
-      comm_->allgather((GroupKind)b.group, mine.data(), flat.data(), b.shard);
-    else
-      std::copy(mine.begin(), mine.end(), flat.begin());
-    unpack(flat, b, params);
+    if (comm_) {
+      Floats flat(b.padded);
+      comm_->allgather((GroupKind)b.group, mine->data(), flat.data(), b.shard);
+      unpack(flat, b, params);
+    } else {
+      unpack(*mine, b, params);  // one rank: the shard is the whole bucket
+    }
   }
 }
 

@@ -41,6 +41,8 @@ double clip_coefficient(double norm, double max_norm);
 double clip_grads(Params& grads, double norm, double max_norm);
 // Rounds every value to the nearest BF16 (RNE): how BF16 storage of gradients/weights is emulated bit-exactly.
 void round_to_bf16(float* x, int64_t n);
+// The same on the backend (x in the run's memory: to_bf16 and back, the same bits)
+void round_to_bf16(Backend& be, float* x, int64_t n);
 
 class AdamW {
  public:
@@ -60,20 +62,22 @@ class AdamW {
   // Single-rank convenience: reduce_grads + step.
   void step(Params& params, const Params& grads, double lr);
   int64_t t() const { return t_; }
+  Backend& backend() { return *be_; }
   const AdamWConfig& config() const { return cfg_; }
 
   struct Bucket {
     std::vector<int> params;          // indices into the table
     int64_t size = 0, padded = 0, shard = 0, begin = 0;  // elements, padded to the group, shard length, my offset
-    std::vector<uint8_t> decay;       // (shard) weight decay flag of each element of my shard
+    Buffer<uint8_t> decay;            // (shard) weight decay flag of each element of my shard
     // tensor parallelism: the ranges [first, second) of my shard that the grad norm counts here. A parameter
     // replicated over tp has the same gradient on every rank of the tp group: only tp rank 0 counts it; tp slices
     // and experts count everywhere. Empty: the whole shard.
     std::vector<std::pair<int64_t, int64_t>> norm_ranges;
     bool norm_partial = false;        // true: only norm_ranges count
-    std::vector<float> master, g;     // (shard) FP32 master weights, reduced gradients
-    std::vector<float> m, v;          // (shard) FP32 moments, or
-    std::vector<uint16_t> m16, v16;   //         BF16 moments
+    // the state lives in the run's memory (core/memory.h), where the backend's optimizer ops run on it
+    Floats master, g;                 // (shard) FP32 master weights, reduced gradients
+    Floats m, v;                      // (shard) FP32 moments, or
+    Buffer<uint16_t> m16, v16;        //         BF16 moments
     int group = 0;                    // GroupKind
   };
   const std::vector<Bucket>& buckets() const { return buckets_; }
@@ -82,8 +86,8 @@ class AdamW {
   void set_t(int64_t t) { t_ = t; }
 
  private:
-  void pack(const Params& src, const Bucket& b, std::vector<float>& flat) const;
-  void unpack(const std::vector<float>& flat, const Bucket& b, Params& dst) const;
+  void pack(const Params& src, const Bucket& b, Floats& flat) const;
+  void unpack(const Floats& flat, const Bucket& b, Params& dst) const;
   AdamWConfig cfg_;
   const Comm* comm_;
   std::unique_ptr<Backend> own_be_;  // the CPU backend when none was given

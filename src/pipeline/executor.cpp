@@ -50,7 +50,8 @@ PipelineResult run_pipeline(Model& m, const Comm* comm, const std::vector<MicroB
     }
   };
   auto send_forward = [&](int i) {  // a non-last stage's output: the next stage's input, not needed here again
-    comm->pp_send_owned(std::move(acts[i].x_final), stage + 1, kTagActivation);
+    comm->pp_send_owned(acts[i].x_final.to_host(), stage + 1, kTagActivation);  // MPI sends host memory
+    acts[i].x_final.clear();
   };
 
   if (!grads) {  // forward only: the micro-batches in order through the stages

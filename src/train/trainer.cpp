@@ -50,7 +50,7 @@ StepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t S, double lr, 
   st.lr = lr;
   st.mtp_lambda = mtp_lambda;
   st.gamma = gamma;
-  std::fill(grads_.data(), grads_.data() + grads_.size(), 0.0f);
+  grads_.zero();
   // micro-batch i: sequences [i*mb, i*mb + n) of this rank's share; its losses are means over its sequences'
   // tokens, so its share of the global batch's loss (and the scale of its gradients) is n / B_global
   std::vector<MicroBatch> mbs(M);
@@ -64,8 +64,11 @@ StepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t S, double lr, 
   st.expert_load = std::move(pr.expert_load);
   st.nodes_per_token = pr.routed_tokens > 0 ? (double)pr.node_spans / (double)pr.routed_tokens : 0.0;
   if (comm_) sync_tied_grads(grads_, *comm_);  // the MTP's use of the embedding on the last pipeline stage
-  if (cfg_.bf16_grads) round_to_bf16(grads_.data(), grads_.size());
-  if (++steps_ == cfg_.inject_nan_at && grads_.size() > 0) grads_.data()[0] = std::nanf("");  // fault injection
+  if (cfg_.bf16_grads) round_to_bf16(opt_.backend(), grads_.data(), grads_.size());
+  if (++steps_ == cfg_.inject_nan_at && grads_.size() > 0) {  // fault injection
+    const float nan = std::nanf("");
+    default_memory().copy(grads_.data(), &nan, sizeof nan);
+  }
   st.grad_norm = opt_.reduce_grads(grads_);  // summed over the replicas into this rank's shard (ZeRO-1)
   // A NaN/Inf anywhere shows in the global norm (every rank has the same one) or in the loss: no update at all, so
   // the weights, the optimizer state and the expert biases stay the last good ones.
@@ -80,14 +83,15 @@ StepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t S, double lr, 
   for (const auto& [layer, load] : st.expert_load) {
     const std::string name = "model.layers." + std::to_string(layer) + ".mlp.gate.e_score_correction_bias";
     if (!model_.params().held(model_.params().spec(name))) continue;  // another pipeline stage's layer
-    float* bias = model_.params().get(name);
     double mean = 0;
     for (int64_t c : load) mean += (double)c;
     mean /= (double)load.size();
+    std::vector<float> delta(load.size());  // on the host, added by the backend where the bias lives
     for (size_t e = 0; e < load.size(); ++e) {
       const double d = mean - (double)load[e];
-      bias[e] += (float)gamma * (float)((d > 0) - (d < 0));
+      delta[e] = (float)gamma * (float)((d > 0) - (d < 0));
     }
+    opt_.backend().add(delta.data(), (int64_t)delta.size(), model_.params().get(name));
   }
   return st;
 }

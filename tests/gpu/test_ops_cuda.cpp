@@ -20,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "core/memory.h"
 #include "core/numerics.h"
 #include "cuda_backend.cuh"
 #include "device_buffer.cuh"
@@ -463,6 +464,73 @@ TEST_F(CudaOps, MlaFlashAttentionHostStaged) {
 }
 
 // ---- SwiGLU --------------------------------------------------------------------------------------------------
+
+// ---- elementwise ops and row copies (the model's residual adds, gradient sums, concatenations) --------------
+
+TEST_F(CudaOps, ElementwiseAndRowCopies) {
+  uint64_t seed = 650;
+  for (int64_t n : {1, 37, 1000003}) {  // y += x, then fill: exact (one add per element on both sides)
+    auto x = randn(n, ++seed), y = randn(n, ++seed);
+    auto d_x = dev(x), d_y = dev(y);
+    cpu.add(x.data(), n, y.data());
+    gpu().add(d_x.get(), n, d_y.get());
+    expect_nmse("add n" + std::to_string(n) + " (exact)", y, d_y.to_host(), 0.0);
+    cpu.fill(y.data(), n, -2.5f);
+    gpu().fill(d_y.get(), n, -2.5f);
+    expect_nmse("fill n" + std::to_string(n) + " (exact)", y, d_y.to_host(), 0.0);
+  }
+  // rows x cols from a source with row stride lds into a destination with row stride ldd: the rest of dst untouched
+  const int64_t cfg[][4] = {{5, 7, 7, 7}, {37, 13, 29, 40}, {300, 64, 128, 64}, {1, 1000, 1000, 2000}};
+  for (const auto& c : cfg) {
+    const int64_t rows = c[0], cols = c[1], lds = c[2], ldd = c[3];
+    auto src = randn(rows * lds, ++seed), dst = randn(rows * ldd, ++seed, 100.0f);
+    auto d_src = dev(src), d_dst = dev(dst);
+    cpu.copy_rows(src.data(), lds, rows, cols, dst.data(), ldd);
+    gpu().copy_rows(d_src.get(), lds, rows, cols, d_dst.get(), ldd);
+    expect_nmse("copy_rows " + std::to_string(rows) + "x" + std::to_string(cols) + " lds " + std::to_string(lds) +
+                    " ldd " + std::to_string(ldd) + " (exact)",
+                dst, d_dst.to_host(), 0.0);
+  }
+}
+
+// make_backend("cuda"): Buffers (core/memory.h) come from the CUDA pool, zeroed, reused by size, and the ops run on
+// them in place; host vectors are still staged
+TEST_F(CudaOps, BuffersLiveInTheCudaPool) {
+  auto be = make_backend("cuda");
+  ASSERT_STREQ(default_memory().name(), "cuda-managed");
+  const int64_t n = 4099;
+  auto hx = randn(n, 660), hy = randn(n, 661);
+  Floats x(hx), y(hy);
+  EXPECT_TRUE(cuda_managed_owns(x.data()) && cuda_managed_owns(y.data() + n - 1));
+  be->add(x.data(), n, y.data());  // in place on the pool's memory
+  cpu.add(hx.data(), n, hy.data());
+  expect_nmse("add on pool Buffers (exact)", hy, y.to_host(), 0.0);
+  std::vector<float> host(hx);  // a host operand next to a pool one: staged
+  be->add(y.data(), n, host.data());
+  cpu.add(hy.data(), n, hx.data());
+  expect_nmse("add into a host vector (exact)", hx, host, 0.0);
+  // a freed block of the same size is handed out again, zeroed, without a new cudaMallocManaged
+  const float* first = nullptr;
+  {
+    Floats a(n);
+    be->fill(a.data(), n, 7.0f);
+    first = a.data();
+  }
+  const auto before = default_memory().stats();
+  Floats b(n);
+  const auto after = default_memory().stats();
+  EXPECT_EQ(b.data(), first);
+  EXPECT_EQ(after.system_allocations, before.system_allocations);
+  const auto hb = b.to_host();
+  EXPECT_EQ(std::count(hb.begin(), hb.end(), 0.0f), n);
+  // growth keeps the old elements and zeroes the new ones
+  b.assign(hx.data(), hx.data() + n);
+  b.resize(n + 5);
+  const auto hb2 = b.to_host();
+  EXPECT_TRUE(std::equal(hx.begin(), hx.end(), hb2.begin()));
+  EXPECT_EQ(std::count(hb2.begin() + n, hb2.end(), 0.0f), 5);
+  set_default_memory(nullptr);
+}
 
 TEST_F(CudaOps, SwigluForward) {
   const int64_t cfg[][3] = {{37, 29, 64}, {3, 1000, 2000}, {1, 1, 2}};  // rows, cols, ld_in (gate | up in one row)

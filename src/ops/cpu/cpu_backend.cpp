@@ -4,6 +4,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cmath>
 #include <functional>
 #include <limits>
@@ -471,6 +472,25 @@ void CpuBackend::mla_flash_attention_backward(const float* q, const float* kv, c
       }
     }
   }
+}
+
+void CpuBackend::add(const float* x, int64_t n, float* y) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) y[i] += x[i];
+}
+
+void CpuBackend::copy_rows(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+  if (rows <= 0 || cols <= 0) return;
+  if (lds == cols && ldd == cols) {  // one block (memmove: the model's slices never overlap, but it costs nothing)
+    std::memmove(dst, src, sizeof(float) * (size_t)(rows * cols));
+    return;
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * ldd, src + r * lds, sizeof(float) * (size_t)cols);
+}
+
+void CpuBackend::fill(float* x, int64_t n, float v) {
+  if (n > 0) std::fill(x, x + n, v);
 }
 
 void CpuBackend::swiglu_backward(const float* gate, const float* up, const float* dout, int64_t rows, int64_t cols,

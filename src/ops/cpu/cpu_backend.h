@@ -31,6 +31,9 @@ class CpuBackend final : public Backend {
                     float* out) override;
   void combine_rows_backward(const float* dout, const float* y, const int32_t* pos, const float* weight, int64_t T,
                              int64_t K, int64_t D, float* dy, float* dweight) override;
+  void add(const float* x, int64_t n, float* y) override;
+  void copy_rows(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) override;
+  void fill(float* x, int64_t n, float v) override;
   void rmsnorm_backward(const float* x, int64_t ldx, const float* w, const float* rstd, const float* dy, int64_t rows,
                         int64_t dim, float* dx, int64_t lddx, float* dw) override;
   void rope_backward(float* dx, int64_t rows, int64_t ldx, int64_t n_heads, int64_t head_stride, int64_t rope_dim,
