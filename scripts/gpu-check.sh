@@ -7,7 +7,8 @@
 #   scripts/gpu-check.sh [build dir (default build-gpu)]
 #   scripts/gpu-check.sh --prebuilt ARCHIVE   binaries packed elsewhere by scripts/gpu-pack.sh (a GPU node without our
 #                                             build dependencies): no build, the node's own CUDA libraries
-#   env: LOG_DIR (logs; default <build>/gpu-check), PROXY=0 (skip the proxy run: ~4 minutes), SANITIZE=1 (also the op tests under compute-sanitizer memcheck),
+#   env: LOG_DIR (logs; default <build>/gpu-check), PROXY=0 (skip the proxy run), PROXY_FLASH=1 (a second proxy run with
+#        flash attention and selective recompute), SANITIZE=1 (also the op tests under compute-sanitizer memcheck),
 #        NCCL_MPIRUN=0|1 (the multi-rank NCCL cases under mpirun; default 1 when built here, 0 with --prebuilt, whose
 #        MPI libraries are packed for the dynamic linker only),
 #        JOBS (build parallelism, default nproc), BENCH_TOKENS (default 4096), BENCH_SECONDS (per measurement, 0.25)
@@ -156,12 +157,21 @@ if [ "$build_status" = OK ]; then
   echo "   nccl: $nccl_status ($(elapsed))"
 
   if [ "${PROXY:-1}" = 1 ]; then
-    echo "== proxy training benchmark: input/bench-gpu-proxy.deck (log: $LOG/proxy.log)"
-    (cd "$ROOT/input" && DSV3_NO_MPI=1 OMP_NUM_THREADS=$JOBS timeout 300 "$BIN_DIR/dsv3" bench-gpu-proxy.deck \
-       log.metrics="$LOG/proxy.jsonl") >"$LOG/proxy.log" 2>&1
-    proxy_rc=$?
-    grep -E "iter |done|error" "$LOG/proxy.log" | tail -6
-    case $proxy_rc in 0) proxy_status=OK ;; 124) proxy_status="TIMED OUT" ;; *) proxy_status=FAILED ;; esac
+    # DSV3_OP_PROFILE=1: the per-op time table at the end of the log (where the step's time goes)
+    proxy_run() {  # name, deck overrides...
+      local name=$1 rc; shift
+      echo "== proxy training benchmark: input/bench-gpu-proxy.deck $* (log: $LOG/$name.log)"
+      (cd "$ROOT/input" && DSV3_NO_MPI=1 DSV3_OP_PROFILE=1 OMP_NUM_THREADS=$JOBS timeout 300 "$BIN_DIR/dsv3" \
+         bench-gpu-proxy.deck log.metrics="$LOG/$name.jsonl" "$@") >"$LOG/$name.log" 2>&1
+      rc=$?
+      grep -E "iter |done|tensor memory|error|op profile" "$LOG/$name.log" | tail -8
+      sed -n '/^op profile/,$p' "$LOG/$name.log" | head -14
+      case $rc in 0) ;; 124) proxy_status="TIMED OUT" ;; *) proxy_status=FAILED ;; esac
+    }
+    proxy_status=OK
+    proxy_run proxy
+    # PROXY_FLASH=1: the same with the flash attention kernels and selective recompute (the 671B recipe's choices)
+    [ "${PROXY_FLASH:-0}" = 1 ] && proxy_run proxy-flash run.attention=flash train.recompute=selective
     echo "   proxy: $proxy_status ($(elapsed))"
   else
     proxy_status="SKIPPED (PROXY=0)"
@@ -180,7 +190,9 @@ grep -E "^(allreduce|alltoallv)" "$LOG/nccl-bench.log" 2>/dev/null | sed 's/^/  
 echo "model : $model_status"
 grep -E "^(PASS|FAIL)" "$LOG/cuda_model.log" 2>/dev/null | sed 's/^/        /'
 echo "proxy : $proxy_status"
-grep -E "iter " "$LOG/proxy.log" 2>/dev/null | tail -1 | sed 's/^.*info: /        /'
+for f in "$LOG"/proxy*.log; do
+  [ -f "$f" ] && grep -E "iter " "$f" | tail -1 | sed "s/^.*info: /        $(basename "$f" .log): /"
+done
 echo "time  : $(elapsed)"
 echo "logs  : $LOG"
 if [ "$build_status" != OK ] || [ "$tests_status" = FAILED ] || [ "$bench_status" = FAILED ] ||
