@@ -136,11 +136,11 @@ double AdamW::reduce_grads(const Params& grads) {
   Floats flat;
   for (Bucket& b : buckets_) {
     pack(grads, b, flat);
-    if (comm_) {
+    if (comm_ && comm_->group_size((GroupKind)b.group) > 1) {
       if ((int64_t)b.g.size() != b.shard) b.g = Floats(b.shard);
       comm_->reduce_scatter((GroupKind)b.group, flat.data(), b.g.data(), b.shard);
     } else {
-      b.g = std::move(flat);  // one rank: the packed gradients are the shard (padded == shard)
+      b.g = std::move(flat);  // a group of one: the packed gradients are the shard (padded == shard)
     }
     if (!b.norm_partial)
       ss += be_->sum_squares(b.g.data(), b.shard);
@@ -194,12 +194,12 @@ void AdamW::step(Params& params, double lr, double grad_scale) {
       be_->from_bf16(bf16.data(), b.shard, rounded.data());
       mine = &rounded;
     }
-    if (comm_) {
+    if (comm_ && comm_->group_size((GroupKind)b.group) > 1) {
       Floats flat(b.padded);
       comm_->allgather((GroupKind)b.group, mine->data(), flat.data(), b.shard);
       unpack(flat, b, params);
     } else {
-      unpack(*mine, b, params);  // one rank: the shard is the whole bucket
+      unpack(*mine, b, params);  // a group of one: the shard is the whole bucket
     }
   }
 }

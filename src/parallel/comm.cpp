@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "core/error.h"
+#include "core/memory.h"
 #include "parallel/topology.h"
 
 // Every MPI call goes through this: the error string and the call site end up in the message.
@@ -178,8 +179,8 @@ void Comm::allreduce_sum(GroupKind k, int64_t* x, int64_t n) const {
 void Comm::reduce_scatter(GroupKind k, const float* in, float* out, int64_t chunk) const {
   CommTimer timer(*this, k);
   const Group& g = group(k);
-  if (g.size == 1) {
-    std::memcpy(out, in, chunk * sizeof(float));
+  if (g.size == 1) {  // a copy in the run's memory (device buffers stay on the device: core/memory.h)
+    default_memory().copy(out, in, chunk * sizeof(float));
     return;
   }
   MPI_CHECK(MPI_Reduce_scatter_block(in, out, to_int(chunk, "reduce_scatter"), MPI_FLOAT, MPI_SUM, g.comm));
@@ -209,7 +210,7 @@ void Comm::allgather(GroupKind k, const float* in, float* out, int64_t chunk) co
   CommTimer timer(*this, k);
   const Group& g = group(k);
   if (g.size == 1) {
-    std::memmove(out, in, chunk * sizeof(float));
+    default_memory().copy(out, in, chunk * sizeof(float));
     return;
   }
   MPI_CHECK(MPI_Allgather(in, to_int(chunk, "allgather"), MPI_FLOAT, out, (int)chunk, MPI_FLOAT, g.comm));
@@ -299,7 +300,7 @@ void Comm::alltoallv(GroupKind k, const float* send, const std::vector<int64_t>&
   DSV3_CHECK((int)sc.size() == g.size && (int)rc.size() == g.size, "alltoallv: counts for " << sc.size()
                                                                       << " ranks in a group of " << g.size);
   if (g.size == 1) {
-    std::memcpy(recv, send, sc[0] * sizeof(float));
+    default_memory().copy(recv, send, sc[0] * sizeof(float));
     return;
   }
   std::vector<int> s(g.size), sd(g.size), r(g.size), rd(g.size);

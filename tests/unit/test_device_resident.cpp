@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <string>
@@ -18,6 +19,7 @@
 #include "core/memory.h"
 #include "model/model.h"
 #include "ops/cpu/cpu_backend.h"
+#include "parallel/comm.h"
 #include "train/trainer.h"
 
 namespace dsv3 {
@@ -232,7 +234,8 @@ struct Outcome {
   std::vector<double> losses;
   std::vector<float> params;
 };
-Outcome train(Backend& be, const Variant& v, GuardedMemory* guard) {
+// comm: the driver's 1-rank communicator (DSV3_NO_MPI: no MPI runtime), whose single-rank collectives are copies
+Outcome train(Backend& be, const Variant& v, GuardedMemory* guard, const Comm* comm) {
   Model model(tiny(), be);
   model.set_selective_recompute(v.recompute);
   be.set_flash_attention(v.flash);
@@ -242,7 +245,7 @@ Outcome train(Backend& be, const Variant& v, GuardedMemory* guard) {
   tc.bf16_grads = v.bf16_grads;
   tc.adamw.bf16_moments = v.bf16_moments;
   tc.adamw.bf16_params = v.bf16_params;
-  Trainer trainer(model, tc, nullptr, &be);
+  Trainer trainer(model, tc, comm, &be);
   const auto t = tokens();
   Outcome out;
   struct sigaction sa {}, old{};
@@ -296,15 +299,14 @@ TEST_P(DeviceResident, TrainingStepsTouchTensorMemoryOnlyThroughTheBackend) {
   const Variant v = GetParam();
   CpuBackend plain(1);
   set_default_memory(nullptr);
-  const Outcome ref = train(plain, v, nullptr);
+  const Outcome ref = train(plain, v, nullptr, nullptr);
 
   GuardedMemory mem(size_t(16) << 30);
   GuardedBackend guarded(mem);
   set_default_memory(&mem);
-  Outcome got;
-  {
-    got = train(guarded, v, &mem);
-  }
+  setenv("DSV3_NO_MPI", "1", 1);  // a world of one rank without MPI, as dsv3 on one GPU
+  Comm comm(nullptr, nullptr);
+  const Outcome got = train(guarded, v, &mem, &comm);
   set_default_memory(nullptr);
   EXPECT_GT(mem.used(), 0u);  // the model's tensors were in the guarded region
   ASSERT_EQ(got.losses.size(), ref.losses.size());
