@@ -77,11 +77,14 @@ class HostStagedCudaBackend final : public Backend {
     for (const auto& [n, p] : v) total += p.seconds, gaps += p.gap_before;
     std::fprintf(stderr, "op profile (DSV3_OP_PROFILE): %.3f s in ops, %.3f s of host time between them\n", total,
                  gaps);
-    std::fprintf(stderr, "  %-32s %8s %10s %6s %12s %12s\n", "op", "calls", "seconds", "%", "staged MiB",
-                 "host gap s");
-    for (const auto& [n, p] : v)
-      std::fprintf(stderr, "  %-32s %8lld %10.4f %6.1f %12.1f %12.4f\n", n.c_str(), (long long)p.calls, p.seconds,
+    std::fprintf(stderr, "  %-32s %8s %10s %6s %12s %12s %8s\n", "op", "calls", "seconds", "%", "staged MiB",
+                 "host gap s", "TFLOP/s");
+    for (const auto& [n, p] : v) {
+      std::fprintf(stderr, "  %-32s %8lld %10.4f %6.1f %12.1f %12.4f", n.c_str(), (long long)p.calls, p.seconds,
                    total > 0 ? 100 * p.seconds / total : 0.0, p.staged_bytes / 1048576.0, p.gap_before);
+      if (p.flops > 0 && p.seconds > 0) std::fprintf(stderr, " %8.1f", p.flops / p.seconds / 1e12);
+      std::fprintf(stderr, "\n");
+    }
   }
   std::string name() const override { return "cuda"; }
   void set_bf16_matmul(bool on) override {
@@ -95,7 +98,12 @@ class HostStagedCudaBackend final : public Backend {
     std::vector<Region> r{ta ? strided(A, K, M, lda, kIn) : strided(A, M, K, lda, kIn),
                           tb ? strided(B, N, K, ldb, kIn) : strided(B, K, N, ldb, kIn),
                           strided(C, M, N, ldc, c_dir(beta))};
-    run(r, __func__, [&] { be_.gemm(ta, tb, M, N, K, alpha, f(r[0]), lda, f(r[1]), ldb, beta, f(r[2]), ldc); });
+    // the profile keys GEMMs by shape: which of them are slow is what the next optimisation needs to know
+    next_flops_ = 2.0 * (double)M * (double)N * (double)K;
+    const std::string name = profile_ ? "gemm " + std::to_string(M) + "x" + std::to_string(N) + "x" +
+                                            std::to_string(K) + (ta ? " T" : " N") + (tb ? "T" : "N")
+                                      : std::string("gemm");
+    run(r, name.c_str(), [&] { be_.gemm(ta, tb, M, N, K, alpha, f(r[0]), lda, f(r[1]), ldb, beta, f(r[2]), ldc); });
   }
   void rmsnorm_forward(const float* x, int64_t ldx, const float* w, float eps, int64_t rows, int64_t dim, float* y,
                        float* rstd) override {
@@ -376,18 +384,21 @@ class HostStagedCudaBackend final : public Backend {
       const auto t_end = std::chrono::steady_clock::now();
       Prof& q = prof_[name];
       ++q.calls;
+      q.flops += next_flops_;
       q.seconds += std::chrono::duration<double>(t_end - t_start).count();
       q.staged_bytes += (double)staged;
       if (have_last_) q.gap_before += std::chrono::duration<double>(t_start - last_end_).count();
       last_end_ = t_end;
       have_last_ = true;
     }
+    next_flops_ = 0;
   }
   struct Prof {
     int64_t calls = 0;
-    double seconds = 0, staged_bytes = 0, gap_before = 0;
+    double seconds = 0, staged_bytes = 0, gap_before = 0, flops = 0;
   };
   bool profile_ = false;
+  double next_flops_ = 0;  // the FLOPs of the op run() times next (GEMMs), for the profile's TFLOP/s
   std::map<std::string, Prof> prof_;
   std::chrono::steady_clock::time_point last_end_;
   bool have_last_ = false;

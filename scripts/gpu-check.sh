@@ -53,7 +53,7 @@ if [ -n "$PREBUILT" ]; then
   export LD_LIBRARY_PATH=$PB/dsv3-gpu/lib${cudalibs:+:$cudalibs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
   echo "   LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
   ldd "$TESTS_BIN" | grep -E "not found|cublas|cudart" | sed 's/^/   /'
-  [ -x "$NCCL_BIN" ] && ldd "$NCCL_BIN" | grep -E "not found|nccl" | sed 's/^/   /'
+  [ -x "$NCCL_BIN" ] && ldd "$NCCL_BIN" | grep -E "not found" | sed 's/^/   /'
 else
   if ! grep -qE '^[^#]*add_subdirectory\(gpu\)' "$ROOT/tests/CMakeLists.txt"; then
     echo "gpu-check: tests/CMakeLists.txt does not add tests/gpu (add_subdirectory(gpu))" >&2
@@ -118,7 +118,9 @@ if [ "$build_status" = OK ]; then
   # ranks under mpirun (exit 77 = skipped: fewer GPUs than ranks); the bandwidth benchmark on every GPU of the node
   if [ ! -x "$NCCL_BIN" ]; then
     nccl_status="NOT-BUILT (no nccl.h/libnccl at build time)"
-  elif ! ldd "$NCCL_BIN" | grep -q "libnccl.so.2 => /"; then
+  elif [ -z "${DSV3_NCCL_LIBRARY:-}" ] && ! { ldconfig -p 2>/dev/null | grep -q "libnccl.so.2 "; } &&
+       ! find ${LD_LIBRARY_PATH//:/ } -maxdepth 1 -name libnccl.so.2 2>/dev/null | grep -q .; then
+    # libnccl is loaded at run time (cuda/nccl_dlopen.cpp): the dynamic linker's search or DSV3_NCCL_LIBRARY
     nccl_status="SKIPPED (no libnccl.so.2 on this node; scripts/gpu-pack.sh with PACK_NCCL=1 packs one)"
   else
     echo "== NCCL transport vs MPI (logs: $LOG/nccl-*.log)"
@@ -165,7 +167,7 @@ if [ "$build_status" = OK ]; then
          bench-gpu-proxy.deck log.metrics="$LOG/$name.jsonl" "$@") >"$LOG/$name.log" 2>&1
       rc=$?
       grep -E "iter |done|tensor memory|error|op profile" "$LOG/$name.log" | tail -8
-      sed -n '/^op profile/,$p' "$LOG/$name.log" | head -14
+      sed -n '/^op profile/,$p' "$LOG/$name.log" | head -40
       case $rc in 0) ;; 124) proxy_status="TIMED OUT" ;; *) proxy_status=FAILED ;; esac
     }
     proxy_status=OK

@@ -8,8 +8,8 @@
 # are used (gpu-check.sh looks for them in the CUDA toolkit, /usr/lib, /usr/local/lib and /opt, where PyTorch's pip
 # wheels put theirs). NCCL is the same case as cuBLAS: every CUDA toolkit install with NCCL and every PyTorch brings a
 # libnccl.so.2. For a node that may lack it, PACK_NCCL=1 packs this machine's libnccl.so.2 (~210 MB) into lib-nccl/,
-# which gpu-check.sh uses only when the node has none. Only dsv3_nccl_tests / dsv3_nccl_bench need libnccl (dsv3 and
-# the other programs do not link it).
+# which gpu-check.sh uses only when the node has none. No program links libnccl: it is loaded at run time
+# (cuda/nccl_dlopen.cpp) by dsv3_nccl_tests / dsv3_nccl_bench, and by dsv3 when run.device = cuda has several ranks.
 #   scripts/gpu-pack.sh [build dir (default build)] [output (default .gpu/dsv3-gpu.tar.gz)]
 #   env: PACK_NCCL=1 (also pack libnccl.so.2, see above), JOBS (build parallelism, default 2)
 set -euo pipefail
@@ -34,8 +34,10 @@ for b in "${bins[@]}"; do ldd "$b"; done | awk '$2 == "=>" && $3 ~ /^\// {print 
   grep -vE '/(libc|libm|libdl|libpthread|librt|libresolv|libutil|libanl|libnsl|ld-linux[^/]*)\.so|/libcu(da|dart|blas|blasLt)\.so|/libnccl\.so' |
   while read -r lib; do cp -L "$lib" "$STAGE/dsv3-gpu/lib/"; done
 if [ "${PACK_NCCL:-0}" = 1 ] && [ -x "$STAGE/dsv3-gpu/bin/dsv3_nccl_tests" ]; then
-  nccl=$(ldd "$STAGE/dsv3-gpu/bin/dsv3_nccl_tests" | awk '$1 == "libnccl.so.2" {print $3}')
-  [ -n "$nccl" ] || { echo "gpu-pack: PACK_NCCL=1 but dsv3_nccl_tests resolves no libnccl.so.2" >&2; exit 1; }
+  # libnccl is loaded at run time (cuda/nccl_dlopen.cpp), so ldd does not name it: this machine's copy
+  nccl=$(ldconfig -p | awk '$1 == "libnccl.so.2" {print $NF; exit}')
+  [ -n "$nccl" ] || nccl=$(find /usr/local/cuda*/ /usr/lib -name libnccl.so.2 2>/dev/null | head -1)
+  [ -n "$nccl" ] || { echo "gpu-pack: PACK_NCCL=1 but this machine has no libnccl.so.2" >&2; exit 1; }
   mkdir -p "$STAGE/dsv3-gpu/lib-nccl"
   cp -L "$nccl" "$STAGE/dsv3-gpu/lib-nccl/"
 fi

@@ -16,6 +16,9 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "core/memory.h"
+#ifdef DSV3_HAVE_NCCL
+#include "parallel/nccl_comm.h"
+#endif
 #include "io/hf_checkpoint.h"
 #include "io/hf_export.h"
 #include "model/config.h"
@@ -171,6 +174,19 @@ int main(int argc, char** argv) {
                    << human(pc.main) << "), MTP " << pc.mtp << ", activated/token " << human(pc.activated);
     const int64_t memory_base = memory_rss_bytes();  // the process before any model buffer (MPI, libraries)
     auto be = make_backend(deck);
+    // run.device = cuda with several ranks: the float collectives (gradients, tensor-parallel sums, the MoE all-to-all)
+    // over NCCL on the device buffers, the rest over MPI (parallel/comm.h)
+    std::unique_ptr<DeviceTransport> device_comm;
+    if (be->name() == "cuda" && comm.size() > 1) {
+#ifdef DSV3_HAVE_NCCL
+      device_comm = make_nccl_transport(comm);
+      comm.set_device_transport(device_comm.get());
+      DSV3_LOG(info) << "collectives: NCCL for the float tensors on the GPUs, MPI for the rest";
+#else
+      DSV3_LOG(warning) << "this dsv3 was built without nccl.h: the collectives of run.device = cuda go over MPI "
+                           "through host memory (slow)";
+#endif
+    }
     // one rank's peak (plan.*) and the model FLOPs of a training sequence (the planner's count): TFLOP/s and MFU
     const double peak_tflops = plan_settings_from_deck(deck, cfg, comm.size()).device_tflops;
     Model model(cfg, *be, par.ep, par.stage, par.tp);  // this rank's pipeline stage and experts only

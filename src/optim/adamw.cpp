@@ -135,12 +135,12 @@ double AdamW::reduce_grads(const Params& grads) {
   double ss = 0;
   Floats flat;
   for (Bucket& b : buckets_) {
-    pack(grads, b, flat);
     if (comm_ && comm_->group_size((GroupKind)b.group) > 1) {
+      pack(grads, b, flat);
       if ((int64_t)b.g.size() != b.shard) b.g = Floats(b.shard);
       comm_->reduce_scatter((GroupKind)b.group, flat.data(), b.g.data(), b.shard);
     } else {
-      b.g = std::move(flat);  // a group of one: the packed gradients are the shard (padded == shard)
+      pack(grads, b, b.g);  // a group of one: the packed gradients are the shard (padded == shard), kept
     }
     if (!b.norm_partial)
       ss += be_->sum_squares(b.g.data(), b.shard);

@@ -159,6 +159,7 @@ void Comm::allreduce_sum(GroupKind k, float* x, int64_t n) const {
   CommTimer timer(*this, k);
   const Group& g = group(k);
   if (g.size == 1 || n == 0) return;
+  if (transport_) return transport_->allreduce_sum(k, x, n);
   MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, x, to_int(n, "allreduce"), MPI_FLOAT, MPI_SUM, g.comm));
 }
 
@@ -183,6 +184,7 @@ void Comm::reduce_scatter(GroupKind k, const float* in, float* out, int64_t chun
     default_memory().copy(out, in, chunk * sizeof(float));
     return;
   }
+  if (transport_) return transport_->reduce_scatter(k, in, out, chunk);
   MPI_CHECK(MPI_Reduce_scatter_block(in, out, to_int(chunk, "reduce_scatter"), MPI_FLOAT, MPI_SUM, g.comm));
 }
 
@@ -213,6 +215,7 @@ void Comm::allgather(GroupKind k, const float* in, float* out, int64_t chunk) co
     default_memory().copy(out, in, chunk * sizeof(float));
     return;
   }
+  if (transport_) return transport_->allgather(k, in, out, chunk);
   MPI_CHECK(MPI_Allgather(in, to_int(chunk, "allgather"), MPI_FLOAT, out, (int)chunk, MPI_FLOAT, g.comm));
 }
 
@@ -227,6 +230,7 @@ void Comm::broadcast(GroupKind k, float* x, int64_t n, int root) const {
   const Group& g = group(k);
   if (g.size == 1 || n == 0) return;
   CommTimer timer(*this, k);
+  if (transport_) return transport_->broadcast(k, x, n, root);
   MPI_CHECK(MPI_Bcast(x, to_int(n, "broadcast"), MPI_FLOAT, root, g.comm));
 }
 
@@ -303,6 +307,7 @@ void Comm::alltoallv(GroupKind k, const float* send, const std::vector<int64_t>&
     default_memory().copy(recv, send, sc[0] * sizeof(float));
     return;
   }
+  if (transport_) return transport_->alltoallv(k, send, sc, recv, rc);
   std::vector<int> s(g.size), sd(g.size), r(g.size), rd(g.size);
   int64_t so = 0, ro = 0;
   for (int i = 0; i < g.size; ++i) {

@@ -3,8 +3,9 @@
 // the topology (parallel/topology.h); every MPI call is checked and reports file:line. A program started without
 // mpirun is a world of one rank: every operation then has its single-rank meaning (a copy or nothing).
 // The same operations on device pointers over NCCL are dsv3::NcclComm (parallel/nccl_comm.h, cuda/nccl_comm.cu: the
-// only code that touches NCCL), built from a Comm: MPI carries its NCCL ids. Training (host-resident tensors, on
-// run.device = cpu and cuda alike) communicates through Comm; NcclComm is the device-resident model's transport.
+// only code that touches NCCL), built from a Comm: MPI carries its NCCL ids. Under run.device = cuda with more than
+// one rank the driver gives Comm an NCCL DeviceTransport: the float collectives on device memory (gradients,
+// tensor-parallel activations, the MoE all-to-all) then go over NCCL, everything else stays on MPI.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -24,6 +25,22 @@ struct CommTimes {
   CommTimes operator-(const CommTimes& o) const {
     return {world - o.world, tp - o.tp, dp - o.dp, pp - o.pp, ep - o.ep, edp - o.edp};
   }
+};
+
+// The float collectives over another transport than MPI: NCCL (parallel/nccl_comm.h: make_nccl_transport) when
+// run.device = cuda. Buffers are device memory (the device-resident model's Buffers, core/memory.h) or host memory
+// (a few small tensors: the transport stages those through the device). Every operation has finished when it
+// returns, as Comm's own do.
+class DeviceTransport {
+ public:
+  virtual ~DeviceTransport() = default;
+  virtual const char* name() const = 0;
+  virtual void allreduce_sum(GroupKind k, float* x, int64_t n) = 0;
+  virtual void reduce_scatter(GroupKind k, const float* in, float* out, int64_t chunk) = 0;
+  virtual void allgather(GroupKind k, const float* in, float* out, int64_t chunk) = 0;
+  virtual void broadcast(GroupKind k, float* x, int64_t n, int root) = 0;
+  virtual void alltoallv(GroupKind k, const float* send, const std::vector<int64_t>& send_counts, float* recv,
+                         const std::vector<int64_t>& recv_counts) = 0;
 };
 
 class Comm {
@@ -53,6 +70,12 @@ class Comm {
   int group_rank(GroupKind k) const;
   int group_size(GroupKind k) const;
   CommTimes times() const;
+  // Float collectives of more than one rank go through the transport (whatever the buffers: the choice must be the
+  // same on every rank, and a rank with nothing to send has no buffer to judge by); the integer and double ones,
+  // broadcast_bytes and the pipeline's point-to-point stay on MPI. nullptr: MPI only. The transport must outlive its
+  // use; the caller keeps ownership.
+  void set_device_transport(DeviceTransport* t) { transport_ = t; }
+  DeviceTransport* device_transport() const { return transport_; }
   // The node (shared-memory domain) of each rank of a group, in group-rank order, nodes numbered by their first
   // appearance in that order (0, 1, ...). Collective over the world.
   std::vector<int> group_nodes(GroupKind k) const;
@@ -111,6 +134,7 @@ class Comm {
     std::vector<float> buf;  // the owned buffer of pp_send_owned (empty for pp_send)
   };
   mutable std::vector<PendingSend> pending_;  // pp sends in flight
+  DeviceTransport* transport_ = nullptr;
   friend struct CommTimer;
 };
 

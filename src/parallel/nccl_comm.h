@@ -5,15 +5,16 @@
 // Part of the comm module (with parallel/comm.{h,cpp}): every NCCL call of the project is in cuda/nccl_comm.cu, the
 // pure parts (no CUDA, no NCCL, unit-tested on any machine) in parallel/nccl_comm.cpp. Host-only header without CUDA
 // or NCCL types (streams are opaque `void*` = cudaStream_t), so that non-CUDA code can include it. NcclComm itself is
-// compiled only when the CUDA backend is built and NCCL is found (CMake: DSV3_HAVE_NCCL, library dsv3nccl, linked
-// only by the programs that construct one, so that dsv3 itself does not need libnccl at startup).
+// compiled only when the CUDA backend is built and nccl.h is found (CMake: DSV3_HAVE_NCCL, library dsv3nccl; it calls
+// libnccl through cuda/nccl_dlopen.cpp, so that no program needs libnccl at startup).
 //
-// ---- How it connects today --------------------------------------------------------------------------------------
-// The model keeps its tensors in host memory (run.device = cuda stages every op's operands through the device), so
-// training under any number of ranks communicates with dsv3::Comm over MPI on host buffers, on CPU and on CUDA alike;
-// the training loop does not construct an NcclComm. NcclComm is the transport the device-resident model will call
-// (built in setup_parallel when run.device = cuda); today the GPU tests (tests/gpu/test_nccl_comm.cpp) and the NCCL
-// benchmark (tests/gpu/bench_nccl.cpp) construct it.
+// ---- How it connects ----------------------------------------------------------------------------------------------
+// The model's tensors live in device memory under run.device = cuda (core/memory.h). With more than one rank the
+// driver builds make_nccl_transport(comm) and hands it to Comm (Comm::set_device_transport): the float collectives
+// (ZeRO-1 gradient reduce-scatter and weight all-gather, tensor-parallel sums and gathers, the MoE all-to-all) then run
+// on NCCL, the rest (counts, losses, the pipeline's point-to-point on host buffers) on MPI. The GPU tests
+// (tests/gpu/test_nccl_comm.cpp) and the NCCL benchmark (tests/gpu/bench_nccl.cpp) construct NcclComm directly.
+// libnccl is not a load-time dependency: cuda/nccl_dlopen.cpp loads it when the first NCCL function is called.
 //
 // ---- Construction (collective over the world) --------------------------------------------------------------------
 // From a dsv3::Comm after set_groups(): the rank picks its device with cuda_select_device (the node-local rank, from
@@ -176,5 +177,10 @@ class NcclComm {
  private:
   std::unique_ptr<Impl> impl_;
 };
+
+// Comm's DeviceTransport over an NcclComm built here (collective over the world, as NcclComm's constructor): the
+// training loop's float collectives under run.device = cuda with several ranks (cuda/nccl_transport.cu). libnccl is
+// loaded on first use (cuda/nccl_dlopen.cpp): dsv3::Error naming it when the node has none.
+std::unique_ptr<DeviceTransport> make_nccl_transport(const Comm& comm, const NcclOptions& opt = {});
 
 }  // namespace dsv3

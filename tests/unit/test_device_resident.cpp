@@ -205,7 +205,6 @@ class GuardedBackend final : public Backend {
 };
 
 // A touch of the guarded region from host code: name the address and leave (the test fails with this message)
-GuardedMemory* g_guarded = nullptr;
 void on_segv(int, siginfo_t* si, void*) {
   char msg[200];
   const int n = std::snprintf(msg, sizeof msg,

@@ -63,3 +63,22 @@ TEST(NcclChecks, LanesAndNames) {
   EXPECT_STREQ(group_name(GroupKind::edp), "edp");
   EXPECT_STREQ(group_name(GroupKind::embd), "embd");
 }
+
+#ifdef DSV3_HAVE_NCCL
+#include <nccl.h>
+
+#include <cstdlib>
+
+// libnccl is loaded on the first NCCL call (cuda/nccl_dlopen.cpp): a missing library is an error naming it and the
+// variable that points elsewhere, not a failure of the program to start
+TEST(NcclLoading, AMissingLibraryIsNamed) {
+  setenv("DSV3_NCCL_LIBRARY", "/nonexistent/libnccl.so.2", 1);
+  const std::string e = error_of([] {
+    ncclUniqueId id;
+    (void)ncclGetUniqueId(&id);
+  });
+  unsetenv("DSV3_NCCL_LIBRARY");
+  EXPECT_NE(e.find("/nonexistent/libnccl.so.2"), std::string::npos) << e;
+  EXPECT_NE(e.find("DSV3_NCCL_LIBRARY"), std::string::npos) << e;
+}
+#endif
