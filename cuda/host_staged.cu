@@ -87,6 +87,10 @@ class HostStagedCudaBackend final : public Backend {
     }
   }
   std::string name() const override { return "cuda"; }
+  // deferred: ops with only device outputs return unfinished (Backend::set_deferred_sync); the op profile times each
+  // op, so it keeps them synchronous
+  void set_deferred_sync(bool on) override { deferred_ = on && !profile_; }
+  void synchronize() override { be_.synchronize(); }
   void set_bf16_matmul(bool on) override {
     bf16_matmul_ = on;
     be_.set_bf16_matmul(on);
@@ -375,11 +379,16 @@ class HostStagedCudaBackend final : public Backend {
                                           cudaMemcpyHostToDevice, be_.stream()));
     }
     op();
+    bool host_out = false;
     for (auto& r : regions)
-      if (r.dev && !r.resident && (r.dir & kOut))
+      if (r.dev && !r.resident && (r.dir & kOut)) {
+        host_out = true;
         DSV3_CUDA_CHECK(cudaMemcpy2DAsync(const_cast<void*>(r.host), r.pitch_bytes, r.dev, r.pitch_bytes,
                                           r.row_bytes, r.rows, cudaMemcpyDeviceToHost, be_.stream()));
-    be_.synchronize();
+      }
+    // Staged inputs need no wait: a copy from pageable host memory has read its source when it returns, and the
+    // next op's staging into the arena is ordered after this op on the stream.
+    if (host_out || !deferred_) be_.synchronize();
     if (profile_) {
       const auto t_end = std::chrono::steady_clock::now();
       Prof& q = prof_[name];
@@ -398,6 +407,7 @@ class HostStagedCudaBackend final : public Backend {
     double seconds = 0, staged_bytes = 0, gap_before = 0, flops = 0;
   };
   bool profile_ = false;
+  bool deferred_ = false;
   double next_flops_ = 0;  // the FLOPs of the op run() times next (GEMMs), for the profile's TFLOP/s
   std::map<std::string, Prof> prof_;
   std::chrono::steady_clock::time_point last_end_;

@@ -159,11 +159,10 @@ if [ "$build_status" = OK ]; then
   echo "   nccl: $nccl_status ($(elapsed))"
 
   if [ "${PROXY:-1}" = 1 ]; then
-    # DSV3_OP_PROFILE=1: the per-op time table at the end of the log (where the step's time goes)
-    proxy_run() {  # name, deck overrides...
-      local name=$1 rc; shift
+    proxy_run() {  # name, profile (0|1), deck overrides...
+      local name=$1 profile=$2 rc; shift 2
       echo "== proxy training benchmark: input/bench-gpu-proxy.deck $* (log: $LOG/$name.log)"
-      (cd "$ROOT/input" && DSV3_NO_MPI=1 DSV3_OP_PROFILE=1 OMP_NUM_THREADS=$JOBS timeout 300 "$BIN_DIR/dsv3" \
+      (cd "$ROOT/input" && DSV3_NO_MPI=1 DSV3_OP_PROFILE=$profile OMP_NUM_THREADS=$JOBS timeout 300 "$BIN_DIR/dsv3" \
          bench-gpu-proxy.deck log.metrics="$LOG/$name.jsonl" "$@") >"$LOG/$name.log" 2>&1
       rc=$?
       grep -E "iter |done|tensor memory|error|op profile" "$LOG/$name.log" | tail -8
@@ -171,9 +170,13 @@ if [ "$build_status" = OK ]; then
       case $rc in 0) ;; 124) proxy_status="TIMED OUT" ;; *) proxy_status=FAILED ;; esac
     }
     proxy_status=OK
-    proxy_run proxy
+    # the figure: ops run ahead of the host within a step (deferred synchronisation)
+    proxy_run proxy 0 train.iters=6
+    # where the step's time goes: DSV3_OP_PROFILE=1 times every op (synchronously: slower than the run above), GEMMs
+    # by shape, and the host time between ops
+    proxy_run proxy-profile 1
     # PROXY_FLASH=1: the same with the flash attention kernels and selective recompute (the 671B recipe's choices)
-    [ "${PROXY_FLASH:-0}" = 1 ] && proxy_run proxy-flash run.attention=flash train.recompute=selective
+    [ "${PROXY_FLASH:-0}" = 1 ] && proxy_run proxy-flash 1 run.attention=flash train.recompute=selective
     echo "   proxy: $proxy_status ($(elapsed))"
   else
     proxy_status="SKIPPED (PROXY=0)"

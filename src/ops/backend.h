@@ -42,6 +42,13 @@ class Backend {
   // travels with the backend so that whatever builds one from the deck (driver, golden, generate) gets the choice.
   void set_flash_attention(bool on) { flash_attention_ = on; }
   bool flash_attention() const { return flash_attention_; }
+  // Deferred synchronisation (the training step turns it on; DeferredSync below): an op whose outputs are all in the
+  // backend's memory may return before the device finished it, so the host prepares the next op meanwhile. Host code
+  // must then reach tensor memory only through ops and the memory resource's copies (which wait for the device) until
+  // synchronize(): what tests/unit/test_device_resident.cpp checks for the training step. Ops with host outputs
+  // (losses, norms, routing tables) still return finished. The CPU backend is synchronous: both are no-ops there.
+  virtual void set_deferred_sync(bool) {}
+  virtual void synchronize() {}
 
   // C(M,N) = alpha op(A) op(B) + beta C, row-major: A is (M,K), or (K,M) used transposed when ta; B is (K,N), or
   // (N,K) used transposed when tb. The one GEMM every backend implements; the model calls the three named forms.
@@ -225,6 +232,21 @@ class Backend {
  protected:
   bool bf16_matmul_ = false;
   bool flash_attention_ = false;
+};
+
+// Deferred synchronisation for a scope (the training step); the device has finished everything when it ends.
+class DeferredSync {
+ public:
+  explicit DeferredSync(Backend& be) : be_(be) { be_.set_deferred_sync(true); }
+  ~DeferredSync() {
+    be_.set_deferred_sync(false);
+    be_.synchronize();
+  }
+  DeferredSync(const DeferredSync&) = delete;
+  DeferredSync& operator=(const DeferredSync&) = delete;
+
+ private:
+  Backend& be_;
 };
 
 // The default grouped GEMMs: one gemm per non-empty group (inline: the Backend stays header-only for the libraries

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 
 #include "core/deck.h"
 #include "core/error.h"
@@ -46,6 +47,10 @@ StepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t S, double lr, 
   // every rank runs the same number of micro-batches (expert parallelism exchanges tokens in each of them); a rank
   // whose share of the batch is smaller runs some with fewer (or no) sequences
   const int64_t M = ((B_global + dp - 1) / dp + mb - 1) / mb;
+  // the step's ops may run ahead of the host (the device has finished all of them when step() returns); not when
+  // MPI moves device memory itself (several ranks without a device transport): it reads the buffers from the host
+  std::optional<DeferredSync> deferred;
+  if (!comm_ || comm_->size() == 1 || comm_->device_transport()) deferred.emplace(opt_.backend());
   StepStats st;
   st.lr = lr;
   st.mtp_lambda = mtp_lambda;
