@@ -75,8 +75,8 @@ class HostStagedCudaBackend final : public Backend {
     std::sort(v.begin(), v.end(), [](const auto& a, const auto& b) { return a.second.seconds > b.second.seconds; });
     double total = 0, gaps = 0;
     for (const auto& [n, p] : v) total += p.seconds, gaps += p.gap_before;
-    std::fprintf(stderr, "op profile (DSV3_OP_PROFILE): %.3f s in ops, %.3f s of host time between them\n", total,
-                 gaps);
+    std::fprintf(stderr, "op profile (DSV3_OP_PROFILE%s): %.3f s in ops, %.3f s of host time between them\n",
+                 profile_reset_ ? ", the iterations after the first" : "", total, gaps);
     std::fprintf(stderr, "  %-32s %8s %10s %6s %12s %12s %8s\n", "op", "calls", "seconds", "%", "staged MiB",
                  "host gap s", "TFLOP/s");
     for (const auto& [n, p] : v) {
@@ -91,6 +91,11 @@ class HostStagedCudaBackend final : public Backend {
   // op, so it keeps them synchronous
   void set_deferred_sync(bool on) override { deferred_ = on && !profile_; }
   void synchronize() override { be_.synchronize(); }
+  void reset_profile() override {
+    prof_.clear();
+    have_last_ = false;
+    profile_reset_ = true;
+  }
   void set_bf16_matmul(bool on) override {
     bf16_matmul_ = on;
     be_.set_bf16_matmul(on);
@@ -408,6 +413,7 @@ class HostStagedCudaBackend final : public Backend {
   };
   bool profile_ = false;
   bool deferred_ = false;
+  bool profile_reset_ = false;  // reset_profile() was called: the table leaves out the warm-up
   double next_flops_ = 0;  // the FLOPs of the op run() times next (GEMMs), for the profile's TFLOP/s
   std::map<std::string, Prof> prof_;
   std::chrono::steady_clock::time_point last_end_;

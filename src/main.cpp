@@ -338,7 +338,10 @@ int main(int argc, char** argv) {
                      {"pool_held_bytes", default_memory().stats().held_bytes},
                      {"pool_system_allocations", default_memory().stats().system_allocations}});
       // the steady-state loop allocates nothing from the system: counted from the end of the first iteration
-      if (pool_after_first < 0) pool_after_first = default_memory().stats().system_allocations;
+      if (pool_after_first < 0) {
+        pool_after_first = default_memory().stats().system_allocations;
+        be->reset_profile();  // DSV3_OP_PROFILE: the steady state only
+      }
       if (valid_data && ((it + 1) % eval_interval == 0 || it + 1 == iters)) evaluate(it + 1);
       // checkpoint hook: every checkpoint.interval iterations and at the end (train/checkpointing.h)
       // preemption and time limit: all ranks agree to stop after this iteration, save, and exit 0 (the job requeues

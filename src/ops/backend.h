@@ -49,6 +49,9 @@ class Backend {
   // (losses, norms, routing tables) still return finished. The CPU backend is synchronous: both are no-ops there.
   virtual void set_deferred_sync(bool) {}
   virtual void synchronize() {}
+  // The op profile (DSV3_OP_PROFILE=1, CUDA) starts again: the driver calls it after the first iteration, so that
+  // the profile shows the steady state (not CUDA's lazy module loading, cuBLAS's first heuristics, page placement).
+  virtual void reset_profile() {}
 
   // C(M,N) = alpha op(A) op(B) + beta C, row-major: A is (M,K), or (K,M) used transposed when ta; B is (K,N), or
   // (N,K) used transposed when tb. The one GEMM every backend implements; the model calls the three named forms.
