@@ -29,8 +29,8 @@ int cuda_select_device(int hint, int device_count);
 int cuda_usable_device(int device_hint);
 // make_backend("cuda"): a CudaBackend on cuda_select_device(hint); dsv3::Error with the reason when no device.
 std::unique_ptr<Backend> make_cuda_backend(int device_hint);
-// make_backend("cuda") today: the same ops on host pointers, each op copying its operands to the device and back
-// (cuda/host_staged.cu), so that the host-memory model runs on the GPU's kernels; dsv3::Error when no device.
+// make_backend("cuda"): the same ops on the CUDA pool's memory in place and on host pointers staged through the device
+// (cuda/host_staged.cu); dsv3::Error when no device.
 std::unique_ptr<Backend> make_host_staged_cuda_backend(int device_hint);
 
 class MemoryResource;

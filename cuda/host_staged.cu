@@ -1,12 +1,11 @@
-// defines: dsv3::HostStagedCudaBackend — the Backend ops on host pointers, computed by the CUDA backend: each op copies
-// the regions of its operands to the device, runs the CudaBackend op there and copies its outputs back.
-// Why: the model, the trainer and the golden checks keep their tensors in host memory today; this lets all of them run
-// on the GPU's kernels unchanged (`run.device = cuda`), which makes the model-level golden test of the CUDA backend
-// possible before the model lives in device memory. It is a correctness path, not a fast one: every op pays PCIe
-// copies of its operands (the device-resident model is what makes the GPU fast).
-// Operands in the CUDA pool (cuda/managed_pool.cu: the Buffers of core/memory.h, i.e. the model's parameters,
-// gradients, optimizer state and activations) are not copied: the op runs on them in place. Only host memory (token
-// ids, routing tables built on the host, tests' vectors) is staged.
+// defines: dsv3::HostStagedCudaBackend — make_backend("cuda"): the CudaBackend ops on whatever pointers the model
+// passes. Operands in the CUDA pool (cuda/managed_pool.cu: the Buffers of core/memory.h, i.e. the model's parameters,
+// gradients, optimizer state and activations) are used in place; host operands (token ids, the routing tables the
+// model builds on the host, tests' vectors) are staged: copied to a device arena, and the outputs copied back.
+// Why both: the model's heavy tensors live in device memory, while a few small ones stay on the host by design (the
+// MoE's counting sort runs there), and the golden checks and tests keep passing host vectors to the same backend.
+// Synchronisation: an op returns finished, except in deferred mode (Backend::set_deferred_sync, the training step)
+// where an op without host outputs returns as soon as it is queued. DSV3_OP_PROFILE=1 times every op (see below).
 // Regions: a strided operand (rows with leading dimension ld) is copied with cudaMemcpy2D into a device region of
 // the same pitch, so the op sees the same layout and only the bytes it may touch move; columns between rows that
 // belong to other tensors are never written back. Accumulating outputs (+=) are copied in and out.
