@@ -26,6 +26,7 @@
 
 #include "../unit/test_util.h"  // error_of
 #include "core/error.h"
+#include "core/memory.h"
 #include "cuda_backend.cuh"
 #include "cuda_check.cuh"
 #include "device_buffer.cuh"
@@ -332,6 +333,63 @@ TEST(NcclComm, CollectivesMatchMpi) {
 TEST(NcclComm, PipelineMatchesMpi) {
   Comm& comm = *g_comm;
   for_each_setting(comm, [&](NcclComm& nc, bool, const std::string& tag) { check_pipeline(comm, nc, tag); });
+}
+
+// What training uses: Comm with the NCCL DeviceTransport (make_nccl_transport) installed routes its float
+// collectives through it, on buffers in the CUDA pool (the model's Buffers) and on host vectors (staged through the
+// device), with MPI's results; the transport's own calls too (on one rank the only way its NCCL calls run: Comm
+// keeps groups of one to itself).
+TEST(NcclComm, TrainingTransportMatchesMpi) {
+  Comm& comm = *g_comm;
+  set_default_memory(&cuda_managed_memory());
+  const auto ls = layouts(comm.size());
+  uint64_t seed = 9000 + 100 * comm.rank();
+  for (size_t li = 0; li < ls.size(); ++li) {
+    set_layout(comm, ls[li]);
+    for (bool singleton : singleton_settings(comm.size(), li)) {
+      NcclOptions opt;
+      opt.singleton_comms = singleton;
+      const auto t = make_nccl_transport(comm, opt);
+      const std::string tag = std::string(ls[li].name) + (singleton ? " (1-rank comms)" : "");
+      for (GroupKind k : kKinds) {
+        const int64_t n = comm.group_size(k), chunk = 37;
+        const std::string what = tag + " " + group_name(k);
+        const auto x = randn(n * chunk, ++seed);
+        // the references: MPI on host vectors
+        comm.set_device_transport(nullptr);
+        std::vector<float> ar(x), rs(chunk), ag(n * chunk), mag = abs_of(x);
+        comm.allreduce_sum(k, ar.data(), n * chunk);
+        comm.allreduce_sum(k, mag.data(), n * chunk);
+        comm.reduce_scatter(k, x.data(), rs.data(), chunk);
+        comm.allgather(k, x.data(), ag.data(), chunk);
+        const std::vector<float> rs_mag(mag.begin() + comm.group_rank(k) * chunk,
+                                        mag.begin() + (comm.group_rank(k) + 1) * chunk);
+        // through Comm with the transport: pool Buffers, then host vectors
+        comm.set_device_transport(t.get());
+        Floats d(x), d_rs(chunk), d_ag(n * chunk);
+        comm.allreduce_sum(k, d.data(), n * chunk);
+        expect_sum_close(what + " Comm allreduce (pool)", ar, d.to_host(), mag, 1e-6);
+        comm.reduce_scatter(k, Floats(x).data(), d_rs.data(), chunk);
+        expect_sum_close(what + " Comm reduce_scatter (pool)", rs, d_rs.to_host(), rs_mag, 1e-6);
+        comm.allgather(k, Floats(x).data(), d_ag.data(), chunk);
+        expect_exact(what + " Comm allgather (pool)", ag, d_ag.to_host());
+        std::vector<float> h(x), h_ag(n * chunk);
+        comm.allreduce_sum(k, h.data(), n * chunk);
+        expect_sum_close(what + " Comm allreduce (host, staged)", ar, h, mag, 1e-6);
+        comm.allgather(k, x.data(), h_ag.data(), chunk);
+        expect_exact(what + " Comm allgather (host, staged)", ag, h_ag);
+        // the transport itself (every group size, 1-rank NCCL communicators included)
+        Floats e(x), e_rs(chunk);
+        t->allreduce_sum(k, e.data(), n * chunk);
+        expect_sum_close(what + " transport allreduce", ar, e.to_host(), mag, 1e-6);
+        std::vector<float> hr(chunk);
+        t->reduce_scatter(k, x.data(), hr.data(), chunk);
+        expect_sum_close(what + " transport reduce_scatter (host)", rs, hr, rs_mag, 1e-6);
+        comm.set_device_transport(nullptr);
+      }
+    }
+  }
+  set_default_memory(nullptr);
 }
 
 // the named wrappers are the generic operations on their group
