@@ -56,6 +56,7 @@ std::vector<float> TensorGroup::gather_columns(const float* local, int64_t rows,
 void vocab_embedding_forward(Backend& be, const TensorGroup& tp, const int64_t* ids, int64_t n, const float* table,
                              int64_t V, int64_t D, float* out) {
   if (tp.size == 1) return be.embedding_forward(ids, n, table, D, out);
+  be.synchronize();  // the host loop below reads device memory: the queued ops first (Backend::set_deferred_sync)
   const int64_t Vl = V / tp.size, v0 = tp.rank * Vl;
   std::vector<float> part(tp.sp ? n * D : 0);
   float* o = tp.sp ? part.data() : out;
@@ -71,6 +72,7 @@ void vocab_embedding_forward(Backend& be, const TensorGroup& tp, const int64_t* 
 void vocab_embedding_backward(Backend& be, const TensorGroup& tp, const int64_t* ids, int64_t n, const float* dy,
                               int64_t V, int64_t D, float* dtable) {
   if (tp.size == 1) return be.embedding_backward(ids, n, dy, D, dtable);
+  be.synchronize();  // host loop on device memory (see vocab_embedding_forward)
   const int64_t Vl = V / tp.size, v0 = tp.rank * Vl;
   for (int64_t t = 0; t < n; ++t) {
     const int64_t v = ids[t] - v0;
@@ -84,6 +86,7 @@ void vocab_embedding_backward(Backend& be, const TensorGroup& tp, const int64_t*
 double vocab_cross_entropy_forward(Backend& be, const TensorGroup& tp, const float* logits, int64_t rows, int64_t V,
                                    const int64_t* targets, int64_t* count, float* lse) {
   if (tp.size == 1) return be.cross_entropy_forward(logits, rows, V, targets, count, lse);
+  be.synchronize();  // host loop on device memory (see vocab_embedding_forward)
   const int64_t Vl = V / tp.size, v0 = tp.rank * Vl;
   // per row: this slice's log-sum-exp (slot `rank` of `part`, others 0) and the target logit if this slice owns it;
   // one double all-reduce gives every rank every slice's value
@@ -119,6 +122,7 @@ double vocab_cross_entropy_forward(Backend& be, const TensorGroup& tp, const flo
 void vocab_cross_entropy_backward(Backend& be, const TensorGroup& tp, const float* logits, const float* lse,
                                   int64_t rows, int64_t V, const int64_t* targets, float scale, float* dlogits) {
   if (tp.size == 1) return be.cross_entropy_backward(logits, lse, rows, V, targets, scale, dlogits);
+  be.synchronize();  // host loop on device memory (see vocab_embedding_forward)
   const int64_t Vl = V / tp.size, v0 = tp.rank * Vl;
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
