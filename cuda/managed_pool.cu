@@ -23,10 +23,10 @@ namespace dsv3 {
 
 namespace {
 
-// Copies and zeroing inside the pool run as kernels, so that the GPU touches the pages and they stay (or become)
-// device-resident. Why not cudaMemcpy/cudaMemset: on managed memory the driver may service them from the host side,
-// leaving the pages in host memory, and the next kernel then faults them back over PCIe (the first GPU run of this
-// pool: the optimizer's packed 10 GB gradients were read by sum_squares at ~20 GB/s, 0.5 s instead of ~3 ms).
+// Copies and zeroing inside the pool run as kernels: the GPU itself touches the pages, so they stay (or become)
+// device-resident whatever the driver would do for cudaMemcpy/cudaMemset on managed memory (not measured: in the GPU
+// run that prompted this the pages left the GPU for another reason, a host memcpy in the 1-rank Comm; see
+// validation/gpu-results/README.md, runs 4-6).
 __global__ void copy_kernel(unsigned char* __restrict__ dst, const unsigned char* __restrict__ src, size_t n) {
   const size_t stride = (size_t)gridDim.x * blockDim.x;
   size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
