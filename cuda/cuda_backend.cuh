@@ -86,6 +86,15 @@ class CudaBackend final : public Backend {
                     float* out) override;
   void combine_rows_backward(const float* dout, const float* y, const int32_t* pos, const float* weight, int64_t T,
                              int64_t K, int64_t D, float* dy, float* dweight) override;
+  // vocab_slices.cu
+  void embedding_forward_slice(const int64_t* ids, int64_t n, const float* table, int64_t v0, int64_t vl, int64_t dim,
+                               float* out) override;
+  void embedding_backward_slice(const int64_t* ids, int64_t n, const float* dy, int64_t v0, int64_t vl, int64_t dim,
+                                float* dtable) override;
+  void cross_entropy_slice_forward(const float* logits, int64_t rows, int64_t vl, const int64_t* targets, int64_t v0,
+                                   double* lse, double* tgt) override;
+  void cross_entropy_slice_backward(const float* logits, const float* lse, int64_t rows, int64_t vl,
+                                    const int64_t* targets, int64_t v0, float scale, float* dlogits) override;
   // elementwise.cu
   void add(const float* x, int64_t n, float* y) override;
   void copy_rows(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) override;

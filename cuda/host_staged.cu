@@ -201,6 +201,33 @@ class HostStagedCudaBackend final : public Backend {
                           contiguous(dtable, rows_for_ids(ids, n) * dim, kInOut)};
     run(r, __func__, [&] { be_.embedding_backward(i64(r[0]), n, f(r[1]), dim, f(r[2])); });
   }
+  void embedding_forward_slice(const int64_t* ids, int64_t n, const float* table, int64_t v0, int64_t vl, int64_t dim,
+                               float* out) override {
+    std::vector<Region> r{contiguous(ids, n, kIn), contiguous(table, vl * dim, kIn), contiguous(out, n * dim, kOut)};
+    run(r, __func__, [&] { be_.embedding_forward_slice(i64(r[0]), n, f(r[1]), v0, vl, dim, f(r[2])); });
+  }
+  void embedding_backward_slice(const int64_t* ids, int64_t n, const float* dy, int64_t v0, int64_t vl, int64_t dim,
+                                float* dtable) override {
+    std::vector<Region> r{contiguous(ids, n, kIn), contiguous(dy, n * dim, kIn), contiguous(dtable, vl * dim, kInOut)};
+    run(r, __func__, [&] { be_.embedding_backward_slice(i64(r[0]), n, f(r[1]), v0, vl, dim, f(r[2])); });
+  }
+  // lse and tgt are host outputs (doubles); tgt keeps its values where the target is elsewhere: copied in too
+  void cross_entropy_slice_forward(const float* logits, int64_t rows, int64_t vl, const int64_t* targets, int64_t v0,
+                                   double* lse, double* tgt) override {
+    std::vector<Region> r{contiguous(logits, rows * vl, kIn), contiguous(targets, rows, kIn),
+                          contiguous(lse, rows, kOut), contiguous(tgt, rows, kInOut)};
+    run(r, __func__, [&] {
+      be_.cross_entropy_slice_forward(f(r[0]), rows, vl, i64(r[1]), v0, static_cast<double*>(r[2].dev),
+                                      static_cast<double*>(r[3].dev));
+    });
+  }
+  void cross_entropy_slice_backward(const float* logits, const float* lse, int64_t rows, int64_t vl,
+                                    const int64_t* targets, int64_t v0, float scale, float* dlogits) override {
+    std::vector<Region> r{contiguous(logits, rows * vl, kIn), contiguous(lse, rows, kIn),
+                          contiguous(targets, rows, kIn), contiguous(dlogits, rows * vl, kOut)};
+    run(r, __func__,
+        [&] { be_.cross_entropy_slice_backward(f(r[0]), f(r[1]), rows, vl, i64(r[2]), v0, scale, f(r[3])); });
+  }
   void add(const float* x, int64_t n, float* y) override {
     std::vector<Region> r{contiguous(x, n, kIn), contiguous(y, n, kInOut)};
     run(r, __func__, [&] { be_.add(f(r[0]), n, f(r[1])); });

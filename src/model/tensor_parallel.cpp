@@ -56,65 +56,43 @@ std::vector<float> TensorGroup::gather_columns(const float* local, int64_t rows,
 void vocab_embedding_forward(Backend& be, const TensorGroup& tp, const int64_t* ids, int64_t n, const float* table,
                              int64_t V, int64_t D, float* out) {
   if (tp.size == 1) return be.embedding_forward(ids, n, table, D, out);
-  be.synchronize();  // the host loop below reads device memory: the queued ops first (Backend::set_deferred_sync)
   const int64_t Vl = V / tp.size, v0 = tp.rank * Vl;
-  std::vector<float> part(tp.sp ? n * D : 0);
+  Floats part(tp.sp ? n * D : 0);
   float* o = tp.sp ? part.data() : out;
-#pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < n; ++t) {
-    const int64_t v = ids[t] - v0;
-    if (v >= 0 && v < Vl) std::copy_n(table + v * D, D, o + t * D);
-    else std::fill(o + t * D, o + (t + 1) * D, 0.0f);
-  }
+  be.embedding_forward_slice(ids, n, table, v0, Vl, D, o);
   tp.sum_partial_rows(o, n, D, out);  // exactly one rank contributes each row: the sum is the row itself
 }
 
 void vocab_embedding_backward(Backend& be, const TensorGroup& tp, const int64_t* ids, int64_t n, const float* dy,
                               int64_t V, int64_t D, float* dtable) {
   if (tp.size == 1) return be.embedding_backward(ids, n, dy, D, dtable);
-  be.synchronize();  // host loop on device memory (see vocab_embedding_forward)
   const int64_t Vl = V / tp.size, v0 = tp.rank * Vl;
-  for (int64_t t = 0; t < n; ++t) {
-    const int64_t v = ids[t] - v0;
-    if (v < 0 || v >= Vl) continue;
-    float* row = dtable + v * D;
-    const float* g = dy + t * D;
-    for (int64_t j = 0; j < D; ++j) row[j] += g[j];
-  }
+  be.embedding_backward_slice(ids, n, dy, v0, Vl, D, dtable);
 }
 
 double vocab_cross_entropy_forward(Backend& be, const TensorGroup& tp, const float* logits, int64_t rows, int64_t V,
                                    const int64_t* targets, int64_t* count, float* lse) {
   if (tp.size == 1) return be.cross_entropy_forward(logits, rows, V, targets, count, lse);
-  be.synchronize();  // host loop on device memory (see vocab_embedding_forward)
   const int64_t Vl = V / tp.size, v0 = tp.rank * Vl;
   // per row: this slice's log-sum-exp (slot `rank` of `part`, others 0) and the target logit if this slice owns it;
   // one double all-reduce gives every rank every slice's value
   std::vector<double> part((tp.size + 1) * rows, 0.0);
   double* tgt = part.data() + tp.size * rows;
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* l = logits + r * Vl;
-    float mx = l[0];
-    for (int64_t v = 1; v < Vl; ++v) mx = std::max(mx, l[v]);
-    double sum = 0;  // float exponentials summed in double, as the backend's cross entropy
-    for (int64_t v = 0; v < Vl; ++v) sum += std::exp(l[v] - mx);
-    part[tp.rank * rows + r] = std::log(sum) + mx;
-    const int64_t t = targets[r] - v0;
-    if (targets[r] >= 0 && t >= 0 && t < Vl) tgt[r] = l[t];
-  }
+  be.cross_entropy_slice_forward(logits, rows, Vl, targets, v0, part.data() + tp.rank * rows, tgt);
   tp.comm->allreduce_sum(GroupKind::tp, part.data(), (int64_t)part.size());
   double total = 0;
   int64_t n = 0;
+  std::vector<float> lse_h(rows);  // on the host, then where lse lives (device memory under run.device = cuda)
   for (int64_t r = 0; r < rows; ++r) {
     double mx = part[r];
     for (int k = 1; k < tp.size; ++k) mx = std::max(mx, part[k * rows + r]);
     double s = 0;
     for (int k = 0; k < tp.size; ++k) s += std::exp(part[k * rows + r] - mx);
     const double ls = std::log(s) + mx;
-    if (lse) lse[r] = (float)ls;
+    lse_h[r] = (float)ls;
     if (targets[r] >= 0) total += ls - tgt[r], ++n;
   }
+  if (lse && rows > 0) default_memory().copy(lse, lse_h.data(), sizeof(float) * (size_t)rows);
   if (count) *count = n;
   return total;
 }
@@ -122,21 +100,8 @@ double vocab_cross_entropy_forward(Backend& be, const TensorGroup& tp, const flo
 void vocab_cross_entropy_backward(Backend& be, const TensorGroup& tp, const float* logits, const float* lse,
                                   int64_t rows, int64_t V, const int64_t* targets, float scale, float* dlogits) {
   if (tp.size == 1) return be.cross_entropy_backward(logits, lse, rows, V, targets, scale, dlogits);
-  be.synchronize();  // host loop on device memory (see vocab_embedding_forward)
   const int64_t Vl = V / tp.size, v0 = tp.rank * Vl;
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    float* d = dlogits + r * Vl;
-    if (targets[r] < 0) {
-      std::fill(d, d + Vl, 0.0f);
-      continue;
-    }
-    const float* l = logits + r * Vl;
-    const float m = lse[r];
-    for (int64_t v = 0; v < Vl; ++v) d[v] = scale * std::exp(l[v] - m);
-    const int64_t t = targets[r] - v0;
-    if (t >= 0 && t < Vl) d[t] -= scale;
-  }
+  be.cross_entropy_slice_backward(logits, lse, rows, Vl, targets, v0, scale, dlogits);
 }
 
 }  // namespace dsv3

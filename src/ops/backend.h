@@ -125,6 +125,22 @@ class Backend {
   virtual void combine_rows(const float* y, const int32_t* pos, const float* weight, int64_t T, int64_t K, int64_t D,
                             float* out) = 0;
 
+  // ---- vocabulary-parallel pieces (tensor parallelism: this rank holds vocabulary rows [v0, v0 + vl)) -----------
+  // out (n, dim) = table[ids[i] - v0] for the ids in the slice, 0 for the others
+  virtual void embedding_forward_slice(const int64_t* ids, int64_t n, const float* table, int64_t v0, int64_t vl,
+                                       int64_t dim, float* out) = 0;
+  // dtable[ids[i] - v0] += dy[i] for the ids in the slice, in token order (deterministic)
+  virtual void embedding_backward_slice(const int64_t* ids, int64_t n, const float* dy, int64_t v0, int64_t vl,
+                                        int64_t dim, float* dtable) = 0;
+  // Per row of logits (rows, vl), this rank's columns: lse[r] = max + log(sum of the float exp(l - max), summed in
+  // double); tgt[r] = the target's logit when targets[r] lies in the slice (tgt[r] untouched otherwise). Host outputs.
+  virtual void cross_entropy_slice_forward(const float* logits, int64_t rows, int64_t vl, const int64_t* targets,
+                                           int64_t v0, double* lse, double* tgt) = 0;
+  // dlogits (rows, vl) = scale * (exp(logits - lse) - onehot(targets - v0)) with the global lse (rows); rows with
+  // target < 0 get 0 (written)
+  virtual void cross_entropy_slice_backward(const float* logits, const float* lse, int64_t rows, int64_t vl,
+                                            const int64_t* targets, int64_t v0, float scale, float* dlogits) = 0;
+
   // ---- elementwise and copies: what the model's host loops did, now on the backend's memory (core/memory.h) -----
   // y(n) += x(n): the residual adds and gradient sums
   virtual void add(const float* x, int64_t n, float* y) = 0;

@@ -582,6 +582,44 @@ TEST_F(CudaOps, EmbeddingForwardBackward) {
   expect_nmse("embedding_backward (exact)", dtable, d_dtable.to_host(), 0.0);
 }
 
+// the vocabulary-parallel pieces: this rank's rows [v0, v0 + vl) of a vocabulary of 3 * vl, ids and targets over all
+TEST_F(CudaOps, VocabularySlices) {
+  const int64_t vl = 41, v0 = vl, V = 3 * vl, dim = 29, n = 97, rows = 53;
+  auto ids = randint(n, 0, V, 950);  // in and out of the slice, repeated
+  auto table = randn(vl * dim, 951), dy = randn(n * dim, 952), dtable = randn(vl * dim, 953);
+  auto d_ids = dev(ids);
+  auto d_table = dev(table), d_dy = dev(dy), d_dtable = dev(dtable);
+  std::vector<float> out(n * dim, 5.0f);  // written everywhere (zeros outside the slice)
+  auto d_out = dev(out);
+  cpu.embedding_forward_slice(ids.data(), n, table.data(), v0, vl, dim, out.data());
+  gpu().embedding_forward_slice(d_ids.get(), n, d_table.get(), v0, vl, dim, d_out.get());
+  expect_nmse("embedding_forward_slice (exact)", out, d_out.to_host(), 0.0);
+  cpu.embedding_backward_slice(ids.data(), n, dy.data(), v0, vl, dim, dtable.data());
+  gpu().embedding_backward_slice(d_ids.get(), n, d_dy.get(), v0, vl, dim, d_dtable.get());
+  expect_nmse("embedding_backward_slice (exact)", dtable, d_dtable.to_host(), 0.0);
+
+  auto logits = randn(rows * vl, 954, 3.0f);
+  auto targets = randint(rows, 0, V, 955);
+  for (int64_t r = 0; r < rows; r += 7) targets[r] = -1;
+  auto d_logits = dev(logits);
+  auto d_targets = dev(targets);
+  std::vector<double> lse(rows), tgt(rows, -7.0);  // tgt stays -7 where the target lies in another slice
+  DeviceBuffer<double> d_lse(rows), d_tgt(tgt);
+  cpu.cross_entropy_slice_forward(logits.data(), rows, vl, targets.data(), v0, lse.data(), tgt.data());
+  gpu().cross_entropy_slice_forward(d_logits.get(), rows, vl, d_targets.get(), v0, d_lse.get(), d_tgt.get());
+  const auto g_lse = d_lse.to_host(), g_tgt = d_tgt.to_host();
+  double worst = 0;
+  for (int64_t r = 0; r < rows; ++r) worst = std::max(worst, std::fabs(g_lse[r] - lse[r]) / std::fabs(lse[r]));
+  std::printf("  [ NMSE     ] %-44s %.3e (tol 1e-12, max relative)\n", "cross_entropy_slice_forward lse", worst);
+  EXPECT_LE(worst, 1e-12);
+  EXPECT_EQ(tgt, g_tgt);  // a copied logit (or the untouched -7): exact
+  std::vector<float> lse32(lse.begin(), lse.end()), dl(rows * vl, 9.0f);
+  auto d_lse32 = dev(lse32), d_dl = dev(dl);
+  cpu.cross_entropy_slice_backward(logits.data(), lse32.data(), rows, vl, targets.data(), v0, 0.25f, dl.data());
+  gpu().cross_entropy_slice_backward(d_logits.get(), d_lse32.get(), rows, vl, d_targets.get(), v0, 0.25f, d_dl.get());
+  expect_nmse("cross_entropy_slice_backward", dl, d_dl.to_host(), kTolElementwise);
+}
+
 // ---- cross entropy -------------------------------------------------------------------------------------------
 
 TEST_F(CudaOps, CrossEntropyForwardBackward) {

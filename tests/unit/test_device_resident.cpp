@@ -141,6 +141,20 @@ class GuardedBackend final : public Backend {
                (const float* y, const int32_t* pos, const float* weight, int64_t T, int64_t K, int64_t D,
                 float* out),
                (y, pos, weight, T, K, D, out))
+  DSV3_GUARDED(void, embedding_forward_slice,
+               (const int64_t* ids, int64_t n, const float* table, int64_t v0, int64_t vl, int64_t dim, float* out),
+               (ids, n, table, v0, vl, dim, out))
+  DSV3_GUARDED(void, embedding_backward_slice,
+               (const int64_t* ids, int64_t n, const float* dy, int64_t v0, int64_t vl, int64_t dim, float* dtable),
+               (ids, n, dy, v0, vl, dim, dtable))
+  DSV3_GUARDED(void, cross_entropy_slice_forward,
+               (const float* logits, int64_t rows, int64_t vl, const int64_t* targets, int64_t v0, double* lse,
+                double* tgt),
+               (logits, rows, vl, targets, v0, lse, tgt))
+  DSV3_GUARDED(void, cross_entropy_slice_backward,
+               (const float* logits, const float* lse, int64_t rows, int64_t vl, const int64_t* targets, int64_t v0,
+                float scale, float* dlogits),
+               (logits, lse, rows, vl, targets, v0, scale, dlogits))
   DSV3_GUARDED(void, add, (const float* x, int64_t n, float* y), (x, n, y))
   DSV3_GUARDED(void, copy_rows,
                (const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd),

@@ -474,6 +474,59 @@ void CpuBackend::mla_flash_attention_backward(const float* q, const float* kv, c
   }
 }
 
+void CpuBackend::embedding_forward_slice(const int64_t* ids, int64_t n, const float* table, int64_t v0, int64_t vl,
+                                         int64_t dim, float* out) {
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t v = ids[t] - v0;
+    if (v >= 0 && v < vl) std::copy_n(table + v * dim, dim, out + t * dim);
+    else std::fill(out + t * dim, out + (t + 1) * dim, 0.0f);
+  }
+}
+
+void CpuBackend::embedding_backward_slice(const int64_t* ids, int64_t n, const float* dy, int64_t v0, int64_t vl,
+                                          int64_t dim, float* dtable) {
+  for (int64_t t = 0; t < n; ++t) {  // token order: repeated ids accumulate deterministically
+    const int64_t v = ids[t] - v0;
+    if (v < 0 || v >= vl) continue;
+    float* row = dtable + v * dim;
+    const float* g = dy + t * dim;
+    for (int64_t j = 0; j < dim; ++j) row[j] += g[j];
+  }
+}
+
+void CpuBackend::cross_entropy_slice_forward(const float* logits, int64_t rows, int64_t vl, const int64_t* targets,
+                                             int64_t v0, double* lse, double* tgt) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* l = logits + r * vl;
+    float mx = l[0];
+    for (int64_t v = 1; v < vl; ++v) mx = std::max(mx, l[v]);
+    double sum = 0;  // float exponentials summed in double, as cross_entropy_forward
+    for (int64_t v = 0; v < vl; ++v) sum += std::exp(l[v] - mx);
+    lse[r] = std::log(sum) + mx;
+    const int64_t t = targets[r] - v0;
+    if (targets[r] >= 0 && t >= 0 && t < vl) tgt[r] = l[t];
+  }
+}
+
+void CpuBackend::cross_entropy_slice_backward(const float* logits, const float* lse, int64_t rows, int64_t vl,
+                                              const int64_t* targets, int64_t v0, float scale, float* dlogits) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    float* d = dlogits + r * vl;
+    if (targets[r] < 0) {
+      std::fill(d, d + vl, 0.0f);
+      continue;
+    }
+    const float* l = logits + r * vl;
+    const float m = lse[r];
+    for (int64_t v = 0; v < vl; ++v) d[v] = scale * std::exp(l[v] - m);
+    const int64_t t = targets[r] - v0;
+    if (t >= 0 && t < vl) d[t] -= scale;
+  }
+}
+
 void CpuBackend::add(const float* x, int64_t n, float* y) {
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) y[i] += x[i];
