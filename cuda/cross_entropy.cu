@@ -49,23 +49,6 @@ __global__ void ce_fwd_total_kernel(const double* __restrict__ row_loss, const i
   }
 }
 
-// dlogits = scale (softmax - onehot(target)); rows with target < 0 are zeroed
-__global__ void ce_bwd_kernel(const float* __restrict__ logits, const float* __restrict__ lse, int64_t V,
-                              const int64_t* __restrict__ targets, float scale, float* __restrict__ dlogits) {
-  const int64_t r = blockIdx.x, t = targets[r];
-  float* d = dlogits + r * V;
-  if (t < 0) {
-    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) d[v] = 0.0f;
-    return;
-  }
-  const float* l = logits + r * V;
-  const float m = lse[r];
-  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
-    float g = scale * expf(l[v] - m);
-    if (v == t) g -= scale;
-    d[v] = g;
-  }
-}
 }  // namespace
 
 double CudaBackend::cross_entropy_forward(const float* logits, int64_t rows, int64_t V, const int64_t* targets,
@@ -97,9 +80,7 @@ double CudaBackend::cross_entropy_forward(const float* logits, int64_t rows, int
 void CudaBackend::cross_entropy_backward(const float* logits, const float* lse, int64_t rows, int64_t V,
                                          const int64_t* targets, float scale, float* dlogits) {
   if (rows == 0 || V == 0) return;
-  DSV3_CHECK(rows <= INT32_MAX, "cross_entropy_backward: " << rows << " rows");
-  ce_bwd_kernel<<<(unsigned)rows, kBlock, 0, stream_>>>(logits, lse, V, targets, scale, dlogits);
-  DSV3_CUDA_LAUNCH_CHECK();
+  cross_entropy_slice_backward(logits, lse, rows, V, targets, 0, scale, dlogits);  // the slice [0, V): vocab_slices.cu
 }
 
 }  // namespace dsv3

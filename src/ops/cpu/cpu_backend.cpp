@@ -565,20 +565,10 @@ void CpuBackend::embedding_backward(const int64_t* ids, int64_t n, const float* 
   }
 }
 
+// the whole vocabulary is the slice [0, V)
 void CpuBackend::cross_entropy_backward(const float* logits, const float* lse, int64_t rows, int64_t V,
                                         const int64_t* targets, float scale, float* dlogits) {
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    float* d = dlogits + r * V;
-    if (targets[r] < 0) {
-      std::fill(d, d + V, 0.0f);
-      continue;
-    }
-    const float* l = logits + r * V;
-    const float m = lse[r];
-    for (int64_t v = 0; v < V; ++v) d[v] = scale * std::exp(l[v] - m);
-    d[targets[r]] -= scale;
-  }
+  cross_entropy_slice_backward(logits, lse, rows, V, targets, 0, scale, dlogits);
 }
 
 void CpuBackend::router_backward(const float* scores, const int32_t* idx, const float* dweight, int64_t T, int64_t E,
