@@ -6,7 +6,6 @@
 #include <vector>
 
 #include "core/error.h"
-#include "io/safetensors.h"  // float_to_bf16 / bf16_to_float
 #include "ops/backend.h"
 #include "ops/cpu/cpu_backend.h"
 #include "parallel/comm.h"
@@ -45,11 +44,6 @@ void round_to_bf16(Backend& be, float* x, int64_t n) {
   Buffer<uint16_t> h(n);
   be.to_bf16(x, n, h.data());
   be.from_bf16(h.data(), n, x);
-}
-
-void round_to_bf16(float* x, int64_t n) {
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) x[i] = bf16_to_float(float_to_bf16(x[i]));
 }
 
 AdamW::~AdamW() = default;

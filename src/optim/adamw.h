@@ -39,9 +39,8 @@ double global_grad_norm(const Params& grads, Backend* be = nullptr);
 // (1 when not clipping; max_norm <= 0 disables clipping).
 double clip_coefficient(double norm, double max_norm);
 double clip_grads(Params& grads, double norm, double max_norm);
-// Rounds every value to the nearest BF16 (RNE): how BF16 storage of gradients/weights is emulated bit-exactly.
-void round_to_bf16(float* x, int64_t n);
-// The same on the backend (x in the run's memory: to_bf16 and back, the same bits)
+// Rounds every value of x (the run's memory) to the nearest BF16 (RNE) with the backend's to_bf16 and back: how BF16
+// storage of gradients/weights is emulated bit-exactly.
 void round_to_bf16(Backend& be, float* x, int64_t n);
 
 class AdamW {

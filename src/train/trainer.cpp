@@ -34,7 +34,7 @@ Trainer::Trainer(Model& m, const TrainerConfig& c, const Comm* comm, Backend* be
   // BF16 model weights: the working copy starts as the rounded master
   if (cfg_.adamw.bf16_params) {
     for (const ParamSpec& p : m.params().table())
-      if (p.trainable && m.params().held(p)) round_to_bf16(m.params().get(p.name), m.params().local_numel(p));
+      if (p.trainable && m.params().held(p)) round_to_bf16(opt_.backend(), m.params().get(p.name), m.params().local_numel(p));
   }
 }
 
