@@ -99,6 +99,10 @@ class HostStagedCudaBackend final : public Backend {
     bf16_matmul_ = on;
     be_.set_bf16_matmul(on);
   }
+  void set_bf16_attention(bool on) override {
+    bf16_attention_ = on;
+    be_.set_bf16_attention(on);
+  }
 
   void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
             const float* B, int64_t ldb, float beta, float* C, int64_t ldc) override {

@@ -45,6 +45,7 @@ expect_error "inconsistent config" "n_group" "$BIN/dsv3" "$tmp/good.deck" model.
 printf '[model]\nhf_config = config.json\n[train]\niters = 1\nglobal_batch = 1\n' > "$tmp/noseq.deck"
 expect_error "missing required key" "train.seq_length" "$BIN/dsv3" "$tmp/noseq.deck"
 expect_error "unknown override" "parallel.tpp" "$BIN/dsv3" "$tmp/good.deck" parallel.tpp=2
+expect_error "bf16 attention needs the flash form" "run.attention = flash" "$BIN/dsv3" "$tmp/good.deck" run.attention_dtype=bf16
 mkdir -p "$tmp/trunc"
 cp "$TESTS/golden/tiny/config.json" "$tmp/trunc/"
 head -c 100000 "$TESTS/golden/tiny/model.safetensors" > "$tmp/trunc/model.safetensors"

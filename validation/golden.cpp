@@ -537,7 +537,7 @@ int main(int argc, char** argv) {
     }
     Report rep;
     rep.print = comm.rank() == 0;
-    rep.bf16 = deck.get<std::string>("run.matmul_dtype") == "bf16";
+    rep.bf16 = deck.get<std::string>("run.matmul_dtype") == "bf16" || be->bf16_attention();
     rep.bf16_row = [&g](const std::string& name) -> int64_t {
       if (name.rfind("hidden.", 0) == 0) return g.cfg.hidden_size;
       if (name == "logits" || name == "mtp_logits" || name.rfind("generate.step_logits", 0) == 0 ||
@@ -548,7 +548,12 @@ int main(int argc, char** argv) {
     if (rep.print)
       std::printf("dsv3-golden %s: %s backend, %s, checks %s%s\n", dir.c_str(), be->name().c_str(),
                   format_sizes(g.ctx.sizes).c_str(), vm["checks"].as<std::string>().c_str(),
-                  rep.bf16 ? ", BF16 matmuls: the losses judged, the rest reported" : "");
+                  rep.bf16 ? (be->bf16_attention() ? (be->bf16_matmul() ? ", BF16 matmuls and attention: the "
+                                                                          "losses judged, the rest reported"
+                                                                        : ", BF16 attention: the losses judged, the "
+                                                                          "rest reported")
+                                                   : ", BF16 matmuls: the losses judged, the rest reported")
+                           : "");
     if (checks.count("forward")) check_forward(g, *be, rep);
     if (checks.count("grads")) check_grads(g, *be, rep);
     if (checks.count("train")) check_train(g, *be, rep, deck.get<int64_t>("train.micro_batch"));

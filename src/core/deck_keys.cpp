@@ -23,6 +23,9 @@ const std::vector<KeySpec>& deck_keys() {
       {.name = "run.attention", .type = T::String, .def = "standard", .choices = {"standard", "flash"},
        .help = "MLA attention in training: standard keeps the softmax probabilities (B,H,S,S) for backward; flash "
                "(FlashAttention-2 form) keeps one log-sum-exp per row (B,H,S) and recomputes them"},
+      {.name = "run.attention_dtype", .type = T::String, .def = "fp32", .choices = {"fp32", "bf16"},
+       .help = "flash attention's operands: bf16 rounds q, k, v, the probabilities and the score gradients to BF16 "
+               "with FP32 scores, softmax and accumulation (tensor cores on cuda); needs run.attention = flash"},
       {.name = "run.threads", .type = T::Int, .def = "0", .min = 0,
        .help = "CPU threads per rank (0: all cores)"},
       {.name = "run.name", .type = T::String, .def = "dsv3", .help = "run name (logs, metrics)"},

@@ -37,6 +37,11 @@ std::unique_ptr<Backend> make_backend(const Deck& deck) {
   auto be = make_backend(deck.get<std::string>("run.device"), deck.get<int>("run.threads"));
   be->set_bf16_matmul(deck.get<std::string>("run.matmul_dtype") == "bf16");
   be->set_flash_attention(deck.get<std::string>("run.attention") == "flash");
+  const bool bf16_attention = deck.get<std::string>("run.attention_dtype") == "bf16";
+  DSV3_CHECK(!bf16_attention || be->flash_attention(),
+             "run.attention_dtype = bf16 is the flash kernels' precision: it needs run.attention = flash (the deck has "
+             "run.attention = " << deck.get<std::string>("run.attention") << ")");
+  be->set_bf16_attention(bf16_attention);
   return be;
 }
 

@@ -42,6 +42,20 @@ class Backend {
   // travels with the backend so that whatever builds one from the deck (driver, golden, generate) gets the choice.
   void set_flash_attention(bool on) { flash_attention_ = on; }
   bool flash_attention() const { return flash_attention_; }
+  // Precision of the flash attention ops (run.attention_dtype): false = FP32 throughout; true = BF16 operands with
+  // FP32 accumulation, the arithmetic of FlashAttention-2 on tensor cores, defined here so that the CPU stays the
+  // oracle of the CUDA kernels:
+  //   forward   q, k (k_nope | k_pe) and v rounded to BF16 (nearest even); scores, the online softmax, l and lse in
+  //             FP32; the probabilities enter P V as BF16: per key block of kFlashKeyBlock keys (from key 0), the
+  //             unnormalised p = exp(s - m) with m the row's running maximum over the blocks so far (this one
+  //             included) is rounded, and the block's product is rescaled by exp(m - m_final) and divided by l;
+  //   backward  q, k, v and dout rounded to BF16; P = exp(s - lse) and D = rowsum(dout * o) in FP32 (o and dout as
+  //             given); dV += bf16(P)^T bf16(dout); dS = scale P (bf16(dout) bf16(v)^T - D) in FP32, rounded to BF16
+  //             for dq = dS k and dk = dS^T q.
+  // The probs form (mla_attention_*) is FP32 only.
+  virtual void set_bf16_attention(bool on) { bf16_attention_ = on; }
+  bool bf16_attention() const { return bf16_attention_; }
+  static constexpr int64_t kFlashKeyBlock = 64;
   // Deferred synchronisation (the training step turns it on; DeferredSync below): an op whose outputs are all in the
   // backend's memory may return before the device finished it, so the host prepares the next op meanwhile. Host code
   // must then reach tensor memory only through ops and the memory resource's copies (which wait for the device) until
@@ -251,6 +265,7 @@ class Backend {
  protected:
   bool bf16_matmul_ = false;
   bool flash_attention_ = false;
+  bool bf16_attention_ = false;
 };
 
 // Deferred synchronisation for a scope (the training step); the device has finished everything when it ends.
@@ -292,7 +307,7 @@ inline void Backend::gemm_grouped_tn(int64_t groups, const int64_t* row0, int64_
 
 // "cpu" or "cuda"; throws dsv3::Error when the device is not available (e.g. no GPU, or built without CUDA).
 std::unique_ptr<Backend> make_backend(const std::string& device, int threads = 0);
-// the deck's backend: run.device, run.threads, run.matmul_dtype, run.attention
+// the deck's backend: run.device, run.threads, run.matmul_dtype, run.attention, run.attention_dtype
 class Deck;
 std::unique_ptr<Backend> make_backend(const Deck& deck);
 

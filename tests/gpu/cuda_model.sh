@@ -6,7 +6,8 @@
 #      and tiny again with run.attention=flash (the flash kernels instead of attention.cu's probs path)
 #   2. BF16 matmul mode (run.matmul_dtype=bf16), tiny and alt, against the FP32 golden with the stated BF16 criteria
 #      of validation/golden.cpp (per-token median relative error of hidden states and logits <= 5e-2; forward and
-#      first-step losses within 1e-3 relative; the rest reported)
+#      first-step losses within 1e-3 relative; the rest reported); BF16 flash attention (run.attention_dtype=bf16,
+#      the tensor-core kernels) with FP32 GEMMs under the same criteria
 #   3. training: 10 iterations of input/tiny.deck on the shipped corpus, cpu and cuda: per-iteration lm/mtp/aux
 #      losses within 1e-5 relative (the bound of tests/mpi_equivalence.sh across layouts)
 #   tests/gpu/cuda_model.sh BIN_DIR SOURCE_DIR      (exit 77: no usable CUDA device)
@@ -37,6 +38,11 @@ step "fp32 tiny flash attention vs golden" "$G" "$SRC/tests/golden/tiny" run.dev
 # BF16 matmul mode against the FP32 golden: the losses and the per-token median errors (validation/golden.cpp)
 step "bf16 tiny vs golden" "$G" "$SRC/tests/golden/tiny" run.device=cuda run.matmul_dtype=bf16
 step "bf16 alt vs golden" "$G" "$SRC/tests/golden/alt" run.device=cuda run.matmul_dtype=bf16
+# BF16 flash attention (the tensor-core kernels) with FP32 GEMMs: the same BF16 criteria
+step "bf16-attention tiny vs golden" "$G" "$SRC/tests/golden/tiny" run.device=cuda run.attention=flash \
+  run.attention_dtype=bf16
+step "bf16-attention alt vs golden" "$G" "$SRC/tests/golden/alt" run.device=cuda run.attention=flash \
+  run.attention_dtype=bf16 train.micro_batch=3
 
 "$BIN/dsv3-preprocess" --input "$SRC/data/corpus.jsonl" --tokenizer "$SRC/data/tokenizer.json" \
   --output-prefix "$tmp/corpus" --append-eod >/dev/null 2>&1 || { echo "FAIL: preprocess"; exit 1; }

@@ -104,6 +104,10 @@ class GuardedBackend final : public Backend {
     Backend::set_bf16_matmul(on);
     cpu_.set_bf16_matmul(on);
   }
+  void set_bf16_attention(bool on) override {
+    Backend::set_bf16_attention(on);
+    cpu_.set_bf16_attention(on);
+  }
 #define DSV3_GUARDED(ret, op, params, args) \
   ret op params override {                  \
     GuardedMemory::Unlocked u(mem_);        \

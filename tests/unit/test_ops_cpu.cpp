@@ -488,3 +488,131 @@ TEST(CpuOps, GroupedGemmsPerRowBlock) {
         EXPECT_NEAR(W[g * K * N + i * N + j], W0[g * K * N + i * N + j] + s, 1e-4) << "g " << g;
       }
 }
+
+// ---- BF16 flash attention (Backend::set_bf16_attention) against its definition in double precision ----------------
+// The reference rounds what the definition rounds (q, k, v, dout; the forward's unnormalised p per 64-key block with
+// the running maximum; P for dV; dS) and computes everything else in double. The op's FP32 arithmetic differs from it
+// by FP32 rounding, which moves a BF16 rounding of p or dS by one BF16 ulp only where the two straddle a rounding
+// boundary (~2^-24 / 2^-8 of the elements): NMSE ~1e-9 at most (measured 1e-10 .. 7e-16). An op that skipped a
+// rounding would be off by BF16 rounding noise: the FP32 op is 1e4-1e8 times further from the same definition (lse,
+// which only the rounding of q and k moves: 1e-7).
+namespace {
+double bf(double x) { return bf16_to_float(float_to_bf16((float)x)); }
+double nmse(const std::vector<float>& got, const std::vector<double>& ref) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    num += (got[i] - ref[i]) * (got[i] - ref[i]);
+    den += ref[i] * ref[i];
+  }
+  return num / std::max(den, 1e-300);
+}
+struct Bf16FlashReference {
+  std::vector<double> o, lse, dq, dkv, dkpe;
+};
+// forward from q/kv/kpe; backward from the op's o and lse (what the backward is given) and dout; dkpe from dkpe0
+Bf16FlashReference bf16_flash_reference(const FlashCase& c, const std::vector<float>& o_op,
+                                        const std::vector<float>& lse_op, const std::vector<float>& dkpe0) {
+  const int64_t B = c.B, S = c.S, H = c.H, dn = c.dn, dr = c.dr, dv = c.dv, ld = c.ldkpe, KB = Backend::kFlashKeyBlock;
+  const int64_t ldq = H * (dn + dr), ldkv = H * (dn + dv), ldo = H * dv;
+  Bf16FlashReference r;
+  r.o.assign(B * S * ldo, 0);
+  r.lse.assign(B * H * S, 0);
+  r.dq.assign(B * S * ldq, 0);
+  r.dkv.assign(B * S * ldkv, 0);
+  r.dkpe.assign(dkpe0.begin(), dkpe0.end());
+  auto Q = [&](int64_t b, int64_t i, int64_t h, int64_t k) { return bf(c.q[(b * S + i) * ldq + h * (dn + dr) + k]); };
+  auto K = [&](int64_t b, int64_t j, int64_t h, int64_t k) {
+    return bf(k < dn ? c.kv[(b * S + j) * ldkv + h * (dn + dv) + k] : c.kpe[(b * S + j) * ld + k - dn]);
+  };
+  auto V = [&](int64_t b, int64_t j, int64_t h, int64_t x) { return bf(c.kv[(b * S + j) * ldkv + h * (dn + dv) + dn + x]); };
+  auto dO = [&](int64_t b, int64_t i, int64_t h, int64_t x) { return bf(c.dout[(b * S + i) * ldo + h * dv + x]); };
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t i = 0; i < S; ++i) {
+        std::vector<double> s(i + 1), mb(i / KB + 1);
+        double m = -1e300;
+        for (int64_t j = 0; j <= i; ++j) {
+          double d = 0;
+          for (int64_t k = 0; k < dn + dr; ++k) d += Q(b, i, h, k) * K(b, j, h, k);
+          s[j] = d * c.scale;
+          m = std::max(m, s[j]);
+          mb[j / KB] = m;
+        }
+        double l = 0;
+        for (int64_t j = 0; j <= i; ++j) l += std::exp(s[j] - m);
+        r.lse[(b * H + h) * S + i] = m + std::log(l);
+        for (int64_t j = 0; j <= i; ++j) {
+          const double w = bf(std::exp(s[j] - mb[j / KB])) * std::exp(mb[j / KB] - m) / l;
+          for (int64_t x = 0; x < dv; ++x) r.o[(b * S + i) * ldo + h * dv + x] += w * V(b, j, h, x);
+        }
+        // backward of row i: P from the op's lse, D from the op's o and dout as given
+        double D = 0;
+        for (int64_t x = 0; x < dv; ++x)
+          D += (double)c.dout[(b * S + i) * ldo + h * dv + x] * o_op[(b * S + i) * ldo + h * dv + x];
+        for (int64_t j = 0; j <= i; ++j) {
+          const double P = std::exp(s[j] - lse_op[(b * H + h) * S + i]);
+          double dP = 0;
+          for (int64_t x = 0; x < dv; ++x) {
+            dP += dO(b, i, h, x) * V(b, j, h, x);
+            r.dkv[(b * S + j) * ldkv + h * (dn + dv) + dn + x] += bf(P) * dO(b, i, h, x);
+          }
+          const double dS = bf(c.scale * P * (dP - D));
+          for (int64_t k = 0; k < dn + dr; ++k) {
+            r.dq[(b * S + i) * ldq + h * (dn + dr) + k] += dS * K(b, j, h, k);
+            if (k < dn)
+              r.dkv[(b * S + j) * ldkv + h * (dn + dv) + k] += dS * Q(b, i, h, k);
+            else
+              r.dkpe[(b * S + j) * ld + k - dn] += dS * Q(b, i, h, k);
+          }
+        }
+      }
+  return r;
+}
+}  // namespace
+
+TEST(CpuOpsBackward, MlaFlashAttentionBf16AgainstItsDefinition) {
+  const FlashCase c;
+  const int64_t B = c.B, S = c.S, H = c.H, dn = c.dn, dr = c.dr, dv = c.dv, ld = c.ldkpe;
+  const auto dkpe0 = randn(c.kpe.size(), 50);
+  struct Run {
+    std::vector<float> o, lse, dq, dkv, dkpe;
+  };
+  auto run = [&](bool bf16) {
+    CpuBackend be(1);
+    be.set_bf16_attention(bf16);
+    Run x{std::vector<float>(B * S * H * dv), std::vector<float>(B * H * S), randn(c.q.size(), 51),
+          randn(c.kv.size(), 52), dkpe0};
+    be.mla_flash_attention_forward(c.q.data(), c.kv.data(), c.kpe.data(), ld, B, S, H, dn, dr, dv, c.scale,
+                                   x.o.data(), x.lse.data());
+    be.mla_flash_attention_backward(c.q.data(), c.kv.data(), c.kpe.data(), ld, x.o.data(), x.lse.data(),
+                                    c.dout.data(), B, S, H, dn, dr, dv, c.scale, x.dq.data(), x.dkv.data(),
+                                    x.dkpe.data());
+    return x;
+  };
+  const Run b16 = run(true), f32 = run(false);
+  const Bf16FlashReference ref = bf16_flash_reference(c, b16.o, b16.lse, dkpe0);
+  const Bf16FlashReference ref_f32_inputs = bf16_flash_reference(c, f32.o, f32.lse, dkpe0);
+  struct Field {
+    const char* name;
+    const std::vector<float>& bf16_op;
+    const std::vector<float>& fp32_op;
+    const std::vector<double>& ref;
+    const std::vector<double>& ref_fp32;
+  };
+  const Field fields[] = {{"o", b16.o, f32.o, ref.o, ref.o},
+                          {"lse", b16.lse, f32.lse, ref.lse, ref.lse},
+                          {"dq", b16.dq, f32.dq, ref.dq, ref_f32_inputs.dq},
+                          {"dkv", b16.dkv, f32.dkv, ref.dkv, ref_f32_inputs.dkv},
+                          {"dkpe", b16.dkpe, f32.dkpe, ref.dkpe, ref_f32_inputs.dkpe}};
+  for (const Field& f : fields) {
+    const double e = nmse(f.bf16_op, f.ref), e_f32 = nmse(f.fp32_op, f.ref_fp32);
+    std::printf("  bf16 flash %-4s NMSE vs its definition %.2e; the FP32 op vs the same definition %.2e\n", f.name, e,
+                e_f32);
+    EXPECT_LE(e, 1e-8) << f.name;
+    EXPECT_GE(e_f32, 100 * std::max(e, 1e-10)) << f.name << ": the definition's roundings must be visible";
+  }
+  int64_t pad_changed = 0;
+  for (int64_t t = 0; t < B * S; ++t)
+    for (int64_t k = dr; k < ld; ++k) pad_changed += b16.dkpe[t * ld + k] != dkpe0[t * ld + k];
+  EXPECT_EQ(pad_changed, 0);
+}

@@ -378,15 +378,49 @@ void CpuBackend::mla_attention_backward(const float* q, const float* kv, const f
 // ---- MLA attention, flash form: the same arithmetic as above (float scores from sgemm, float exponentials summed in
 // double), but a tile of query rows at a time, so a head needs (kFlashRows, S) floats instead of (S, S). Tiles
 // over the keys as well (the online softmax) would save nothing more here: O(S) per head is the point.
+// BF16 attention (Backend::set_bf16_attention) rounds the operands once into copies with the same layout, rounds
+// P / dS where they enter products, and reproduces the kernels' per-key-block running maximum for the rounding of the
+// forward's probabilities.
 namespace {
 constexpr int64_t kFlashRows = 64;  // query rows per tile
+
+struct Bf16Operands {  // BF16 copies of the attention operands (empty in FP32 mode: the pointers stay as given)
+  std::vector<float> q, kv, kpe, dout;
+};
+inline float bf16_round(float x) { return bf16_to_float(float_to_bf16(x)); }
+
+// BF16 forward of one score row (keys 0..i of `row`, scaled scores in, weights of P V out): see Backend's definition
+float flash_row_bf16(float* row, int64_t i, std::vector<float>& block_max) {
+  constexpr int64_t KB = Backend::kFlashKeyBlock;
+  const int64_t nb = i / KB + 1;
+  block_max.resize(nb);
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t jb = 0; jb < nb; ++jb) {
+    for (int64_t j = jb * KB; j <= std::min(jb * KB + KB - 1, i); ++j) mx = std::max(mx, row[j]);
+    block_max[jb] = mx;  // the running maximum after block jb
+  }
+  double sum = 0;
+  for (int64_t j = 0; j <= i; ++j) sum += std::exp(row[j] - mx);
+  const float inv = (float)(1.0 / sum);
+  for (int64_t j = 0; j <= i; ++j) {
+    const float mb = block_max[j / KB];
+    row[j] = bf16_round(std::exp(row[j] - mb)) * (std::exp(mb - mx) * inv);
+  }
+  return (float)(mx + std::log(sum));
+}
 }  // namespace
 
 void CpuBackend::mla_flash_attention_forward(const float* q, const float* kv, const float* kpe, int64_t ldkpe,
                                              int64_t B, int64_t S, int64_t H, int64_t dn, int64_t dr, int64_t dv,
                                              float scale, float* o, float* lse) {
   const MlaLayout L(S, H, dn, dr, dv, ldkpe);
-  std::vector<float> p(std::min(kFlashRows, S) * S);
+  Bf16Operands rounded;
+  if (bf16_attention_) {
+    q = bf16_operand(q, B * S, L.ldq, L.ldq, rounded.q);
+    kv = bf16_operand(kv, B * S, L.ldkv, L.ldkv, rounded.kv);
+    kpe = bf16_operand(kpe, B * S, dr, ldkpe, rounded.kpe);
+  }
+  std::vector<float> p(std::min(kFlashRows, S) * S), block_max;
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t h = 0; h < H; ++h) {
       const MlaHead<const float> x = L.head(q, kv, kpe, b, h);
@@ -398,16 +432,20 @@ void CpuBackend::mla_flash_attention_forward(const float* q, const float* kv, co
         for (int64_t r = 0; r < m; ++r) {
           const int64_t i = i0 + r;
           float* row = p.data() + r * n;
-          float mx = -std::numeric_limits<float>::infinity();
-          for (int64_t j = 0; j <= i; ++j) mx = std::max(mx, row[j]);
-          double sum = 0;
-          for (int64_t j = 0; j <= i; ++j) {
-            row[j] = std::exp(row[j] - mx);
-            sum += row[j];
+          if (bf16_attention_) {
+            lh[i] = flash_row_bf16(row, i, block_max);
+          } else {
+            float mx = -std::numeric_limits<float>::infinity();
+            for (int64_t j = 0; j <= i; ++j) mx = std::max(mx, row[j]);
+            double sum = 0;
+            for (int64_t j = 0; j <= i; ++j) {
+              row[j] = std::exp(row[j] - mx);
+              sum += row[j];
+            }
+            lh[i] = (float)(mx + std::log(sum));
+            const float inv = (float)(1.0 / sum);
+            for (int64_t j = 0; j <= i; ++j) row[j] *= inv;
           }
-          lh[i] = (float)(mx + std::log(sum));
-          const float inv = (float)(1.0 / sum);
-          for (int64_t j = 0; j <= i; ++j) row[j] *= inv;
           for (int64_t j = i + 1; j < n; ++j) row[j] = 0.0f;
         }
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, dv, n, 1.0f, p.data(), n, x.v, L.ldkv, 0.0f,
@@ -423,13 +461,22 @@ void CpuBackend::mla_flash_attention_backward(const float* q, const float* kv, c
                                               float* dq, float* dkv, float* dkpe) {
   const MlaLayout L(S, H, dn, dr, dv, ldkpe);
   const int64_t ldq = L.ldq, ldkv = L.ldkv, ldo = L.ldo;
-  std::vector<float> p(std::min(kFlashRows, S) * S), dp(p.size());
+  const float* dout_prod = dout;  // dout where it enters products (BF16 copy in BF16 mode); D takes it as given
+  Bf16Operands rounded;
+  if (bf16_attention_) {
+    q = bf16_operand(q, B * S, ldq, ldq, rounded.q);
+    kv = bf16_operand(kv, B * S, ldkv, ldkv, rounded.kv);
+    kpe = bf16_operand(kpe, B * S, dr, ldkpe, rounded.kpe);
+    dout_prod = bf16_operand(dout, B * S, ldo, ldo, rounded.dout);
+  }
+  std::vector<float> p(std::min(kFlashRows, S) * S), dp(p.size()), p16(bf16_attention_ ? p.size() : 0);
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t h = 0; h < H; ++h) {
       const MlaHead<const float> x = L.head(q, kv, kpe, b, h);
       const MlaHead<float> dx = L.head(dq, dkv, dkpe, b, h);
       const float* oh = o + L.o(b, h);
       const float* doh = dout + L.o(b, h);
+      const float* doh_prod = dout_prod + L.o(b, h);
       const float* lh = lse + L.rows(b, h);
       // dk and dv collect every query tile's share: this head's columns of dkv start from zero (the op writes dkv)
       for (int64_t t = 0; t < S; ++t) std::fill(dx.k + t * ldkv, dx.k + t * ldkv + dn + dv, 0.0f);
@@ -443,11 +490,16 @@ void CpuBackend::mla_flash_attention_backward(const float* q, const float* kv, c
           for (int64_t j = 0; j <= i; ++j) row[j] = std::exp(row[j] - lh[i]);
           for (int64_t j = i + 1; j < n; ++j) row[j] = 0.0f;
         }
+        const float* p_prod = p.data();  // P where it enters dV = P^T dO (BF16 in BF16 mode; dS takes it in FP32)
+        if (bf16_attention_) {
+          for (int64_t e = 0; e < m * n; ++e) p16[e] = bf16_round(p[e]);
+          p_prod = p16.data();
+        }
         // O = P V:  dP = dO V^T (m, n),  dV(0..n-1) += P^T dO
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, dv, 1.0f, doh + i0 * ldo, ldo, x.v, ldkv, 0.0f,
-                    dp.data(), n);
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n, dv, m, 1.0f, p.data(), n, doh + i0 * ldo, ldo, 1.0f,
-                    dx.v, ldkv);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, dv, 1.0f, doh_prod + i0 * ldo, ldo, x.v, ldkv,
+                    0.0f, dp.data(), n);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n, dv, m, 1.0f, p_prod, n, doh_prod + i0 * ldo, ldo,
+                    1.0f, dx.v, ldkv);
         // softmax: dScore = scale * P * (dP - D_i) with D_i = rowsum(dO_i * O_i) (= rowsum(dP_i * P_i))
         for (int64_t r = 0; r < m; ++r) {
           const int64_t i = i0 + r;
@@ -458,6 +510,8 @@ void CpuBackend::mla_flash_attention_backward(const float* q, const float* kv, c
           const float* pr = p.data() + r * n;
           float* g = dp.data() + r * n;
           for (int64_t j = 0; j <= i; ++j) g[j] = scale * pr[j] * (float)(g[j] - d);
+          if (bf16_attention_)
+            for (int64_t j = 0; j <= i; ++j) g[j] = bf16_round(g[j]);
           for (int64_t j = i + 1; j < n; ++j) g[j] = 0.0f;
         }
         // score = q_nope k_nope^T + q_pe k_pe^T: the tile's dq rows are whole; dk_nope, dk_pe (0..n-1) accumulate
