@@ -106,7 +106,8 @@ class CudaBackend final : public Backend {
   void mla_attention_backward(const float* q, const float* kv, const float* kpe, int64_t ldkpe, const float* probs,
                               const float* dout, int64_t B, int64_t S, int64_t H, int64_t dn, int64_t dr, int64_t dv,
                               float scale, float* dq, float* dkv, float* dkpe) override;
-  // flash_attention.cu: tiled online-softmax kernels, nothing (S,S); backward uses scratch for (B,H,S,dr+1) floats
+  // flash_attention.cu: tiled online-softmax kernels, nothing (S,S) (FP32; BF16 attention mode: the tensor-core kernels
+  // of flash_attention_bf16.cuh); backward uses scratch for (B,H,S,dr+1) floats
   void mla_flash_attention_forward(const float* q, const float* kv, const float* kpe, int64_t ldkpe, int64_t B,
                                    int64_t S, int64_t H, int64_t dn, int64_t dr, int64_t dv, float scale, float* o,
                                    float* lse) override;

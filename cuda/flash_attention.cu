@@ -17,8 +17,9 @@
 // shared memory sized from them, and rows read column-wise by a warp are padded to an odd number of floats (lane l
 // reads row l: conflict-free banks). Above 48 KiB the kernels opt in with cudaFuncSetAttribute (DeepSeek-V3's dims:
 // ~86 KiB forward, ~130 KiB dk/dv, ~111 KiB dq; an H100/H200 allows 227 KiB).
-// Plain FP32 FMA loops over shared memory, no tensor cores: correctness first. TODO: tensor-core (BF16/TF32 mma)
-// tiles — the FP32 loops here reach perhaps a tenth of the GPU's FP32 peak.
+// These are the FP32 kernels (run.attention_dtype = fp32): plain FP32 FMA loops over shared memory, no tensor cores
+// (perhaps a tenth of the GPU's FP32 peak). In BF16 attention mode (Backend::set_bf16_attention) the ops call the
+// tensor-core kernels of flash_attention_bf16.cuh instead; D and the dk_pe sum over the heads are shared.
 #include <cuda_runtime.h>
 
 #include <climits>
@@ -26,11 +27,14 @@
 
 #include "cuda_backend.cuh"
 #include "cuda_check.cuh"
+#include "flash_attention.cuh"
 #include "kernel_utils.cuh"
 
 namespace dsv3 {
 
 namespace {
+
+using cuda::request_smem;
 
 constexpr int kThreads = 256;                   // 8 warps
 constexpr int kWarps = kThreads / 32;
@@ -389,18 +393,6 @@ __global__ void flash_bwd_dkpe_kernel(const float* __restrict__ dkpe_h, int64_t 
   }
 }
 
-// Dynamic shared memory above the 48 KiB default must be requested per kernel; more than the device offers is an
-// error naming the head dims.
-template <class Kernel>
-void request_smem(Kernel* kernel, size_t bytes, int device, const char* op, int dn, int dr, int dv) {
-  if (bytes <= 48 * 1024) return;
-  int optin = 0;
-  DSV3_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  DSV3_CHECK(bytes <= (size_t)optin, op << ": head dims dn " << dn << ", dr " << dr << ", dv " << dv << " need "
-                                        << bytes << " bytes of shared memory per block; the device allows " << optin);
-  DSV3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
-}
-
 void check_sizes(const char* op, int64_t B, int64_t S, int64_t H, int64_t dn, int64_t dr, int64_t dv) {
   DSV3_CHECK(S <= INT_MAX && B <= 65535 && H <= 65535 && dn + dr + dv <= 65536,
              op << ": B = " << B << ", S = " << S << ", H = " << H << ", dn + dr + dv = " << dn + dr + dv
@@ -414,6 +406,11 @@ void CudaBackend::mla_flash_attention_forward(const float* q, const float* kv, c
                                               float scale, float* o, float* lse) {
   if (B == 0 || S == 0 || H == 0) return;
   check_sizes("mla_flash_attention_forward", B, S, H, dn, dr, dv);
+  if (bf16_attention_) {  // the tensor-core kernels (flash_attention_bf16.cu)
+    cuda::flash_bf16_forward({q, kv, kpe, ldkpe, (int)B, (int)S, (int)H, (int)dn, (int)dr, (int)dv, scale}, o, lse,
+                             stream_, device_);
+    return;
+  }
   const size_t smem = fwd_smem_bytes((int)(dn + dr), (int)dv);
   request_smem(flash_fwd_kernel, smem, device_, "mla_flash_attention_forward", (int)dn, (int)dr, (int)dv);
   const dim3 grid((unsigned)((S + kBM - 1) / kBM), (unsigned)H, (unsigned)B);
@@ -437,19 +434,24 @@ void CudaBackend::mla_flash_attention_backward(const float* q, const float* kv, 
   flash_bwd_rowdot_kernel<<<cuda::grid_for(T * H * 32), cuda::kBlock, 0, stream_>>>(o, dout, T, iS, iH, idv, D);
   DSV3_CUDA_LAUNCH_CHECK();
 
-  const size_t smem_kv = dkv_smem_bytes(idn + idr, idv);
-  request_smem(flash_bwd_dkv_kernel, smem_kv, device_, "mla_flash_attention_backward", idn, idr, idv);
-  const dim3 grid_kv((unsigned)((S + kBN - 1) / kBN), (unsigned)H, (unsigned)B);
-  flash_bwd_dkv_kernel<<<grid_kv, kThreads, smem_kv, stream_>>>(q, kv, kpe, ldkpe, lse, D, dout, iS, iH, idn, idr,
-                                                                idv, scale, dkv, dkpe_h);
-  DSV3_CUDA_LAUNCH_CHECK();
+  if (bf16_attention_) {  // the tensor-core kernels (flash_attention_bf16.cu)
+    cuda::flash_bf16_backward({q, kv, kpe, ldkpe, (int)B, iS, iH, idn, idr, idv, scale}, lse, D, dout, dq, dkv, dkpe_h,
+                              stream_, device_);
+  } else {
+    const size_t smem_kv = dkv_smem_bytes(idn + idr, idv);
+    request_smem(flash_bwd_dkv_kernel, smem_kv, device_, "mla_flash_attention_backward", idn, idr, idv);
+    const dim3 grid_kv((unsigned)((S + kBN - 1) / kBN), (unsigned)H, (unsigned)B);
+    flash_bwd_dkv_kernel<<<grid_kv, kThreads, smem_kv, stream_>>>(q, kv, kpe, ldkpe, lse, D, dout, iS, iH, idn, idr,
+                                                                  idv, scale, dkv, dkpe_h);
+    DSV3_CUDA_LAUNCH_CHECK();
 
-  const size_t smem_q = dq_smem_bytes(idn + idr, idv);
-  request_smem(flash_bwd_dq_kernel, smem_q, device_, "mla_flash_attention_backward", idn, idr, idv);
-  const dim3 grid_q((unsigned)((S + kBM - 1) / kBM), (unsigned)H, (unsigned)B);
-  flash_bwd_dq_kernel<<<grid_q, kThreads, smem_q, stream_>>>(q, kv, kpe, ldkpe, lse, D, dout, iS, iH, idn, idr, idv,
-                                                             scale, dq);
-  DSV3_CUDA_LAUNCH_CHECK();
+    const size_t smem_q = dq_smem_bytes(idn + idr, idv);
+    request_smem(flash_bwd_dq_kernel, smem_q, device_, "mla_flash_attention_backward", idn, idr, idv);
+    const dim3 grid_q((unsigned)((S + kBM - 1) / kBM), (unsigned)H, (unsigned)B);
+    flash_bwd_dq_kernel<<<grid_q, kThreads, smem_q, stream_>>>(q, kv, kpe, ldkpe, lse, D, dout, iS, iH, idn, idr, idv,
+                                                               scale, dq);
+    DSV3_CUDA_LAUNCH_CHECK();
+  }
 
   if (dr > 0) {
     flash_bwd_dkpe_kernel<<<cuda::grid_for(T * dr), cuda::kBlock, 0, stream_>>>(dkpe_h, T, iS, iH, idr, dkpe, ldkpe);

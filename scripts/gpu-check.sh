@@ -13,7 +13,8 @@
 #        MPI libraries are packed for the dynamic linker only),
 #        JOBS (build parallelism, default nproc), BENCH_TOKENS (default 4096), BENCH_SECONDS (per measurement, 0.25)
 # Then the model on the CUDA backend (tests/gpu/cuda_model.sh, part of ctest -L gpu) and the proxy training benchmark
-# (input/bench-gpu-proxy.deck: the real hidden size and head dims, 2 layers; tokens/s, TFLOP/s, MFU).
+# (input/bench-gpu-proxy.deck: the real hidden size and head dims, 2 layers; tokens/s, TFLOP/s, MFU), with FP32 attention
+# in the probs form and with BF16 flash attention (the tensor-core kernels).
 # Worst case by the stage timeouts is above 8 minutes; typically ~4 min with the build, ~3 min prebuilt.
 # Exit status: 0 all passed, 1 a stage failed, 77 no usable CUDA device (the tests then report SKIPPED).
 set -uo pipefail
@@ -175,6 +176,8 @@ if [ "$build_status" = OK ]; then
     # where the step's time goes: DSV3_OP_PROFILE=1 times every op (synchronously: slower than the run above), GEMMs
     # by shape, and the host time between ops
     proxy_run proxy-profile 1
+    # the same with BF16 flash attention (the tensor-core kernels: run.attention_dtype=bf16), the mode a BF16 run uses
+    proxy_run proxy-bf16attn 0 train.iters=6 run.attention=flash run.attention_dtype=bf16
     # PROXY_FLASH=1: the same with the flash attention kernels and selective recompute (the 671B recipe's choices)
     [ "${PROXY_FLASH:-0}" = 1 ] && proxy_run proxy-flash 1 run.attention=flash train.recompute=selective
     echo "   proxy: $proxy_status ($(elapsed))"

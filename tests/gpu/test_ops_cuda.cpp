@@ -436,6 +436,61 @@ TEST_F(CudaOps, MlaFlashAttentionBackward) {
   }
 }
 
+// BF16 attention (run.attention_dtype=bf16): the tensor-core kernels (cuda/flash_attention_bf16.cuh) against the
+// CPU's BF16 definition (Backend::set_bf16_attention; test_ops_cpu.cpp checks it against double precision and
+// test_flash_bf16_simt.cpp runs these kernels in a host emulation). kTolBf16Attention: FP32 summation-order differences
+// (tensor-core accumulation against OpenBLAS) move a BF16 rounding of P or dS by one ulp (2^-8) only where the two
+// sides straddle a rounding boundary (~1e-4 of the elements): NMSE ~1e-9. The kernels must also be >= 100 times closer
+// to the BF16 definition than to FP32 attention: a kernel that skipped a rounding is not. Both backward calls get the
+// CPU's BF16 o and lse.
+constexpr double kTolBf16Attention = 1e-8;
+
+TEST_F(CudaOps, MlaFlashAttentionBf16) {
+  uint64_t seed = 1600;
+  CpuBackend cpu32(2);  // FP32 attention: what the kernels must be far from
+  cpu.set_bf16_attention(true);
+  gpu().set_bf16_attention(true);
+  auto expect_bf16 = [](const std::string& what, const std::vector<float>& ref, const std::vector<float>& ref32,
+                        const std::vector<float>& got) {
+    expect_nmse(what, ref, got, kTolBf16Attention);
+    const double e = nmse(ref, got), e32 = nmse(ref32, got);
+    std::printf("  [ vs FP32  ] %-44s %.3e\n", what.c_str(), e32);
+    EXPECT_GE(e32, 100 * std::max(e, 1e-12)) << what << ": as close to FP32 attention as to the BF16 definition";
+  };
+  for (const auto& c : kFlashCfgs) {
+    const AttnData a(c, seed, true);
+    std::vector<float> o(a.T * c.H * c.dv), lse(c.B * c.H * c.S), o32(o.size()), lse32(lse.size());
+    cpu.mla_flash_attention_forward(a.q.data(), a.kv.data(), a.kpe.data(), c.ldkpe, c.B, c.S, c.H, c.dn, c.dr, c.dv,
+                                    a.scale, o.data(), lse.data());
+    cpu32.mla_flash_attention_forward(a.q.data(), a.kv.data(), a.kpe.data(), c.ldkpe, c.B, c.S, c.H, c.dn, c.dr,
+                                      c.dv, a.scale, o32.data(), lse32.data());
+    auto d_q = dev(a.q), d_kv = dev(a.kv), d_kpe = dev(a.kpe);
+    DeviceBuffer<float> d_o(o.size()), d_lse(lse.size());
+    gpu().mla_flash_attention_forward(d_q.get(), d_kv.get(), d_kpe.get(), c.ldkpe, c.B, c.S, c.H, c.dn, c.dr, c.dv,
+                                      a.scale, d_o.get(), d_lse.get());
+    expect_bf16("bf16 flash forward o" + flash_tag(c), o, o32, d_o.to_host());
+    expect_bf16("bf16 flash forward lse" + flash_tag(c), lse, lse32, d_lse.to_host());
+
+    auto [dq, dkv, dkpe] = a.initial_grads(seed);
+    auto dq32 = dq, dkv32 = dkv, dkpe32 = dkpe;
+    auto d_o_cpu = dev(o), d_lse_cpu = dev(lse), d_dout = dev(a.dout), d_dq = dev(dq), d_dkv = dev(dkv),
+         d_dkpe = dev(dkpe);
+    cpu.mla_flash_attention_backward(a.q.data(), a.kv.data(), a.kpe.data(), c.ldkpe, o.data(), lse.data(),
+                                     a.dout.data(), c.B, c.S, c.H, c.dn, c.dr, c.dv, a.scale, dq.data(), dkv.data(),
+                                     dkpe.data());
+    cpu32.mla_flash_attention_backward(a.q.data(), a.kv.data(), a.kpe.data(), c.ldkpe, o.data(), lse.data(),
+                                       a.dout.data(), c.B, c.S, c.H, c.dn, c.dr, c.dv, a.scale, dq32.data(),
+                                       dkv32.data(), dkpe32.data());
+    gpu().mla_flash_attention_backward(d_q.get(), d_kv.get(), d_kpe.get(), c.ldkpe, d_o_cpu.get(), d_lse_cpu.get(),
+                                       d_dout.get(), c.B, c.S, c.H, c.dn, c.dr, c.dv, a.scale, d_dq.get(),
+                                       d_dkv.get(), d_dkpe.get());
+    expect_bf16("bf16 flash backward dq" + flash_tag(c), dq, dq32, d_dq.to_host());
+    expect_bf16("bf16 flash backward dkv" + flash_tag(c), dkv, dkv32, d_dkv.to_host());
+    expect_bf16("bf16 flash backward dkpe" + flash_tag(c), dkpe, dkpe32, d_dkpe.to_host());
+  }
+  cpu.set_bf16_attention(false);
+}
+
 // the flash pair on host pointers (make_backend("cuda"), what run.device=cuda run.attention=flash calls)
 TEST_F(CudaOps, MlaFlashAttentionHostStaged) {
   auto staged = make_backend("cuda");
