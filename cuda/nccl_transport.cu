@@ -3,8 +3,8 @@
 // operation runs on its group's NCCL lane after the work queued so far (the backend's stream is ordered with the
 // legacy default stream NcclComm waits on) and has finished when it returns, as Comm's MPI operations have.
 // Buffers in the CUDA pool (the model's Buffers) go to NCCL as they are; host buffers (a few small tensors the model
-// keeps on the host, e.g. the routing's combine-weight gradients) are staged through device memory. Part of the comm
-// module.
+// keeps on the host, e.g. the routing's combine-weight gradients) are staged through device memory. The started
+// all-to-all (Comm::alltoallv_start, the MoE's token exchange) returns without waiting. Part of the comm module.
 #include <cuda_runtime.h>
 
 #include <numeric>
@@ -58,6 +58,22 @@ class NcclTransport final : public DeviceTransport {
     finish(k);
     b.back();
   }
+  // Started: on the group's lane behind the compute stream's work so far; the wait joins the lane into the compute
+  // stream (cudaStreamWaitEvent on the legacy default stream, which the backend's blocking stream then waits on), so
+  // neither call blocks the host. Host buffers would need the host to copy the result back: blocking form.
+  bool alltoallv_start(GroupKind k, const float* send, const std::vector<int64_t>& sc, float* recv,
+                       const std::vector<int64_t>& rc) override {
+    auto on_device = [](const float* p, const std::vector<int64_t>& c) {
+      return !p || std::accumulate(c.begin(), c.end(), int64_t(0)) == 0 || cuda_managed_owns(p);
+    };
+    if (!on_device(send, sc) || !on_device(recv, rc)) {
+      alltoallv(k, send, sc, recv, rc);
+      return false;
+    }
+    nc_.alltoallv(k, send, sc, recv, rc);
+    return true;
+  }
+  void alltoallv_wait(GroupKind k) override { nc_.join(lane_of(k)); }
 
  private:
   // a buffer as NCCL gets it: itself when in the CUDA pool (or empty), else a device copy (copied in when `in`);

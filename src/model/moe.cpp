@@ -190,23 +190,43 @@ namespace dsv3 {
 namespace {
 
 // Moves rows between the ranks of the expert group: `send` in dispatch order (grouped by global expert, so by
-// destination rank) -> this rank's received rows in expert-major order (forward), or the reverse.
-void exchange_rows(Backend& be, const ExpertGroup& ep, const ExpertExchange& ex, int64_t D, const float* in,
-                   float* out, bool to_experts) {
+// destination rank) -> this rank's received rows in expert-major order (to the experts), or the reverse. Started and
+// finished apart, so that independent work (the shared experts) overlaps the transfer; the staging buffer and the
+// request live in the RowExchange until finish.
+struct RowExchange {
+  bool to_experts = true;
+  Floats buf;
+  CommRequest req;
+};
+
+RowExchange start_rows(Backend& be, const ExpertGroup& ep, const ExpertExchange& ex, int64_t D, const float* in,
+                       float* out, bool to_experts) {
   std::vector<int64_t> sc(ep.size), rc(ep.size);
   for (int p = 0; p < ep.size; ++p) {
     sc[p] = (to_experts ? ex.send_rows[p] : ex.recv_rows[p]) * D;
     rc[p] = (to_experts ? ex.recv_rows[p] : ex.send_rows[p]) * D;
   }
   const int64_t n = (int64_t)ex.perm.size();
-  Floats buf(n * D);
+  RowExchange x{to_experts, Floats(n * D), {}};
   if (to_experts) {
-    ep.comm->ep_alltoallv(in, sc, buf.data(), rc);
-    be.gather_rows(buf.data(), D, ex.inv.data(), n, D, out);  // out[perm[i]] = buf[i]
+    x.req = ep.comm->ep_alltoallv_start(in, sc, x.buf.data(), rc);
   } else {
-    be.gather_rows(in, D, ex.perm.data(), n, D, buf.data());
-    ep.comm->ep_alltoallv(buf.data(), sc, out, rc);
+    be.gather_rows(in, D, ex.perm.data(), n, D, x.buf.data());
+    x.req = ep.comm->ep_alltoallv_start(x.buf.data(), sc, out, rc);
   }
+  return x;
+}
+
+// `out` as given to start_rows
+void finish_rows(Backend& be, const ExpertGroup& ep, const ExpertExchange& ex, int64_t D, RowExchange& x, float* out) {
+  ep.comm->wait(x.req);
+  if (x.to_experts) be.gather_rows(x.buf.data(), D, ex.inv.data(), (int64_t)ex.perm.size(), D, out);  // out[perm[i]] = buf[i]
+}
+
+void exchange_rows(Backend& be, const ExpertGroup& ep, const ExpertExchange& ex, int64_t D, const float* in,
+                   float* out, bool to_experts) {
+  RowExchange x = start_rows(be, ep, ex, D, in, out, to_experts);
+  finish_rows(be, ep, ex, D, x, out);
 }
 
 // Counts exchanged first: how many rows go to each rank and, per local expert, how many arrive from each rank.
@@ -264,23 +284,28 @@ void moe_forward(Backend& be, const ModelConfig& c, const MoeWeights& w, const E
   const int64_t I = c.moe_intermediate_size / ep.etp_size;
   const float* xn = xn_all + a.t0 * D;
   a.d = moe_dispatch(be, rs, xn, D);     // dispatch: grouped by global expert = by the rank that holds it
-  if (ep.size > 1) {                 // experts: on the rank that holds them
+  Floats part(tp.sp ? T * D : 0);  // sp: the partial sums of all rows before the reduce-scatter
+  float* o = tp.sp ? part.data() : out;
+  auto shared_experts = [&] {  // on every token, this rank's columns of them (independent of the routed part)
+    if (w.sh_gate)
+      swiglu_mlp_forward(be, xn_all, T, D, c.moe_intermediate_size * c.n_shared_experts / tp.size, w.sh_gate,
+                         w.sh_up, w.sh_down, o, false, &a.shared);
+    else
+      be.fill(o, T * D, 0.0f);
+  };
+  if (ep.size > 1) {  // experts: on the rank that holds them; the shared experts overlap the tokens' way there
     a.ex = plan_exchange(ep, rs);
     a.ex.x.resize(a.ex.perm.size() * D);
-    exchange_rows(be, ep, a.ex, D, a.d.x.data(), a.ex.x.data(), true);
+    RowExchange there = start_rows(be, ep, a.ex, D, a.d.x.data(), a.ex.x.data(), true);
+    shared_experts();
+    finish_rows(be, ep, a.ex, D, there, a.ex.x.data());
     Floats y(a.ex.x.size());
     moe_experts(be, c, w, a.ex.offset, a.ex.x.data(), y.data(), I, &a.experts);
     exchange_rows(be, ep, a.ex, D, y.data(), a.d.y.data(), false);
   } else {
     moe_experts(be, c, w, a.d.offset, a.d.x.data(), a.d.y.data(), I, &a.experts);
+    shared_experts();
   }
-  Floats part(tp.sp ? T * D : 0);  // sp: the partial sums of all rows before the reduce-scatter
-  float* o = tp.sp ? part.data() : out;
-  if (w.sh_gate)  // shared experts on every token, this rank's columns of them
-    swiglu_mlp_forward(be, xn_all, T, D, c.moe_intermediate_size * c.n_shared_experts / tp.size, w.sh_gate, w.sh_up,
-                       w.sh_down, o, false, &a.shared);
-  else
-    be.fill(o, T * D, 0.0f);
   moe_combine(be, rs, a.d, D, o + a.t0 * D);  // combine (this rank's token slice)
   // shared partial sums + each slice from the rank that computed it, or (etp) every token's partial sums over the
   // expert slices (sp: this rank's rows of the sum; a routed slice is exactly its sequence-parallel rows)
@@ -296,11 +321,15 @@ void moe_backward(Backend& be, const ModelConfig& c, const MoeWeights& w, MoeWei
   const int64_t T = r.T, K = r.K, E = r.E, D = c.hidden_size, rows = rsl.T * K;
   const int64_t I = c.moe_intermediate_size / ep.etp_size;  // this rank's slice of each expert
   const int64_t t0 = a.t0;
-  if (w.sh_gate) {
+  // the shared experts' gradients come first into dxn (the routed part and the router add to it); with ep they
+  // overlap the row gradients' way to the experts
+  auto shared_experts = [&] {
+    if (!w.sh_gate) return;
     const int64_t Is = c.moe_intermediate_size * c.n_shared_experts / tp.size;
     swiglu_mlp_backward(be, xn, T, D, Is, w.sh_gate, w.sh_up, w.sh_down, a.shared, dout, g.sh_gate, g.sh_up, g.sh_down,
                         dxn);
-  }
+  };
+  if (ep.size == 1) shared_experts();
   // combine: out_t += w_tk y_row  ->  dy_row = w_tk dout_t,  dw_tk = dout_t . y_row (dweight: every token's slots,
   // 0 outside this rank's slice)
   Floats dy(rows * D), dx(rows * D);
@@ -316,7 +345,9 @@ void moe_backward(Backend& be, const ModelConfig& c, const MoeWeights& w, MoeWei
   if (ep.size > 1) {
     const int64_t n = (int64_t)a.ex.perm.size();
     Floats gy(n * D), gx(n * D);
-    exchange_rows(be, ep, a.ex, D, dy.data(), gy.data(), true);
+    RowExchange there = start_rows(be, ep, a.ex, D, dy.data(), gy.data(), true);
+    shared_experts();
+    finish_rows(be, ep, a.ex, D, there, gy.data());
     experts_backward(a.ex.offset, a.ex.x.data(), gy.data(), gx.data());
     exchange_rows(be, ep, a.ex, D, gx.data(), dx.data(), false);
   } else {

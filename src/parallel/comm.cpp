@@ -297,28 +297,104 @@ void Comm::alltoall(GroupKind k, const int64_t* send, int64_t* recv, int64_t per
   MPI_CHECK(MPI_Alltoall(send, to_int(per_rank, "alltoall"), MPI_INT64_T, recv, (int)per_rank, MPI_INT64_T, g.comm));
 }
 
+namespace {
+// MPI's alltoallv arguments from element counts: counts and displacements per group rank
+struct MpiCounts {
+  std::vector<int> s, sd, r, rd;
+  MpiCounts(const std::vector<int64_t>& sc, const std::vector<int64_t>& rc, int n) : s(n), sd(n), r(n), rd(n) {
+    int64_t so = 0, ro = 0;
+    for (int i = 0; i < n; ++i) {
+      s[i] = to_int(sc[i], "alltoallv");
+      r[i] = to_int(rc[i], "alltoallv");
+      sd[i] = to_int(so, "alltoallv displacement");
+      rd[i] = to_int(ro, "alltoallv displacement");
+      so += sc[i];
+      ro += rc[i];
+    }
+  }
+};
+void check_counts(const std::vector<int64_t>& sc, const std::vector<int64_t>& rc, int size) {
+  DSV3_CHECK((int)sc.size() == size && (int)rc.size() == size,
+             "alltoallv: counts for " << sc.size() << " ranks in a group of " << size);
+}
+}  // namespace
+
 void Comm::alltoallv(GroupKind k, const float* send, const std::vector<int64_t>& sc, float* recv,
                      const std::vector<int64_t>& rc) const {
   CommTimer timer(*this, k);
   const Group& g = group(k);
-  DSV3_CHECK((int)sc.size() == g.size && (int)rc.size() == g.size, "alltoallv: counts for " << sc.size()
-                                                                      << " ranks in a group of " << g.size);
+  check_counts(sc, rc, g.size);
   if (g.size == 1) {
     default_memory().copy(recv, send, sc[0] * sizeof(float));
     return;
   }
   if (transport_) return transport_->alltoallv(k, send, sc, recv, rc);
-  std::vector<int> s(g.size), sd(g.size), r(g.size), rd(g.size);
-  int64_t so = 0, ro = 0;
-  for (int i = 0; i < g.size; ++i) {
-    s[i] = to_int(sc[i], "alltoallv");
-    r[i] = to_int(rc[i], "alltoallv");
-    sd[i] = to_int(so, "alltoallv displacement");
-    rd[i] = to_int(ro, "alltoallv displacement");
-    so += sc[i];
-    ro += rc[i];
+  const MpiCounts c(sc, rc, g.size);
+  MPI_CHECK(MPI_Alltoallv(send, c.s.data(), c.sd.data(), MPI_FLOAT, recv, c.r.data(), c.rd.data(), MPI_FLOAT,
+                          g.comm));
+}
+
+// ---- started all-to-all -------------------------------------------------------------------------------------------
+
+struct CommRequest::State {
+  GroupKind kind = GroupKind::world;
+  enum class Via { done, mpi, transport } via = Via::done;
+  MPI_Request req = MPI_REQUEST_NULL;
+  std::unique_ptr<MpiCounts> counts;  // MPI reads them until completion
+  DeviceTransport* transport = nullptr;
+};
+
+CommRequest::CommRequest() = default;
+CommRequest::CommRequest(CommRequest&&) noexcept = default;
+CommRequest& CommRequest::operator=(CommRequest&&) noexcept = default;
+bool CommRequest::pending() const { return s_ && s_->via != State::Via::done; }
+CommRequest::~CommRequest() {
+  if (!pending()) return;
+  // unwinding past the overlap (a wait() was skipped): complete the transfer before its buffers can be freed; an error
+  // here cannot be reported any more
+  if (s_->via == State::Via::mpi) MPI_Wait(&s_->req, MPI_STATUS_IGNORE);
+  else if (s_->transport) {
+    try {
+      s_->transport->alltoallv_wait(s_->kind);
+    } catch (...) {
+    }
   }
-  MPI_CHECK(MPI_Alltoallv(send, s.data(), sd.data(), MPI_FLOAT, recv, r.data(), rd.data(), MPI_FLOAT, g.comm));
+}
+
+CommRequest Comm::alltoallv_start(GroupKind k, const float* send, const std::vector<int64_t>& sc, float* recv,
+                                  const std::vector<int64_t>& rc) const {
+  CommTimer timer(*this, k);
+  const Group& g = group(k);
+  check_counts(sc, rc, g.size);
+  CommRequest r;
+  r.s_ = std::make_unique<CommRequest::State>();
+  r.s_->kind = k;
+  using Via = CommRequest::State::Via;
+  if (g.size == 1) {
+    default_memory().copy(recv, send, sc[0] * sizeof(float));
+  } else if (transport_) {
+    r.s_->transport = transport_;
+    if (transport_->alltoallv_start(k, send, sc, recv, rc)) r.s_->via = Via::transport;
+  } else {
+    r.s_->counts = std::make_unique<MpiCounts>(sc, rc, g.size);
+    const MpiCounts& c = *r.s_->counts;
+    MPI_CHECK(MPI_Ialltoallv(send, c.s.data(), c.sd.data(), MPI_FLOAT, recv, c.r.data(), c.rd.data(), MPI_FLOAT,
+                             g.comm, &r.s_->req));
+    r.s_->via = Via::mpi;
+  }
+  return r;
+}
+
+void Comm::wait(CommRequest& r) const {
+  if (!r.pending()) return;
+  CommRequest::State& st = *r.s_;
+  CommTimer timer(*this, st.kind);
+  const auto via = st.via;
+  st.via = CommRequest::State::Via::done;  // whatever happens below, the destructor must not wait again
+  if (via == CommRequest::State::Via::mpi)
+    MPI_CHECK(MPI_Wait(&st.req, MPI_STATUS_IGNORE));
+  else
+    st.transport->alltoallv_wait(st.kind);
 }
 
 }  // namespace dsv3

@@ -8,6 +8,7 @@
 // tensor-parallel activations, the MoE all-to-all) then go over NCCL, everything else stays on MPI.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -30,7 +31,7 @@ struct CommTimes {
 // The float collectives over another transport than MPI: NCCL (parallel/nccl_comm.h: make_nccl_transport) when
 // run.device = cuda. Buffers are device memory (the device-resident model's Buffers, core/memory.h) or host memory
 // (a few small tensors: the transport stages those through the device). Every operation has finished when it
-// returns, as Comm's own do.
+// returns, as Comm's own do, but the started all-to-all (alltoallv_start / alltoallv_wait).
 class DeviceTransport {
  public:
   virtual ~DeviceTransport() = default;
@@ -41,6 +42,34 @@ class DeviceTransport {
   virtual void broadcast(GroupKind k, float* x, int64_t n, int root) = 0;
   virtual void alltoallv(GroupKind k, const float* send, const std::vector<int64_t>& send_counts, float* recv,
                          const std::vector<int64_t>& recv_counts) = 0;
+  // The started form (Comm::alltoallv_start): the exchange is queued behind the work queued so far and may still be
+  // in flight when this returns true; alltoallv_wait(k) then orders the work queued after it behind the exchange (on
+  // the device: the host need not wait). The default runs the blocking form and returns false (finished).
+  virtual bool alltoallv_start(GroupKind k, const float* send, const std::vector<int64_t>& send_counts, float* recv,
+                               const std::vector<int64_t>& recv_counts) {
+    alltoallv(k, send, send_counts, recv, recv_counts);
+    return false;
+  }
+  virtual void alltoallv_wait(GroupKind) {}
+};
+
+// An exchange started by Comm::alltoallv_start: its send and receive buffers (and counts) belong to it until
+// Comm::wait. Destroying one still in flight waits for it (an exception unwinding past the overlap leaves no transfer
+// writing into freed memory).
+class CommRequest {
+ public:
+  CommRequest();
+  ~CommRequest();
+  CommRequest(CommRequest&&) noexcept;
+  CommRequest& operator=(CommRequest&&) noexcept;
+  CommRequest(const CommRequest&) = delete;
+  CommRequest& operator=(const CommRequest&) = delete;
+  bool pending() const;
+
+ private:
+  friend class Comm;
+  struct State;
+  std::unique_ptr<State> s_;
 };
 
 class Comm {
@@ -111,6 +140,13 @@ class Comm {
   // variable all-to-all of floats; counts and displacements in elements, one per group rank
   void alltoallv(GroupKind k, const float* send, const std::vector<int64_t>& send_counts, float* recv,
                  const std::vector<int64_t>& recv_counts) const;
+  // The same, started: returns at once, the buffers belonging to the request until wait(). Work done in between
+  // overlaps the transfer where the transport progresses on its own (NCCL: on the group's lane, the compute stream
+  // joining it at wait(); MPI: MPI_Ialltoallv, completed in MPI_Wait). Every rank of the group must start and wait in
+  // the same order relative to its other operations on the group.
+  CommRequest alltoallv_start(GroupKind k, const float* send, const std::vector<int64_t>& send_counts, float* recv,
+                              const std::vector<int64_t>& recv_counts) const;
+  void wait(CommRequest& r) const;
 
   // ---- named by intent --------------------------------------------------------------------------------------
   void dp_allreduce(float* x, int64_t n) const { allreduce_sum(GroupKind::dp, x, n); }
@@ -119,6 +155,10 @@ class Comm {
   void ep_alltoallv(const float* send, const std::vector<int64_t>& sc, float* recv,
                     const std::vector<int64_t>& rc) const {
     alltoallv(GroupKind::ep, send, sc, recv, rc);
+  }
+  CommRequest ep_alltoallv_start(const float* send, const std::vector<int64_t>& sc, float* recv,
+                                 const std::vector<int64_t>& rc) const {
+    return alltoallv_start(GroupKind::ep, send, sc, recv, rc);
   }
 
  private:

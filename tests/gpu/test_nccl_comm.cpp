@@ -378,6 +378,21 @@ TEST(NcclComm, TrainingTransportMatchesMpi) {
         expect_sum_close(what + " Comm allreduce (host, staged)", ar, h, mag, 1e-6);
         comm.allgather(k, x.data(), h_ag.data(), chunk);
         expect_exact(what + " Comm allgather (host, staged)", ag, h_ag);
+        // the started all-to-all (the MoE's token exchange): in flight on the lane until wait() joins it into the
+        // compute stream, which the pool's copy back to the host then follows; host vectors take the blocking path
+        const std::vector<int64_t> sc(n, chunk);
+        std::vector<float> a2a(n * chunk), h_a2a(n * chunk);
+        comm.set_device_transport(nullptr);
+        comm.alltoallv(k, x.data(), sc, a2a.data(), sc);
+        comm.set_device_transport(t.get());
+        Floats d_send(x), d_a2a(n * chunk);
+        CommRequest req = comm.alltoallv_start(k, d_send.data(), sc, d_a2a.data(), sc);
+        comm.wait(req);
+        expect_exact(what + " Comm alltoallv_start (pool)", a2a, d_a2a.to_host());
+        CommRequest hreq = comm.alltoallv_start(k, x.data(), sc, h_a2a.data(), sc);
+        EXPECT_FALSE(hreq.pending()) << what << ": host buffers take the blocking path";
+        comm.wait(hreq);
+        expect_exact(what + " Comm alltoallv_start (host, staged)", a2a, h_a2a);
         // the transport itself (every group size, 1-rank NCCL communicators included)
         Floats e(x), e_rs(chunk);
         t->allreduce_sum(k, e.data(), n * chunk);
