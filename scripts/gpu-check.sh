@@ -174,10 +174,13 @@ if [ "$build_status" = OK ]; then
     # the figure: ops run ahead of the host within a step (deferred synchronisation)
     proxy_run proxy 0 train.iters=6
     # where the step's time goes: DSV3_OP_PROFILE=1 times every op (synchronously: slower than the run above), GEMMs
-    # by shape, and the host time between ops
-    proxy_run proxy-profile 1
-    # the same with BF16 flash attention (the tensor-core kernels: run.attention_dtype=bf16), the mode a BF16 run uses
+    # by shape, and the host time between ops (with the tensor-core attention: run 7 profiled the probs form)
+    proxy_run proxy-profile 1 run.attention=flash run.attention_dtype=bf16
+    # the same with BF16 flash attention (the tensor-core kernels: run.attention_dtype=bf16), the mode a BF16 run uses,
+    # and with the recipe's optimizer state as well (BF16 gradients and moments, FP32 master weights)
     proxy_run proxy-bf16attn 0 train.iters=6 run.attention=flash run.attention_dtype=bf16
+    proxy_run proxy-recipe 0 train.iters=6 run.attention=flash run.attention_dtype=bf16 optim.grad_dtype=bf16 \
+      optim.moment_dtype=bf16
     # PROXY_FLASH=1: the same with the flash attention kernels and selective recompute (the 671B recipe's choices)
     [ "${PROXY_FLASH:-0}" = 1 ] && proxy_run proxy-flash 1 run.attention=flash train.recompute=selective
     echo "   proxy: $proxy_status ($(elapsed))"
@@ -192,7 +195,7 @@ echo "build : $build_status"
 echo "tests : $tests_status"
 [ -s "$LOG/nmse.txt" ] && sed 's/^/        /' "$LOG/nmse.txt"
 echo "bench : $bench_status"
-grep -E "best .* TFLOP/s" "$LOG/bench.log" 2>/dev/null | sed 's/^/        /'
+grep -E "best .* TFLOP/s|^(probs form|flash)" "$LOG/bench.log" 2>/dev/null | sed 's/^/        /'
 echo "nccl  : $nccl_status"
 grep -E "^(allreduce|alltoallv)" "$LOG/nccl-bench.log" 2>/dev/null | sed 's/^/        /'
 echo "model : $model_status"

@@ -1,11 +1,13 @@
 // dsv3_gpu_bench: GEMM throughput of the CUDA backend's op layer at DeepSeek-V3 shapes (hidden 7168), for
 // scripts/gpu-check.sh: FP32 (cuBLAS SGEMM behind gemm_nt / gemm_nn / gemm_tn) and BF16 operands with FP32
 // accumulation (CudaBackend::gemm_bf16, tensor cores). Per shape: the forward y = x W^T (nt), the input gradient
-// dx = dy W (nn) and the weight gradient dW = dy^T x (tn); time per call and TFLOP/s (2 M N K / t).
+// dx = dy W (nn) and the weight gradient dW = dy^T x (tn); time per call and TFLOP/s (2 M N K / t). Then MLA attention
+// at the real head dims: the probs form, the FP32 and the BF16 (tensor-core) flash kernels.
 // Usage: dsv3_gpu_bench [tokens=4096] [seconds per measurement=0.25]. Exit 77 when no CUDA device is usable.
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <functional>
 #include <cstdlib>
@@ -71,6 +73,55 @@ double print_row(const char* name, int64_t M, int64_t N, int64_t K, const double
               (long long)K, ms[0], ms[1], ms[2], tf[0], tf[1], tf[2], tag);
   return best;
 }
+// MLA causal attention at DeepSeek-V3's head dims (qk 128 + 64, v 128; k_pe inside kv_a's 576-wide output row) over
+// 2 sequences and 32 heads (the proxy deck's attention): the probs form (FP32 cuBLAS + softmax kernels), the FP32
+// flash kernels and the BF16 tensor-core flash kernels (run.attention_dtype=bf16), forward and backward. TFLOP/s count
+// the useful products of causal attention, 2 (dqk + dv) per visible (query, key) pair forward and twice that backward
+// (what the training log's MFU counts), so the recomputation in backward is not credited.
+void bench_attention(CudaBackend& be, double seconds) {
+  const int64_t B = 2, H = 32, dn = 128, dr = 64, dv = 128, ldkpe = 576;
+  std::printf("\n%-34s %6s %9s %9s   %7s %7s\n", "attention (B 2, H 32, d 192/128)", "S", "fwd ms", "bwd ms", "fwd TF/s",
+              "bwd TF/s");
+  for (const int64_t S : {int64_t(2048), int64_t(4096)}) {
+    const int64_t T = B * S;
+    cuda::DeviceBuffer<float> q(T * H * (dn + dr)), kv(T * H * (dn + dv)), kpe(T * ldkpe), o(T * H * dv),
+        dout(T * H * dv), lse(B * H * S), dq(q.size()), dkv(kv.size()), dkpe(kpe.size());
+    fill(q);
+    fill(kv);
+    fill(kpe);
+    fill(dout);
+    const float scale = 1.0f / std::sqrt((float)(dn + dr));
+    const double pairs = (double)B * H * S * (S + 1) / 2, fwd_flop = 2.0 * pairs * (dn + dr + dv);
+    auto row = [&](const char* name, double f_ms, double b_ms) {
+      std::printf("%-34s %6lld %9.3f %9.3f   %7.1f %7.1f\n", name, (long long)S, f_ms, b_ms,
+                  fwd_flop / (f_ms * 1e-3) / 1e12, 2 * fwd_flop / (b_ms * 1e-3) / 1e12);
+    };
+    if (S <= 2048) {  // the probs form keeps (B, H, S, S) floats: 1 GiB here, 4 GiB at S = 4096
+      cuda::DeviceBuffer<float> probs(B * H * S * S);
+      const double f = time_call(be, seconds, [&] {
+        be.mla_attention_forward(q.get(), kv.get(), kpe.get(), ldkpe, B, S, H, dn, dr, dv, scale, o.get(), probs.get());
+      });
+      const double b = time_call(be, seconds, [&] {
+        be.mla_attention_backward(q.get(), kv.get(), kpe.get(), ldkpe, probs.get(), dout.get(), B, S, H, dn, dr, dv,
+                                  scale, dq.get(), dkv.get(), dkpe.get());
+      });
+      row("probs form, FP32 cuBLAS", f, b);
+    }
+    for (const bool bf16 : {false, true}) {
+      be.set_bf16_attention(bf16);
+      const double f = time_call(be, seconds, [&] {
+        be.mla_flash_attention_forward(q.get(), kv.get(), kpe.get(), ldkpe, B, S, H, dn, dr, dv, scale, o.get(),
+                                       lse.get());
+      });
+      const double b = time_call(be, seconds, [&] {
+        be.mla_flash_attention_backward(q.get(), kv.get(), kpe.get(), ldkpe, o.get(), lse.get(), dout.get(), B, S, H,
+                                        dn, dr, dv, scale, dq.get(), dkv.get(), dkpe.get());
+      });
+      row(bf16 ? "flash, BF16 tensor cores" : "flash, FP32 CUDA cores", f, b);
+    }
+    be.set_bf16_attention(false);
+  }
+}
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -129,6 +180,7 @@ int main(int argc, char** argv) {
     }
     std::printf("dsv3_gpu_bench: best %.2f TFLOP/s (BF16 operands, FP32 accumulate; H200 dense BF16 ~990 datasheet)\n",
                 best16);
+    bench_attention(be, seconds);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "dsv3_gpu_bench: %s\n", e.what());
     return 1;
