@@ -115,6 +115,22 @@ struct MlaLayout {
 };
 }  // namespace
 
+namespace {
+// Softmax of one score row in place over keys 0..i (float exponentials summed in double); returns its log-sum-exp.
+float causal_softmax_row(float* row, int64_t i) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j <= i; ++j) mx = std::max(mx, row[j]);
+  double sum = 0;
+  for (int64_t j = 0; j <= i; ++j) {
+    row[j] = std::exp(row[j] - mx);
+    sum += row[j];
+  }
+  const float inv = (float)(1.0 / sum);
+  for (int64_t j = 0; j <= i; ++j) row[j] *= inv;
+  return (float)(mx + std::log(sum));
+}
+}  // namespace
+
 void CpuBackend::mla_attention_forward(const float* q, const float* kv, const float* kpe, int64_t ldkpe, int64_t B,
                                        int64_t S, int64_t H, int64_t dn, int64_t dr, int64_t dv, float scale, float* o,
                                        float* probs) {
@@ -127,15 +143,7 @@ void CpuBackend::mla_attention_forward(const float* q, const float* kv, const fl
       // causal softmax: row i sees keys 0..i
       for (int64_t i = 0; i < S; ++i) {
         float* row = scores.data() + i * S;
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j <= i; ++j) mx = std::max(mx, row[j]);
-        double sum = 0;
-        for (int64_t j = 0; j <= i; ++j) {
-          row[j] = std::exp(row[j] - mx);
-          sum += row[j];
-        }
-        const float inv = (float)(1.0 / sum);
-        for (int64_t j = 0; j <= i; ++j) row[j] *= inv;
+        causal_softmax_row(row, i);
         for (int64_t j = i + 1; j < S; ++j) row[j] = 0.0f;
       }
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, S, dv, S, 1.0f, scores.data(), S, x.v, L.ldkv, 0.0f,
@@ -432,20 +440,7 @@ void CpuBackend::mla_flash_attention_forward(const float* q, const float* kv, co
         for (int64_t r = 0; r < m; ++r) {
           const int64_t i = i0 + r;
           float* row = p.data() + r * n;
-          if (bf16_attention_) {
-            lh[i] = flash_row_bf16(row, i, block_max);
-          } else {
-            float mx = -std::numeric_limits<float>::infinity();
-            for (int64_t j = 0; j <= i; ++j) mx = std::max(mx, row[j]);
-            double sum = 0;
-            for (int64_t j = 0; j <= i; ++j) {
-              row[j] = std::exp(row[j] - mx);
-              sum += row[j];
-            }
-            lh[i] = (float)(mx + std::log(sum));
-            const float inv = (float)(1.0 / sum);
-            for (int64_t j = 0; j <= i; ++j) row[j] *= inv;
-          }
+          lh[i] = bf16_attention_ ? flash_row_bf16(row, i, block_max) : causal_softmax_row(row, i);
           for (int64_t j = i + 1; j < n; ++j) row[j] = 0.0f;
         }
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, dv, n, 1.0f, p.data(), n, x.v, L.ldkv, 0.0f,
