@@ -47,11 +47,13 @@ struct Cta {
     uint32_t a[32][4], b[32][2];
     float c[32][4];
   };
+  // exactly smem_bytes (operator new[] aligns to 16): an access past the kernel's dynamic shared memory is a heap
+  // overflow that AddressSanitizer reports
   explicit Cta(int threads, size_t smem_bytes)
-      : smem(new std::max_align_t[smem_bytes / sizeof(std::max_align_t) + 1]), block(threads), warps(threads / 32) {
+      : smem(new unsigned char[smem_bytes ? smem_bytes : 1]), block(threads), warps(threads / 32) {
     std::memset(smem.get(), 0xFF, smem_bytes);  // garbage (NaN patterns): what the kernel reads before writing shows
   }
-  std::unique_ptr<std::max_align_t[]> smem;
+  std::unique_ptr<unsigned char[]> smem;
   std::barrier<> block;
   std::vector<Warp> warps;
 };
@@ -84,7 +86,7 @@ void launch(SimtDim3 grid, int threads, size_t smem_bytes, Kernel kernel) {
 
 }  // namespace simt
 
-#define DSV3_DYNAMIC_SMEM(name) unsigned char* name = reinterpret_cast<unsigned char*>(simt::cta->smem.get())
+#define DSV3_DYNAMIC_SMEM(name) unsigned char* name = simt::cta->smem.get()
 
 inline void __syncthreads() { simt::cta->block.arrive_and_wait(); }
 
