@@ -342,24 +342,25 @@ struct CommRequest::State {
   MPI_Request req = MPI_REQUEST_NULL;
   std::unique_ptr<MpiCounts> counts;  // MPI reads them until completion
   DeviceTransport* transport = nullptr;
+  // A request dropped while in flight (an exception unwinding past the overlap, or one assigned over): the transfer
+  // completes before its buffers can be freed; an error here can no longer be reported.
+  ~State() {
+    if (via == Via::mpi) {
+      MPI_Wait(&req, MPI_STATUS_IGNORE);
+    } else if (via == Via::transport) {
+      try {
+        transport->alltoallv_wait(kind);
+      } catch (...) {
+      }
+    }
+  }
 };
 
 CommRequest::CommRequest() = default;
+CommRequest::~CommRequest() = default;
 CommRequest::CommRequest(CommRequest&&) noexcept = default;
 CommRequest& CommRequest::operator=(CommRequest&&) noexcept = default;
 bool CommRequest::pending() const { return s_ && s_->via != State::Via::done; }
-CommRequest::~CommRequest() {
-  if (!pending()) return;
-  // unwinding past the overlap (a wait() was skipped): complete the transfer before its buffers can be freed; an error
-  // here cannot be reported any more
-  if (s_->via == State::Via::mpi) MPI_Wait(&s_->req, MPI_STATUS_IGNORE);
-  else if (s_->transport) {
-    try {
-      s_->transport->alltoallv_wait(s_->kind);
-    } catch (...) {
-    }
-  }
-}
 
 CommRequest Comm::alltoallv_start(GroupKind k, const float* send, const std::vector<int64_t>& sc, float* recv,
                                   const std::vector<int64_t>& rc) const {
