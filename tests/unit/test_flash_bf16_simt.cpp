@@ -57,10 +57,12 @@ constexpr double kTol = 1e-8;
 }  // namespace
 
 TEST(FlashBf16Simt, KernelsEqualTheCpuDefinition) {
-  // odd head dims (padding to 16), S across 3 key/query blocks with a partial one, one token per sequence, a k_pe
+  // odd head dims (padding to 16), S across 3 key/query blocks with a partial one, whole blocks only, one token per
+  // sequence, a k_pe
   // row inside a wider row (ldkpe > dr), and DeepSeek-V3's head dims 128/64/128 with k_pe inside kv_a's output row
   const Case cases[] = {{2, 37, 2, 5, 4, 6, 7},
                         {1, 150, 2, 16, 8, 16, 24},
+                        {2, 128, 3, 8, 8, 16, 8},  // whole tiles only, dn + dr = 16 (no padding of the qk dims)
                         {3, 1, 1, 3, 2, 5, 2},
                         {1, 70, 1, 128, 64, 128, 576}};
   uint64_t seed = 900;
