@@ -123,6 +123,13 @@ class HostStagedCudaBackend final : public Backend {
                           contiguous(rstd, rows, kOut)};
     run(r, __func__, [&] { be_.rmsnorm_forward(f(r[0]), ldx, f(r[1]), eps, rows, dim, f(r[2]), f(r[3])); });
   }
+  void add_rmsnorm_forward(const float* res, float* x, const float* w, float eps, int64_t rows, int64_t dim, float* y,
+                           float* rstd) override {
+    std::vector<Region> r{contiguous(res, rows * dim, kIn), contiguous(x, rows * dim, kInOut), contiguous(w, dim, kIn),
+                          contiguous(y, rows * dim, kOut), contiguous(rstd, rows, kOut)};
+    run(r, __func__,
+        [&] { be_.add_rmsnorm_forward(f(r[0]), f(r[1]), f(r[2]), eps, rows, dim, f(r[3]), f(r[4])); });
+  }
   void rmsnorm_backward(const float* x, int64_t ldx, const float* w, const float* rstd, const float* dy, int64_t rows,
                         int64_t dim, float* dx, int64_t lddx, float* dw) override {
     std::vector<Region> r{strided(x, rows, dim, ldx, kIn),     contiguous(w, dim, kIn),

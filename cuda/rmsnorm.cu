@@ -1,4 +1,4 @@
-// defines: CudaBackend::rmsnorm_forward / rmsnorm_backward.
+// defines: CudaBackend::rmsnorm_forward / add_rmsnorm_forward / rmsnorm_backward.
 // Forward: one block per row, sum of squares in double (as the CPU op). Backward: dx by one block per row; dw
 // deterministically (no float atomics): per-chunk-of-rows partial sums in double, then one pass over the chunks.
 #include <algorithm>
@@ -18,6 +18,27 @@ __global__ void rmsnorm_fwd_kernel(const float* __restrict__ x, int64_t ldx, con
   const float* xr = x + r * ldx;
   double ss = 0;
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) ss += (double)xr[i] * xr[i];
+  ss = cuda::block_sum(ss);
+  const float rs = (float)(1.0 / sqrt(ss / dim + eps));
+  if (rstd && threadIdx.x == 0) rstd[r] = rs;
+  float* yr = y + r * dim;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) yr[i] = xr[i] * rs * w[i];
+}
+
+// x += r, then the forward above on the updated row: each thread reads back only the elements it wrote (the same
+// i in both loops), so the row needs no barrier between them; the arithmetic of add_kernel + rmsnorm_fwd_kernel
+__global__ void add_rmsnorm_fwd_kernel(const float* __restrict__ res, float* __restrict__ x,
+                                       const float* __restrict__ w, float eps, int64_t dim, float* __restrict__ y,
+                                       float* __restrict__ rstd) {
+  const int64_t r = blockIdx.x;
+  float* xr = x + r * dim;
+  const float* rr = res + r * dim;
+  double ss = 0;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
+    const float v = xr[i] + rr[i];
+    xr[i] = v;
+    ss += (double)v * v;
+  }
   ss = cuda::block_sum(ss);
   const float rs = (float)(1.0 / sqrt(ss / dim + eps));
   if (rstd && threadIdx.x == 0) rstd[r] = rs;
@@ -69,6 +90,14 @@ void CudaBackend::rmsnorm_forward(const float* x, int64_t ldx, const float* w, f
   if (rows == 0) return;
   DSV3_CHECK(rows <= INT32_MAX, "rmsnorm_forward: " << rows << " rows");
   rmsnorm_fwd_kernel<<<(unsigned)rows, kBlock, 0, stream_>>>(x, ldx, w, eps, dim, y, rstd);
+  DSV3_CUDA_LAUNCH_CHECK();
+}
+
+void CudaBackend::add_rmsnorm_forward(const float* r, float* x, const float* w, float eps, int64_t rows, int64_t dim,
+                                      float* y, float* rstd) {
+  if (rows == 0) return;
+  DSV3_CHECK(rows <= INT32_MAX, "add_rmsnorm_forward: " << rows << " rows");
+  add_rmsnorm_fwd_kernel<<<(unsigned)rows, kBlock, 0, stream_>>>(r, x, w, eps, dim, y, rstd);
   DSV3_CUDA_LAUNCH_CHECK();
 }
 

@@ -154,13 +154,11 @@ void Model::layer_forward(int64_t layer, float* x, int64_t B, int64_t S, MlaCach
     mla_forward_cached(be_, cfg_, aw, rope_, la.xn1.data(), T, *cache, y.data(), tp);
   else
     mla_forward(be_, cfg_, aw, rope_, la.xn1.data(), B, S, y.data(), la.att, tp);
-  be_.add(y.data(), Tl * D, x);
-  if (keep) la.x_mid.assign(x, x + Tl * D);
-
-  // MLP block: x += MLP(rmsnorm(x)), dense SwiGLU or DeepSeekMoE
+  // MLP block: x += MLP(rmsnorm(x)), dense SwiGLU or DeepSeekMoE; the attention's residual add fused into that norm
   la.rstd2.resize(Tl);
   la.xn2.resize(T * D);
-  norm_gathered(x, pre + "post_attention_layernorm.weight", Tl, tp, la.xn2.data(), la.rstd2.data());
+  add_norm_gathered(y.data(), x, pre + "post_attention_layernorm.weight", Tl, tp, la.xn2.data(), la.rstd2.data());
+  if (keep) la.x_mid.assign(x, x + Tl * D);
   if (!cfg_.is_moe_layer(layer)) {
     // column-parallel gate/up, row-parallel down: this rank's intermediate columns, then the sum over tp
     Floats part(tp.sp ? T * D : 0);
@@ -191,12 +189,31 @@ void Model::layer_forward(int64_t layer, float* x, int64_t B, int64_t S, MlaCach
   }
 }
 
+namespace {
+// A norm's output as a tp region's input: `norm` writes this rank's Tl rows, into `out` or (sp) into a slice that is
+// then gathered into all rows of `out`
+template <class Norm>
+void gathered_rows(const TensorGroup& tp, int64_t Tl, int64_t D, float* out, Norm norm) {
+  Floats loc(tp.sp ? Tl * D : 0);
+  norm(tp.sp ? loc.data() : out);
+  if (tp.sp) tp.gather_rows(loc.data(), Tl, D, out);
+}
+}  // namespace
+
 void Model::norm_gathered(const float* x, const std::string& weight, int64_t Tl, const TensorGroup& tp, float* out,
                           float* rstd) {
   const int64_t D = cfg_.hidden_size;
-  Floats loc(tp.sp ? Tl * D : 0);
-  be_.rmsnorm_forward(x, D, params_.get(weight), (float)cfg_.rms_norm_eps, Tl, D, tp.sp ? loc.data() : out, rstd);
-  if (tp.sp) tp.gather_rows(loc.data(), Tl, D, out);
+  gathered_rows(tp, Tl, D, out, [&](float* y) {
+    be_.rmsnorm_forward(x, D, params_.get(weight), (float)cfg_.rms_norm_eps, Tl, D, y, rstd);
+  });
+}
+
+void Model::add_norm_gathered(const float* residual, float* x, const std::string& weight, int64_t Tl,
+                              const TensorGroup& tp, float* out, float* rstd) {
+  const int64_t D = cfg_.hidden_size;
+  gathered_rows(tp, Tl, D, out, [&](float* y) {
+    be_.add_rmsnorm_forward(residual, x, params_.get(weight), (float)cfg_.rms_norm_eps, Tl, D, y, rstd);
+  });
 }
 
 void Model::layer_backward(int64_t layer, const LayerActs& la, float* dx, double aux_coef, Params& grads) {

@@ -155,6 +155,9 @@ class Model {
   // rstd (Tl) when non-null. The norms before MLA, the MLP and the heads, and selective recompute's rebuild.
   void norm_gathered(const float* x, const std::string& weight, int64_t Tl, const TensorGroup& tp, float* out,
                      float* rstd);
+  // The same after the residual add it is fused with: x += residual, then the norm of the new x.
+  void add_norm_gathered(const float* residual, float* x, const std::string& weight, int64_t Tl, const TensorGroup& tp,
+                         float* out, float* rstd);
   // An RMSNorm's backward on `rows` rows: dx += , the weight's gradient += (summed over tp under tp.sp)
   void norm_backward(const float* x, const std::string& weight, const float* rstd, const float* dy, int64_t rows,
                      float* dx, Params& grads, const TensorGroup& tp);

@@ -101,6 +101,10 @@ class Backend {
   // y(rows, dim) = x * rsqrt(mean(x^2) + eps) * w; x rows have stride ldx. rstd(rows) saved for backward if non-null.
   virtual void rmsnorm_forward(const float* x, int64_t ldx, const float* w, float eps, int64_t rows, int64_t dim,
                                float* y, float* rstd) = 0;
+  // The residual add fused into the RMSNorm that follows it: x (rows, dim, contiguous) += r, then y = rmsnorm(x) as
+  // rmsnorm_forward(x, dim, ...). The same bits as add(r, rows * dim, x) then rmsnorm_forward; one pass less over x.
+  virtual void add_rmsnorm_forward(const float* r, float* x, const float* w, float eps, int64_t rows, int64_t dim,
+                                   float* y, float* rstd) = 0;
 
   // In-place interleaved RoPE on `n_heads` slices of `rope_dim` values per row: slice h of row r starts at
   // x + r*ldx + h*head_stride. Pair (x[2i], x[2i+1]) rotates by the angle of position pos[r] and frequency i;

@@ -218,6 +218,31 @@ TEST_F(CudaOps, RmsNormForward) {
   }
 }
 
+// the residual add fused into the norm: against the CPU (its definition: add, then rmsnorm_forward) and bit for bit
+// against this backend's own add + rmsnorm_forward (the same arithmetic, one kernel)
+TEST_F(CudaOps, AddRmsNormForward) {
+  const int64_t cfg[][2] = {{37, 13}, {5, 1031}, {300, 7168 / 16}};  // rows, dim
+  uint64_t seed = 250;
+  for (const auto& c : cfg) {
+    const int64_t rows = c[0], dim = c[1];
+    auto x = randn(rows * dim, ++seed), res = randn(rows * dim, ++seed), w = randn(dim, ++seed);
+    std::vector<float> y(rows * dim), rstd(rows), xs = x;
+    cpu.add_rmsnorm_forward(res.data(), xs.data(), w.data(), 1e-6f, rows, dim, y.data(), rstd.data());
+    auto d_x = dev(x), d_x2 = dev(x), d_res = dev(res), d_w = dev(w);
+    DeviceBuffer<float> d_y(rows * dim), d_rstd(rows), d_y2(rows * dim), d_rstd2(rows);
+    gpu().add_rmsnorm_forward(d_res.get(), d_x.get(), d_w.get(), 1e-6f, rows, dim, d_y.get(), d_rstd.get());
+    gpu().add(d_res.get(), rows * dim, d_x2.get());
+    gpu().rmsnorm_forward(d_x2.get(), dim, d_w.get(), 1e-6f, rows, dim, d_y2.get(), d_rstd2.get());
+    const std::string tag = " " + std::to_string(rows) + "x" + std::to_string(dim);
+    expect_nmse("add_rmsnorm_forward x" + tag, xs, d_x.to_host(), kTolElementwise);
+    expect_nmse("add_rmsnorm_forward y" + tag, y, d_y.to_host(), kTolElementwise);
+    expect_nmse("add_rmsnorm_forward rstd" + tag, rstd, d_rstd.to_host(), kTolElementwise);
+    EXPECT_EQ(d_y.to_host(), d_y2.to_host()) << "fused against add + rmsnorm_forward" << tag;
+    EXPECT_EQ(d_rstd.to_host(), d_rstd2.to_host()) << tag;
+    EXPECT_EQ(d_x.to_host(), d_x2.to_host()) << tag;
+  }
+}
+
 TEST_F(CudaOps, RmsNormBackward) {
   const int64_t cfg[][4] = {{37, 13, 20, 15}, {300, 77, 80, 77}, {1500, 5, 5, 9}, {3, 700, 701, 700}};
   uint64_t seed = 300;

@@ -121,6 +121,10 @@ class GuardedBackend final : public Backend {
                (const float* x, int64_t ldx, const float* w, float eps, int64_t rows, int64_t dim, float* y,
                 float* rstd),
                (x, ldx, w, eps, rows, dim, y, rstd))
+  DSV3_GUARDED(void, add_rmsnorm_forward,
+               (const float* r, float* x, const float* w, float eps, int64_t rows, int64_t dim, float* y,
+                float* rstd),
+               (r, x, w, eps, rows, dim, y, rstd))
   DSV3_GUARDED(void, rope_forward,
                (float* x, int64_t rows, int64_t ldx, int64_t n_heads, int64_t head_stride, int64_t rope_dim,
                 const int64_t* pos, const float* cos, const float* sin),

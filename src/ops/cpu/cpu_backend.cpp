@@ -62,6 +62,13 @@ void CpuBackend::rmsnorm_forward(const float* x, int64_t ldx, const float* w, fl
   }
 }
 
+// the definition: the two ops in turn (the CUDA kernel fuses them with the same arithmetic)
+void CpuBackend::add_rmsnorm_forward(const float* r, float* x, const float* w, float eps, int64_t rows, int64_t dim,
+                                     float* y, float* rstd) {
+  add(r, rows * dim, x);
+  rmsnorm_forward(x, dim, w, eps, rows, dim, y, rstd);
+}
+
 void CpuBackend::rope_forward(float* x, int64_t rows, int64_t ldx, int64_t n_heads, int64_t head_stride,
                               int64_t rope_dim, const int64_t* pos, const float* cos, const float* sin) {
   const int64_t half = rope_dim / 2;

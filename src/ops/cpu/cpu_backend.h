@@ -16,6 +16,8 @@ class CpuBackend final : public Backend {
             const float* B, int64_t ldb, float beta, float* C, int64_t ldc) override;
   void rmsnorm_forward(const float* x, int64_t ldx, const float* w, float eps, int64_t rows, int64_t dim, float* y,
                        float* rstd) override;
+  void add_rmsnorm_forward(const float* r, float* x, const float* w, float eps, int64_t rows, int64_t dim, float* y,
+                           float* rstd) override;
   void rope_forward(float* x, int64_t rows, int64_t ldx, int64_t n_heads, int64_t head_stride, int64_t rope_dim,
                     const int64_t* pos, const float* cos, const float* sin) override;
   void mla_attention_forward(const float* q, const float* kv, const float* kpe, int64_t ldkpe, int64_t B, int64_t S,
