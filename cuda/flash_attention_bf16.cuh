@@ -126,8 +126,8 @@ __device__ __forceinline__ void strip_product(float (&s)[kNT][4], const bf16* X,
 }
 
 // acc (FP32, row stride lda) rows m0 .. m0+15, all pad16(cols) columns: += A W, A the strip's BF16 fragments (16 x
-// kBlk), W[k][c] = Wt[k][c] a row-major BF16 tile of kBlk rows (row stride ldw). `rescale` (rows g, g + 8) multiplies
-// the old values first (the forward's online softmax), nullptr for none.
+// kBlk), W (kBlk x pad16(cols)) a row-major BF16 tile (row stride ldw). `rescale` (rows g, g + 8) multiplies the old
+// values first (the forward's online softmax), nullptr for none.
 __device__ __forceinline__ void strip_times_tile(float* acc, int lda, int m0, const uint32_t (&a)[kKT][4],
                                                  const bf16* W, int ldw, int cols, const float* rescale, int g,
                                                  int t) {
