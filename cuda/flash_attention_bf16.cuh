@@ -26,14 +26,13 @@
 #pragma once
 #ifndef DSV3_SIMT_EMULATION
 #include <cuda_bf16.h>
-#include <cuda_runtime.h>
-#define DSV3_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 #endif
 
 #include <cstddef>
 #include <cstdint>
 
 #include "flash_shape.h"
+#include "kernel_utils.cuh"
 #include "ops/backend.h"
 
 namespace dsv3::cuda {

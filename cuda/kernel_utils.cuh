@@ -1,7 +1,12 @@
-// defines: warp/block reductions and launch-size helpers shared by the CUDA backend's kernels (.cu files only).
-// Reductions use a fixed tree, so a kernel's result is the same run to run (no float atomics anywhere).
+// defines: warp/block reductions and launch-size helpers shared by the CUDA backend's kernels (.cu files only), and
+// DSV3_DYNAMIC_SMEM (a kernel's dynamic shared memory). Reductions use a fixed tree, so a kernel's result is the same
+// run to run (no float atomics anywhere). With DSV3_SIMT_EMULATION (tests/unit/simt_emulation.h) it compiles for the
+// host, where the kernels that include it run in the emulation.
 #pragma once
+#ifndef DSV3_SIMT_EMULATION
 #include <cuda_runtime.h>
+#define DSV3_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
 
 #include <algorithm>
 #include <cstdint>

@@ -28,7 +28,9 @@
 struct SimtDim3 {
   unsigned x = 0, y = 0, z = 0;
 };
-inline thread_local SimtDim3 threadIdx, blockIdx;
+inline thread_local SimtDim3 threadIdx, blockIdx, blockDim, gridDim;
+// a kernel's static __shared__ array: one per instantiation, shared by the threads of the (one) CTA running
+#define __shared__ static
 
 struct __nv_bfloat16 {
   uint16_t bits;
@@ -36,6 +38,8 @@ struct __nv_bfloat16 {
 inline __nv_bfloat16 __float2bfloat16_rn(float x) { return {dsv3::float_to_bf16(x)}; }
 inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 x) { return x.bits; }
 inline int min(int a, int b) { return a < b ? a : b; }
+inline float max(float a, float b) { return a < b ? b : a; }  // CUDA's device overloads, NaN aside
+inline double max(double a, double b) { return a < b ? b : a; }
 
 namespace simt {
 
@@ -43,7 +47,7 @@ namespace simt {
 struct Cta {
   struct Warp {
     std::barrier<> bar{32};
-    float f[32];
+    unsigned char v[32][8];  // shuffled values (up to 8 bytes)
     uint32_t a[32][4], b[32][2];
     float c[32][4];
   };
@@ -77,6 +81,8 @@ void launch(SimtDim3 grid, int threads, size_t smem_bytes, Kernel kernel) {
           ts.emplace_back([&, i] {
             threadIdx = {(unsigned)i, 0, 0};
             blockIdx = {x, y, z};
+            blockDim = {(unsigned)threads, 1, 1};
+            gridDim = grid;
             cta = &c;
             kernel();
           });
@@ -90,12 +96,15 @@ void launch(SimtDim3 grid, int threads, size_t smem_bytes, Kernel kernel) {
 
 inline void __syncthreads() { simt::cta->block.arrive_and_wait(); }
 
-inline float __shfl_xor_sync(unsigned, float v, int mask) {
+template <class T>
+inline T __shfl_xor_sync(unsigned, T v, int mask) {
+  static_assert(sizeof(T) <= 8, "a shuffle moves up to 8 bytes");
   simt::Cta::Warp& w = simt::my_warp();
   const int l = simt::my_lane();
-  w.f[l] = v;
+  std::memcpy(w.v[l], &v, sizeof v);
   w.bar.arrive_and_wait();
-  const float r = w.f[l ^ mask];
+  T r;
+  std::memcpy(&r, w.v[l ^ mask], sizeof r);
   w.bar.arrive_and_wait();  // every lane has read before the slots are reused
   return r;
 }
