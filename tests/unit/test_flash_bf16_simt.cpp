@@ -16,27 +16,13 @@
 #include <vector>
 
 #include "ops/cpu/cpu_backend.h"
+#include "test_util.h"
 
 using namespace dsv3;
+using dsv3::test::nmse;
+using dsv3::test::randn;
 
 namespace {
-
-std::vector<float> randn(size_t n, uint64_t seed, float sd = 1.0f) {
-  std::mt19937_64 g(seed);
-  std::normal_distribution<float> d(0.0f, sd);
-  std::vector<float> v(n);
-  for (auto& x : v) x = d(g);
-  return v;
-}
-
-double nmse(const std::vector<float>& ref, const std::vector<float>& got) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    num += ((double)got[i] - ref[i]) * ((double)got[i] - ref[i]);
-    den += (double)ref[i] * ref[i];
-  }
-  return num / std::max(den, 1e-300);
-}
 
 struct Case {
   int B, S, H, dn, dr, dv;
