@@ -1,5 +1,5 @@
-// defines: random_vector, randn — the seeded test data of the GPU tests; one_gpu_per_rank — why a rank cannot run
-// an NCCL program (one CUDA device per rank), for dsv3_nccl_tests and dsv3_nccl_bench
+// defines: one_gpu_per_rank — why a rank cannot run an NCCL program (one CUDA device per rank), for dsv3_nccl_tests
+// and dsv3_nccl_bench; the GPU tests' seeded data (random_vector, randn) come with it from ../unit/test_data.h
 #pragma once
 #include <cuda_runtime.h>
 
@@ -8,23 +8,11 @@
 #include <string>
 #include <vector>
 
-#include "cuda_backend.cuh"  // cuda_device_usable
+#include "../unit/test_data.h"  // random_vector, randn
+#include "cuda_backend.cuh"        // cuda_device_usable
 #include "parallel/comm.h"
 
 namespace dsv3::test {
-
-// n values of `dist` drawn with an mt19937_64 seeded with `seed`, as T
-template <class T, class Dist>
-std::vector<T> random_vector(size_t n, uint64_t seed, Dist dist) {
-  std::mt19937_64 g(seed);
-  std::vector<T> v(n);
-  for (auto& x : v) x = (T)dist(g);
-  return v;
-}
-
-inline std::vector<float> randn(size_t n, uint64_t seed, float sd = 1.0f) {
-  return random_vector<float>(n, seed, std::normal_distribution<float>(0.0f, sd));
-}
 
 // "" when this rank has a usable CUDA device and its node has at least one device per rank on it; otherwise why not.
 // devices (if not null): the devices this rank sees (0 without a usable one). Every rank calls it (comm.group_nodes).

@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "ops/cpu/cpu_backend.h"
-#include "test_util.h"
+#include "test_data.h"
 
 using namespace dsv3;
 using dsv3::test::nmse;

@@ -1,40 +1,17 @@
 // defines: error_of, EXPECT_ERROR — the unit tests' check that a call fails with one dsv3::Error line naming a thing;
-// TmpDir — a scratch directory removed with everything in it when the test ends; randn, nmse — seeded normal test
-// data and the normalised mean squared error of a result against its reference
+// TmpDir — a scratch directory removed with everything in it when the test ends
 #pragma once
 #include <gtest/gtest.h>
 #include <stdlib.h>
 
-#include <algorithm>
-#include <cstdint>
 #include <filesystem>
 #include <functional>
-#include <random>
 #include <stdexcept>
 #include <string>
-#include <vector>
 
 #include "core/error.h"
 
 namespace dsv3::test {
-
-inline std::vector<float> randn(size_t n, uint64_t seed, float sd = 1.0f) {
-  std::mt19937_64 g(seed);
-  std::normal_distribution<float> d(0.0f, sd);
-  std::vector<float> v(n);
-  for (auto& x : v) x = d(g);
-  return v;
-}
-
-// sum (got - ref)^2 / sum ref^2
-inline double nmse(const std::vector<float>& ref, const std::vector<float>& got) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    num += ((double)got[i] - ref[i]) * ((double)got[i] - ref[i]);
-    den += (double)ref[i] * ref[i];
-  }
-  return num / std::max(den, 1e-300);
-}
 
 // The message of the dsv3::Error f throws ("<no error>" if none).
 inline std::string error_of(const std::function<void()>& f) {
