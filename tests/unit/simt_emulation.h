@@ -38,6 +38,7 @@ struct __nv_bfloat16 {
 inline __nv_bfloat16 __float2bfloat16_rn(float x) { return {dsv3::float_to_bf16(x)}; }
 inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 x) { return x.bits; }
 inline int min(int a, int b) { return a < b ? a : b; }
+inline int64_t min(int64_t a, int64_t b) { return a < b ? a : b; }
 inline float max(float a, float b) { return a < b ? b : a; }  // CUDA's device overloads, NaN aside
 inline double max(double a, double b) { return a < b ? b : a; }
 
