@@ -17,14 +17,8 @@ __global__ void ce_fwd_rows_kernel(const float* __restrict__ logits, int64_t V, 
                                    double* __restrict__ row_loss, float* __restrict__ lse) {
   const int64_t r = blockIdx.x;
   const float* l = logits + r * V;
-  float mx = -INFINITY;
-  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) mx = fmaxf(mx, l[v]);
-  mx = cuda::block_max(mx, -INFINITY);
-  double sum = 0;  // float exponentials, summed in double (as the CPU op)
-  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) sum += expf(l[v] - mx);
-  sum = cuda::block_sum(sum);
+  const double ls = cuda::block_logsumexp(l, V);
   if (threadIdx.x == 0) {
-    const double ls = log(sum) + mx;
     if (lse) lse[r] = (float)ls;
     const int64_t t = targets[r];
     row_loss[r] = t >= 0 ? ls - l[t] : 0.0;

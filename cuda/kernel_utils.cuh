@@ -56,6 +56,18 @@ __device__ T block_max(T v, T identity) {
   return r;
 }
 
+// log-sum-exp of the row l (V values), returned to every thread of the block: the maximum, then float exponentials
+// summed in double (the CPU ops' arithmetic). Every thread calls it.
+__device__ inline double block_logsumexp(const float* __restrict__ l, int64_t V) {
+  float mx = -INFINITY;
+  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) mx = fmaxf(mx, l[v]);
+  mx = block_max(mx, -INFINITY);
+  double sum = 0;
+  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) sum += expf(l[v] - mx);
+  sum = block_sum(sum);
+  return log(sum) + mx;
+}
+
 // blocks for a grid-stride loop over n items
 inline unsigned grid_for(int64_t n, int block = kBlock) {
   const int64_t g = (n + block - 1) / block;

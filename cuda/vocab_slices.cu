@@ -1,7 +1,8 @@
 // defines: CudaBackend::embedding_forward_slice / embedding_backward_slice / cross_entropy_slice_forward /
 // cross_entropy_slice_backward — the vocabulary-parallel pieces (tensor parallelism: this rank holds vocabulary rows
-// [v0, v0 + vl)) of embedding.cu's and cross_entropy.cu's ops, with the same arithmetic: the embedding's backward adds
-// in token order (one thread per column, no atomics), the log-sum-exp sums float exponentials in double per row.
+// [v0, v0 + vl)); embedding.cu's whole-vocabulary ops are these over [0, kWholeVocabulary), and cross_entropy.cu's
+// share their arithmetic (cuda::block_logsumexp): the embedding's backward adds in token order (one thread per column,
+// no atomics), the log-sum-exp sums float exponentials in double per row.
 #include "cuda_backend.cuh"
 #include "cuda_check.cuh"
 #include "kernel_utils.cuh"

@@ -35,14 +35,9 @@ __global__ void ce_slice_fwd_kernel(const float* __restrict__ logits, int64_t vl
                                     int64_t v0, double* __restrict__ lse, double* __restrict__ tgt) {
   const int64_t r = blockIdx.x;
   const float* l = logits + r * vl;
-  float mx = -INFINITY;
-  for (int64_t v = threadIdx.x; v < vl; v += blockDim.x) mx = fmaxf(mx, l[v]);
-  mx = cuda::block_max(mx, -INFINITY);
-  double sum = 0;
-  for (int64_t v = threadIdx.x; v < vl; v += blockDim.x) sum += expf(l[v] - mx);
-  sum = cuda::block_sum(sum);
+  const double ls = cuda::block_logsumexp(l, vl);
   if (threadIdx.x == 0) {
-    lse[r] = log(sum) + mx;
+    lse[r] = ls;
     const int64_t t = targets[r] - v0;
     if (targets[r] >= 0 && t >= 0 && t < vl) tgt[r] = l[t];
   }

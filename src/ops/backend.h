@@ -144,6 +144,8 @@ class Backend {
                             float* out) = 0;
 
   // ---- vocabulary-parallel pieces (tensor parallelism: this rank holds vocabulary rows [v0, v0 + vl)) -----------
+  // the slice of the embedding/cross-entropy slice ops that holds every id: the whole-vocabulary ops are these
+  static constexpr int64_t kWholeVocabulary = INT64_MAX;
   // out (n, dim) = table[ids[i] - v0] for the ids in the slice, 0 for the others
   virtual void embedding_forward_slice(const int64_t* ids, int64_t n, const float* table, int64_t v0, int64_t vl,
                                        int64_t dim, float* out) = 0;

@@ -171,9 +171,9 @@ void CpuBackend::swiglu_forward(const float* gate, const float* up, int64_t rows
   }
 }
 
+// the whole vocabulary is the slice [0, kWholeVocabulary): every id is in it (the same copies)
 void CpuBackend::embedding_forward(const int64_t* ids, int64_t n, const float* table, int64_t dim, float* out) {
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) std::copy(table + ids[i] * dim, table + (ids[i] + 1) * dim, out + i * dim);
+  embedding_forward_slice(ids, n, table, 0, kWholeVocabulary, dim, out);
 }
 
 void CpuBackend::router_forward(const float* logits, const float* bias, int64_t T, const RouterSpec& r,
@@ -278,6 +278,17 @@ void CpuBackend::combine_rows_backward(const float* dout, const float* y, const 
   }
 }
 
+namespace {
+// log-sum-exp of one row of V logits: float exponentials (exact to an ulp) summed in double
+double row_logsumexp(const float* l, int64_t V) {
+  float mx = l[0];
+  for (int64_t v = 1; v < V; ++v) mx = std::max(mx, l[v]);
+  double sum = 0;
+  for (int64_t v = 0; v < V; ++v) sum += std::exp(l[v] - mx);
+  return std::log(sum) + mx;
+}
+}  // namespace
+
 double CpuBackend::cross_entropy_forward(const float* logits, int64_t rows, int64_t V, const int64_t* targets,
                                          int64_t* count, float* lse) {
   // per-row losses summed serially afterwards: bit-identical results run to run (an OpenMP reduction is not)
@@ -285,11 +296,7 @@ double CpuBackend::cross_entropy_forward(const float* logits, int64_t rows, int6
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     const float* l = logits + r * V;
-    float mx = l[0];
-    for (int64_t v = 1; v < V; ++v) mx = std::max(mx, l[v]);
-    double sum = 0;  // float exponentials (exact to an ulp), summed in double
-    for (int64_t v = 0; v < V; ++v) sum += std::exp(l[v] - mx);
-    const double ls = std::log(sum) + mx;
+    const double ls = row_logsumexp(l, V);
     if (lse) lse[r] = (float)ls;
     if (targets[r] >= 0) row_loss[r] = ls - l[targets[r]];
   }
@@ -556,11 +563,7 @@ void CpuBackend::cross_entropy_slice_forward(const float* logits, int64_t rows, 
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     const float* l = logits + r * vl;
-    float mx = l[0];
-    for (int64_t v = 1; v < vl; ++v) mx = std::max(mx, l[v]);
-    double sum = 0;  // float exponentials summed in double, as cross_entropy_forward
-    for (int64_t v = 0; v < vl; ++v) sum += std::exp(l[v] - mx);
-    lse[r] = std::log(sum) + mx;
+    lse[r] = row_logsumexp(l, vl);
     const int64_t t = targets[r] - v0;
     if (targets[r] >= 0 && t >= 0 && t < vl) tgt[r] = l[t];
   }
@@ -613,12 +616,7 @@ void CpuBackend::swiglu_backward(const float* gate, const float* up, const float
 }
 
 void CpuBackend::embedding_backward(const int64_t* ids, int64_t n, const float* dy, int64_t dim, float* dtable) {
-  // serial over tokens (repeated ids), parallel over the row
-  for (int64_t i = 0; i < n; ++i) {
-    float* row = dtable + ids[i] * dim;
-    const float* g = dy + i * dim;
-    for (int64_t j = 0; j < dim; ++j) row[j] += g[j];
-  }
+  embedding_backward_slice(ids, n, dy, 0, kWholeVocabulary, dim, dtable);
 }
 
 // the whole vocabulary is the slice [0, V)
