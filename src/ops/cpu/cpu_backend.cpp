@@ -424,9 +424,9 @@ float flash_row_bf16(float* row, int64_t i, std::vector<float>& block_max) {
   double sum = 0;
   for (int64_t j = 0; j <= i; ++j) sum += std::exp(row[j] - mx);
   const float inv = (float)(1.0 / sum);
-  for (int64_t j = 0; j <= i; ++j) {
-    const float mb = block_max[j / KB];
-    row[j] = bf16_round(std::exp(row[j] - mb)) * (std::exp(mb - mx) * inv);
+  for (int64_t jb = 0; jb < nb; ++jb) {  // block jb's p rounded, then rescaled to the final maximum and normalised
+    const float mb = block_max[jb], f = std::exp(mb - mx) * inv;
+    for (int64_t j = jb * KB; j <= std::min(jb * KB + KB - 1, i); ++j) row[j] = bf16_round(std::exp(row[j] - mb)) * f;
   }
   return (float)(mx + std::log(sum));
 }
