@@ -54,8 +54,9 @@ class DeviceTransport {
 };
 
 // An exchange started by Comm::alltoallv_start: its send and receive buffers (and counts) belong to it until
-// Comm::wait. Destroying one still in flight waits for it (an exception unwinding past the overlap leaves no transfer
-// writing into freed memory).
+// Comm::wait. Destroying one still in flight completes it (an exception unwinding past the overlap leaves no transfer
+// writing into freed memory): MPI's on the host (MPI_Wait); a device transport's is joined into the compute stream,
+// so that the device's later work (a freed buffer's next use included) is ordered behind it; the host does not wait.
 class CommRequest {
  public:
   CommRequest();

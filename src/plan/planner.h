@@ -31,8 +31,8 @@
 //             ZeRO staging): the optimizer step runs after the micro-batches' activations are gone.
 // Dtypes: run.device = cpu stores every weight, gradient and activation in FP32 (BF16 is emulated by rounding),
 // moments per optim.moment_dtype; run.device = cuda takes optim.param_dtype / grad_dtype / moment_dtype as the
-// storage and BF16 activations when param_dtype = bf16. Tensor and sequence parallelism (not implemented yet)
-// are projected: tp-sharded weights and per-head / intermediate activations / tp, token-sized ones / tp with sp.
+// storage and BF16 activations when param_dtype = bf16. Tensor and sequence parallelism: tp-sharded weights and
+// per-head / intermediate activations / tp, token-sized ones / tp with sp.
 //
 // ---- FLOPs (model FLOPs, as MFU counts them: no recomputation, causal attention) ------------------------------
 // forward per sequence = 2 x (elements of every matmul weight a token passes through) x tokens + attention core;
@@ -45,7 +45,8 @@
 // per micro-batch and stage: compute = FLOPs of the stage's layers / tp / (device peak x plan.compute_efficiency);
 // expert all-to-all: 4 exchanges per MoE layer (dispatch + combine, forward and backward) of tokens x K x D
 // activations, the remote share (ep-1)/ep; pipeline: one activation and one gradient per micro-batch; tensor
-// parallel (projection): 4 all-gather/reduce-scatter pairs per layer. Nothing overlaps (dsv3 does not overlap).
+// parallel: 4 all-gather/reduce-scatter pairs per layer. Nothing overlaps (an upper bound: dsv3 starts the
+// expert all-to-all before the shared experts, which the estimate does not credit).
 // step = (m + pp - 1) x the slowest stage's micro-batch time (1F1B; the pp - 1 extra slots are the bubble)
 //        + ZeRO-1 reduce-scatter of the gradients and all-gather of the weights over dp (dense) and edp (experts).
 // A group whose ranks lie on one node (plan.gpus_per_node) uses plan.nvlink_gbps, otherwise plan.net_gbps.

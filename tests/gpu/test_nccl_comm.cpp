@@ -342,6 +342,7 @@ TEST(NcclComm, PipelineMatchesMpi) {
 TEST(NcclComm, TrainingTransportMatchesMpi) {
   Comm& comm = *g_comm;
   set_default_memory(&cuda_managed_memory());
+  const auto be = make_cuda_backend(-1);  // the compute stream's producer of a started exchange's send buffer
   const auto ls = layouts(comm.size());
   uint64_t seed = 9000 + 100 * comm.rank();
   for (size_t li = 0; li < ls.size(); ++li) {
@@ -393,7 +394,21 @@ TEST(NcclComm, TrainingTransportMatchesMpi) {
         EXPECT_FALSE(hreq.pending()) << what << ": host buffers take the blocking path";
         comm.wait(hreq);
         expect_exact(what + " Comm alltoallv_start (host, staged)", a2a, h_a2a);
-        // the transport itself (every group size, 1-rank NCCL communicators included)
+        // the transport itself (every group size, 1-rank NCCL communicators included; on one rank the only way its
+        // started all-to-all runs, Comm copying groups of one itself). The send buffer is written by a kernel queued
+        // just before the start (x doubled on the device), so the exchange must be ordered behind the compute stream.
+        {
+          Floats t_x(x), t_send(x), t_recv(n * chunk);
+          std::vector<float> a2a2(a2a);
+          for (float& v : a2a2) v *= 2;
+          be->add(t_x.data(), n * chunk, t_send.data());  // queued on the backend's stream, not waited for
+          EXPECT_TRUE(t->alltoallv_start(k, t_send.data(), sc, t_recv.data(), sc)) << what << ": in flight";
+          t->alltoallv_wait(k);
+          expect_exact(what + " transport alltoallv_start (pool, after a kernel)", a2a2, t_recv.to_host());
+          std::vector<float> th(n * chunk);
+          EXPECT_FALSE(t->alltoallv_start(k, x.data(), sc, th.data(), sc)) << what << ": host buffers: blocking";
+          expect_exact(what + " transport alltoallv_start (host)", a2a, th);
+        }
         Floats e(x), e_rs(chunk);
         t->allreduce_sum(k, e.data(), n * chunk);
         expect_sum_close(what + " transport allreduce", ar, e.to_host(), mag, 1e-6);

@@ -511,7 +511,25 @@ TEST_F(CudaOps, MlaFlashAttentionBf16) {
     gpu().mla_flash_attention_backward(d_q.get(), d_kv.get(), d_kpe.get(), c.ldkpe, d_o_cpu.get(), d_lse_cpu.get(),
                                        d_dout.get(), c.B, c.S, c.H, c.dn, c.dr, c.dv, a.scale, d_dq.get(),
                                        d_dkv.get(), d_dkpe.get());
-    expect_bf16("bf16 flash backward dq" + flash_tag(c), dq, dq32, d_dq.to_host());
+    if (c.S > 1) {
+      expect_bf16("bf16 flash backward dq" + flash_tag(c), dq, dq32, d_dq.to_host());
+    } else {
+      // One key per sequence: P = 1 and dS = scale (dP - D), dP = bf16(dO).bf16(V) against D = dO.o in FP32, is
+      // what the BF16 rounding of dO and V leaves (~2^-8 of the dot products): a cancellation that magnifies the two
+      // sides' FP32 summation-order difference ~500 times before dS is rounded, so one side's dS may land on the
+      // other BF16 neighbour (the NMSE derivation above assumes eps ~1e-6 before a rounding). With one key dq =
+      // bf16(dS) bf16(k): element by element the two agree within one BF16 ulp of dS, <= 2^-7 |dq| (+ FP32 noise).
+      const auto got = d_dq.to_host();
+      float dq_max = 0;
+      for (float x : dq) dq_max = std::max(dq_max, std::fabs(x));
+      int64_t off = 0;
+      for (size_t i = 0; i < dq.size(); ++i)
+        off += std::fabs(got[i] - dq[i]) > 0x1p-7f * std::fabs(dq[i]) + 1e-6f * dq_max;
+      std::printf("  [ ulp      ] %-44s %lld of %zu elements beyond one BF16 ulp of dS\n",
+                  ("bf16 flash backward dq" + flash_tag(c)).c_str(), (long long)off, dq.size());
+      EXPECT_EQ(off, 0) << flash_tag(c);
+      EXPECT_GT(dq_max, 0.0f) << flash_tag(c) << ": the BF16 roundings leave a gradient with one key";
+    }
     expect_bf16("bf16 flash backward dkv" + flash_tag(c), dkv, dkv32, d_dkv.to_host());
     expect_bf16("bf16 flash backward dkpe" + flash_tag(c), dkpe, dkpe32, d_dkpe.to_host());
   }
@@ -690,10 +708,14 @@ TEST_F(CudaOps, VocabularySlices) {
   cpu.cross_entropy_slice_forward(logits.data(), rows, vl, targets.data(), v0, lse.data(), tgt.data());
   gpu().cross_entropy_slice_forward(d_logits.get(), rows, vl, d_targets.get(), v0, d_lse.get(), d_tgt.get());
   const auto g_lse = d_lse.to_host(), g_tgt = d_tgt.to_host();
+  // Both sides sum expf(l - mx) in double over the same mx; the terms differ by CUDA expf's <= 2 ulp against glibc's
+  // <= 0.5 ulp (2^-23 relative each), so log(sum) by <= 2.5 2^-23 ~ 3e-7, absolute (lse may be near 0: not relative).
+  // (The SIMT emulation, host expf on both sides, gets within 1e-12.)
+  const double lse_bound = 2.5 * 0x1p-23 + 1e-12;
   double worst = 0;
-  for (int64_t r = 0; r < rows; ++r) worst = std::max(worst, std::fabs(g_lse[r] - lse[r]) / std::fabs(lse[r]));
-  std::printf("  [ NMSE     ] %-44s %.3e (tol 1e-12, max relative)\n", "cross_entropy_slice_forward lse", worst);
-  EXPECT_LE(worst, 1e-12);
+  for (int64_t r = 0; r < rows; ++r) worst = std::max(worst, std::fabs(g_lse[r] - lse[r]));
+  std::printf("  [ abs      ] %-44s %.3e (bound %.1e)\n", "cross_entropy_slice_forward lse", worst, lse_bound);
+  EXPECT_LE(worst, lse_bound);
   EXPECT_EQ(tgt, g_tgt);  // a copied logit (or the untouched -7): exact
   std::vector<float> lse32(lse.begin(), lse.end()), dl(rows * vl, 9.0f);
   auto d_lse32 = dev(lse32), d_dl = dev(dl);
