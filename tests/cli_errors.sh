@@ -46,6 +46,13 @@ printf '[model]\nhf_config = config.json\n[train]\niters = 1\nglobal_batch = 1\n
 expect_error "missing required key" "train.seq_length" "$BIN/dsv3" "$tmp/noseq.deck"
 expect_error "unknown override" "parallel.tpp" "$BIN/dsv3" "$tmp/good.deck" parallel.tpp=2
 expect_error "bf16 attention needs the flash form" "run.attention = flash" "$BIN/dsv3" "$tmp/good.deck" run.attention_dtype=bf16
+# run.device = cuda on a node without a usable GPU (CI, this machine) or from a build without CUDA: the backend is made
+# right after the deck and topology, before the model, so the run stops there, naming the reason
+if nvidia-smi -L >/dev/null 2>&1; then
+  echo "skip: run.device=cuda without a GPU (this node has one: nvidia-smi -L)"
+else
+  expect_error "run.device=cuda without a GPU" "run.device = cuda, but" "$BIN/dsv3" "$tmp/good.deck" run.device=cuda
+fi
 mkdir -p "$tmp/trunc"
 cp "$TESTS/golden/tiny/config.json" "$tmp/trunc/"
 head -c 100000 "$TESTS/golden/tiny/model.safetensors" > "$tmp/trunc/model.safetensors"
