@@ -58,12 +58,6 @@ void up_project_q(Backend& be, const ModelConfig& c, const MlaWeights& w, const 
   }
 }
 
-std::vector<int64_t> positions(int64_t B, int64_t S) {
-  std::vector<int64_t> pos(B * S);
-  for (int64_t t = 0; t < B * S; ++t) pos[t] = t % S;
-  return pos;
-}
-
 // The up-projections, from the kept latents: q (RoPE applied) = q_b(rmsnorm(qa)) under q-LoRA, else q_proj(x_norm);
 // kv = kv_b(cn), cn = rmsnorm(c) of the latent c in kva's first kvr columns. Into u: qan, q, cn, kv and the norms'
 // rstd (qa_rstd, c_rstd). The forward pass and selective recompute (mla_backward) both run exactly this, so the
@@ -98,14 +92,14 @@ void mla_forward(Backend& be, const ModelConfig& c, const MlaWeights& w, const R
   else
     a.probs.resize(B * H * S * S);
   a.o.resize(T * H * dv);
-  const auto pos = positions(B, S);
+  const int64_t* pos = rope.positions(B, S);
 
   // the down-projections to the latents (kept for backward), then the up-projections from them
   project_q_latent(be, c, w, xn, T, a.qa);
   be.gemm_nt(T, kvr + dr, D, 1.0f, xn, D, w.kv_a, D, 0.0f, a.kva.data(), kvr + dr);
   // RoPE on the single shared k_pe (the last dr columns of kv_a's output; the latent columns stay as they are)
-  be.rope_forward(a.kva.data() + kvr, T, kvr + dr, 1, 0, dr, pos.data(), rope.cos.data(), rope.sin.data());
-  up_project(be, c, w, rope, xn, a.qa.data(), a.kva.data(), T, H, pos.data(), a);
+  be.rope_forward(a.kva.data() + kvr, T, kvr + dr, 1, 0, dr, pos, rope.cos.data(), rope.sin.data());
+  up_project(be, c, w, rope, xn, a.qa.data(), a.kva.data(), T, H, pos, a);
   const float scale = (float)attention_softmax_scale(c);
   if (be.flash_attention())
     be.mla_flash_attention_forward(a.q.data(), a.kv.data(), a.kva.data() + kvr, kvr + dr, B, S, H, dn, dr, dv, scale,
@@ -126,13 +120,13 @@ void mla_backward(Backend& be, const ModelConfig& c, const MlaWeights& w, MlaWei
   const int64_t T = B * S, D = c.hidden_size, H = c.num_attention_heads / tp.size;  // this rank's heads
   const int64_t dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim, dv = c.v_head_dim, kvr = c.kv_lora_rank;
   const int64_t dqk = dn + dr;
-  const auto pos = positions(B, S);
+  const int64_t* pos = rope.positions(B, S);
   // sp: dxn holds this rank's rows [t0, t0 + Tl) only (the transpose of the input's all-gather)
   const int64_t Tl = tp.sp_rows(T), t0 = tp.sp ? tp.rank * Tl : 0;
   // selective recompute: the up-projections were dropped after the forward; rebuild them from the kept latents
   MlaActs rebuilt;
   const bool dropped = a.q.empty() && T > 0;
-  if (dropped) up_project(be, c, w, rope, xn, a.qa.data(), a.kva.data(), T, H, pos.data(), rebuilt);
+  if (dropped) up_project(be, c, w, rope, xn, a.qa.data(), a.kva.data(), T, H, pos, rebuilt);
   const MlaActs& u = dropped ? rebuilt : a;  // qan, q, cn, kv
   // o_proj: out = o Wo^T
   Floats d_o(T * H * dv), dq(T * H * dqk), dkv(T * H * (dn + dv)), dkva(T * (kvr + dr));
@@ -150,8 +144,8 @@ void mla_backward(Backend& be, const ModelConfig& c, const MlaWeights& w, MlaWei
     be.mla_attention_backward(u.q.data(), u.kv.data(), a.kva.data() + kvr, kvr + dr, a.probs.data(), d_o.data(), B,
                               S, H, dn, dr, dv, scale, dq.data(), dkv.data(), dkva.data() + kvr);
   }
-  be.rope_backward(dq.data() + dn, T, H * dqk, H, dqk, dr, pos.data(), rope.cos.data(), rope.sin.data());
-  be.rope_backward(dkva.data() + kvr, T, kvr + dr, 1, 0, dr, pos.data(), rope.cos.data(), rope.sin.data());
+  be.rope_backward(dq.data() + dn, T, H * dqk, H, dqk, dr, pos, rope.cos.data(), rope.sin.data());
+  be.rope_backward(dkva.data() + kvr, T, kvr + dr, 1, 0, dr, pos, rope.cos.data(), rope.sin.data());
   // kv_b: kv = cn Wkvb^T;  cn = rmsnorm(c)
   Floats dcn(T * kvr);
   be.gemm_tn(H * (dn + dv), kvr, T, 1.0f, dkv.data(), H * (dn + dv), u.cn.data(), kvr, 1.0f, g.kv_b, kvr);

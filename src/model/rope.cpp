@@ -55,15 +55,26 @@ RopeTable make_rope_table(const ModelConfig& c, int64_t max_pos) {
   if (c.rope_scaling.type == "yarn")
     m = yarn_mscale(c.rope_scaling.factor, c.rope_scaling.mscale) /
         yarn_mscale(c.rope_scaling.factor, c.rope_scaling.mscale_all_dim);
-  t.cos.resize(max_pos * t.half);
-  t.sin.resize(max_pos * t.half);
+  std::vector<float> cos(max_pos * t.half), sin(max_pos * t.half);  // built on the host, then one copy each
   for (int64_t p = 0; p < max_pos; ++p)
     for (int64_t i = 0; i < t.half; ++i) {
       const double a = p * f[i];
-      t.cos[p * t.half + i] = (float)(std::cos(a) * m);
-      t.sin[p * t.half + i] = (float)(std::sin(a) * m);
+      cos[p * t.half + i] = (float)(std::cos(a) * m);
+      sin[p * t.half + i] = (float)(std::sin(a) * m);
     }
+  t.cos = Floats(cos);
+  t.sin = Floats(sin);
   return t;
+}
+
+const int64_t* RopeTable::positions(int64_t B, int64_t S) const {
+  auto it = positions_.find({B, S});
+  if (it == positions_.end()) {
+    std::vector<int64_t> pos(B * S);
+    for (int64_t t = 0; t < B * S; ++t) pos[t] = t % S;
+    it = positions_.emplace(std::make_pair(B, S), Buffer<int64_t>(pos)).first;
+  }
+  return it->second.data();
 }
 
 }  // namespace dsv3

@@ -179,6 +179,20 @@ TEST(Rope, InterleavedPairsRotateByPositionTimesFrequency) {
   EXPECT_EQ(y, x0);  // position 0 is the identity
 }
 
+// The tables and the positions live in the run's memory (the rope ops read them in place, on a GPU without staging);
+// positions are 0..S-1 per sequence, made once per shape
+TEST(Rope, TablesAndPositionsInTheRunsMemory) {
+  const RopeTable t = make_rope_table(tiny(), 16);
+  EXPECT_EQ(t.cos.resource(), &default_memory());
+  EXPECT_EQ(t.sin.resource(), &default_memory());
+  const int64_t* p = t.positions(2, 3);
+  EXPECT_EQ(std::vector<int64_t>(p, p + 6), (std::vector<int64_t>{0, 1, 2, 0, 1, 2}));
+  const int64_t* q = t.positions(3, 2);  // the same count of rows, another shape
+  EXPECT_EQ(std::vector<int64_t>(q, q + 6), (std::vector<int64_t>{0, 1, 0, 1, 0, 1}));
+  EXPECT_EQ(t.positions(2, 3), p);  // kept: no copy into the run's memory per call
+  EXPECT_EQ(std::vector<int64_t>(p, p + 6), (std::vector<int64_t>{0, 1, 2, 0, 1, 2}));
+}
+
 // Router: 8 experts in 4 groups of 2, keep 2 groups, top-2 (the tiny shape), on hand-made scores.
 TEST(Router, GroupLimitedTopKWithBiasForSelectionOnly) {
   CpuBackend be(1);
