@@ -249,6 +249,9 @@ struct Variant {
   const char* name;
   bool flash, recompute, bf16_grads, bf16_moments, bf16_params;
 };
+// the variant's name in test listings (gtest's default prints the struct's bytes, a pointer among them, so that the
+// names ctest discovered would differ from build to build)
+void PrintTo(const Variant& v, std::ostream* os) { *os << v.name; }
 
 // 3 steps of the tiny model: the losses, grad norms and the final parameters
 struct Outcome {
