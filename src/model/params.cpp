@@ -159,7 +159,6 @@ Params::Params(std::vector<ParamSpec> table, ShardPlan plan) : table_(std::move(
   DSV3_CHECK(plan_.etp_size >= 1 && plan_.etp_rank >= 0 && plan_.etp_rank < plan_.etp_size,
              "bad expert-tensor-parallel shard " << plan_.etp_rank << " of " << plan_.etp_size);
 
-  int64_t off = 0;
   for (size_t i = 0; i < table_.size(); ++i) {
     DSV3_CHECK(index_.emplace(table_[i].name, i).second, "duplicate parameter name " << table_[i].name);
     DSV3_CHECK(!table_[i].expert_stack || table_[i].shape[0] % plan_.ep_size == 0,
@@ -171,9 +170,20 @@ Params::Params(std::vector<ParamSpec> table, ShardPlan plan) : table_(std::move(
     DSV3_CHECK(!tp_sharded(table_[i]) || table_[i].shape[table_[i].shard_dim] % plan_.tp_size == 0,
                "parallel.tp=" << plan_.tp_size << " does not divide dimension " << table_[i].shard_dim << " ("
                               << table_[i].shape[table_[i].shard_dim] << ") of " << table_[i].name);
-    offset_.push_back(off);
-    off += local_numel(table_[i]);
   }
+  // storage by optimizer bucket (optim/adamw.h), each in table order: the dense trainable parameters this rank owns,
+  // its routed experts, then the rest (not trainable, or a copy of another stage's parameter) -- so that a bucket's
+  // gradients lie contiguous and the optimizer reads them in place
+  offset_.assign(table_.size(), 0);
+  int64_t off = 0;
+  for (int bucket = 0; bucket < 3; ++bucket)
+    for (size_t i = 0; i < table_.size(); ++i) {
+      const ParamSpec& p = table_[i];
+      const bool optimized = p.trainable && holding(p) == ShardPlan::kOwner;
+      if ((optimized ? (p.expert_stack ? 1 : 0) : 2) != bucket) continue;
+      offset_[i] = off;
+      off += local_numel(p);
+    }
   data_ = Floats((size_t)off);  // zeroed, in the run's memory (core/memory.h)
 }
 

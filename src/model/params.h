@@ -69,7 +69,8 @@ struct GlobalLayout {
   int64_t global(int64_t k) const { return (k / run) * stride + offset + k % run; }
 };
 
-// FP32 storage of the parameters this rank holds, addressed by name (contiguous, in table order), in the run's memory
+// FP32 storage of the parameters this rank holds, addressed by name (contiguous; by optimizer bucket -- the dense
+// trainable parameters this rank owns, its routed experts, the rest -- each in table order), in the run's memory
 // (core/memory.h: the CUDA pool under run.device = cuda; host code may read and write it through get() outside the
 // backend's ops, the pool being managed memory).
 class Params {

@@ -125,6 +125,20 @@ void AdamW::unpack(const Floats& flat, const Bucket& b, Params& dst) const {
   }
 }
 
+// The bucket's gradients where they lie when its parameters are contiguous in `grads` in the bucket's order (they
+// are: model/params.h stores by bucket), else null
+const float* AdamW::in_place(const Params& grads, const Bucket& b) const {
+  if (b.params.empty()) return nullptr;
+  const auto& table = grads.table();
+  const int64_t first = grads.offset(table[b.params.front()].name);
+  int64_t next = first;
+  for (int i : b.params) {
+    if (grads.offset(table[i].name) != next) return nullptr;
+    next += grads.local_numel(table[i]);
+  }
+  return grads.data() + first;
+}
+
 double AdamW::reduce_grads(const Params& grads) {
   double ss = 0;
   Floats flat;
@@ -133,13 +147,17 @@ double AdamW::reduce_grads(const Params& grads) {
       pack(grads, b, flat);
       if ((int64_t)b.g.size() != b.shard) b.g = Floats(b.shard);
       comm_->reduce_scatter((GroupKind)b.group, flat.data(), b.g.data(), b.shard);
+      b.grad = b.g.data();
+    } else if (const float* g = in_place(grads, b)) {
+      b.grad = g;  // a group of one: the shard is the whole bucket (padded == size), read where it lies, no copy
     } else {
-      pack(grads, b, b.g);  // a group of one: the packed gradients are the shard (padded == shard), kept
+      pack(grads, b, b.g);
+      b.grad = b.g.data();
     }
     if (!b.norm_partial)
-      ss += be_->sum_squares(b.g.data(), b.shard);
+      ss += be_->sum_squares(b.grad, b.shard);
     else
-      for (const auto& [lo, hi] : b.norm_ranges) ss += be_->sum_squares(b.g.data() + lo, hi - lo);
+      for (const auto& [lo, hi] : b.norm_ranges) ss += be_->sum_squares(b.grad + lo, hi - lo);
   }
   // every unique element is counted in exactly one shard of one rank (pipeline copies excluded; a tp-replicated
   // parameter on tp rank 0 only): the world sum is the global norm
@@ -160,10 +178,10 @@ void AdamW::step(Params& params, double lr, double grad_scale) {
   // both buckets' shards in one multi-tensor update
   std::vector<Backend::AdamWShard> shards;
   for (Bucket& b : buckets_) {
-    DSV3_CHECK((int64_t)b.g.size() == b.shard, "AdamW::step before reduce_grads");
+    DSV3_CHECK(b.grad || b.shard == 0, "AdamW::step before reduce_grads");
     Backend::AdamWShard s;
     s.master = b.master.data();
-    s.grad = b.g.data();
+    s.grad = b.grad;
     s.decay = b.decay.data();
     if (cfg_.bf16_moments) {
       s.m16 = b.m16.data();

@@ -53,7 +53,8 @@ class AdamW {
   AdamW(AdamW&&) noexcept;
   AdamW& operator=(AdamW&&) = delete;
   // Sums the gradients over the data-parallel replicas into this rank's shards and returns the global L2 norm
-  // (every unique element once, over all ranks).
+  // (every unique element once, over all ranks). A group of one reads `grads` in place: step() reads them again, so
+  // they stay unchanged (and alive) until then.
   double reduce_grads(const Params& grads);
   // One step at learning rate lr with the reduced gradients times grad_scale (the clip coefficient); the updated
   // weights are gathered into `params`.
@@ -74,7 +75,10 @@ class AdamW {
     std::vector<std::pair<int64_t, int64_t>> norm_ranges;
     bool norm_partial = false;        // true: only norm_ranges count
     // the state lives in the run's memory (core/memory.h), where the backend's optimizer ops run on it
-    Floats master, g;                 // (shard) FP32 master weights, reduced gradients
+    Floats master, g;                 // (shard) FP32 master weights, reduced gradients (groups of more than one)
+    // the reduced gradients of my shard for step(), set by reduce_grads: g, or -- a group of one -- the bucket's range
+    // of the gradients passed to it (contiguous: model/params.h), read in place instead of copied
+    const float* grad = nullptr;
     Floats m, v;                      // (shard) FP32 moments, or
     Buffer<uint16_t> m16, v16;        //         BF16 moments
     int group = 0;                    // GroupKind
@@ -87,6 +91,7 @@ class AdamW {
  private:
   void pack(const Params& src, const Bucket& b, Floats& flat) const;
   void unpack(const Floats& flat, const Bucket& b, Params& dst) const;
+  const float* in_place(const Params& grads, const Bucket& b) const;
   AdamWConfig cfg_;
   const Comm* comm_;
   std::unique_ptr<Backend> own_be_;  // the CPU backend when none was given

@@ -333,8 +333,10 @@ Plan make_plan(const ModelConfig& c, const PlanSettings& s) {
     StageMemory& mem = sp.memory;
     mem.weights = sp.params_held * s.weight_bytes;
     mem.grads = sp.params_held * s.grad_bytes;
-    const int64_t per_elem = 4 + 2 * s.moment_bytes + 4 + 1;  // master, m, v, reduced gradient, decay flag
-    mem.optimizer = (sp.dense_shard + sp.expert_shard) * per_elem;
+    const int64_t per_elem = 4 + 2 * s.moment_bytes + 1;  // master, m, v, decay flag
+    // + the reduced gradient of a shard of a group of more than one (a group of one reads the gradients in place)
+    mem.optimizer = (sp.dense_shard + sp.expert_shard) * per_elem + (z.dp > 1 ? sp.dense_shard * 4 : 0) +
+                    (z.edp() > 1 ? sp.expert_shard * 4 : 0);
     // ZeRO staging: the padded FP32 bucket (reduce-scatter input / all-gather output) and the updated shard
     mem.comm_zero = std::max(sp.dense_shard * z.dp, sp.expert_shard * z.edp()) * 4 +
                     std::max(sp.dense_shard, sp.expert_shard) * 4;

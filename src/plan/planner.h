@@ -12,7 +12,8 @@
 // gradients   the same elements again (Trainer::grads_ has the model's shard plan)
 // optimizer   per ZeRO-1 bucket (dense over dp, routed experts over edp; pipeline copies excluded) one shard of
 //             ceil(elements / group) elements: FP32 master + m + v (optim.moment_dtype) + the reduced FP32
-//             gradient shard + one weight-decay flag byte (optim/adamw.h's Bucket)
+//             gradient shard (groups of more than one; a group of one reads the gradients in place) + one
+//             weight-decay flag byte (optim/adamw.h's Bucket)
 // activations what one micro-batch's forward keeps for its backward (model.h's Activations: every LayerActs,
 //             the logits, the MTP module's inputs) times the micro-batches alive at once on the stage under
 //             non-interleaved 1F1B: min(pp - stage, m) (pipeline/schedule.h); the attention K/V part (the latent

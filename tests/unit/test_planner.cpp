@@ -114,7 +114,11 @@ TEST(Planner, MemoryColumnsAddUpAndFollowTheDtypes) {
         const StageMemory& m = sp.memory;
         EXPECT_EQ(m.weights, sp.params_held * s.weight_bytes);
         EXPECT_EQ(m.grads, sp.params_held * s.grad_bytes);
-        EXPECT_EQ(m.optimizer, (sp.dense_shard + sp.expert_shard) * (4 + 2 * 2 + 4 + 1));
+        // master + BF16 m and v + decay flag; the reduced FP32 gradient only where the group has more than one rank
+        // (here dp 32, edp 1: the experts' gradients are read in place)
+        ASSERT_EQ(s.sizes.dp, 32);
+        ASSERT_EQ(s.sizes.edp(), 1);
+        EXPECT_EQ(m.optimizer, (sp.dense_shard + sp.expert_shard) * (4 + 2 * 2 + 1) + sp.dense_shard * 4);
         EXPECT_EQ(m.total, m.weights + m.grads + m.optimizer + m.other +
                                std::max(m.activations + m.workspace + m.comm_pipeline, m.comm_zero));
         EXPECT_LE(m.kv, m.activations);

@@ -119,6 +119,43 @@ TEST(AdamW, MatchesTheRuleAndBf16StorageStaysClose) {
   EXPECT_EQ(held, trainable);  // one rank: the FP32 master copy of every trainable element, once
 }
 
+// Parameters are stored by optimizer bucket (model/params.h): on one rank each bucket's gradients are read where they
+// lie (no packed copy of the whole gradient), and the step equals the packed path's (a Params in table order would
+// need it: the buckets interleave there)
+TEST(AdamW, OneRankReadsTheBucketsGradientsInPlace) {
+  ModelConfig c = model_config_from_file(std::string(DSV3_TEST_DIR) + "/golden/tiny/config.json");
+  CpuBackend be(1);
+  Model m(c, be);
+  m.init_random(5);
+  Params g(m.params().table());
+  for (int64_t i = 0; i < g.size(); ++i) g.data()[i] = (float)std::cos(0.11 * i) * 1e-2f;
+  AdamW opt(m.params(), AdamWConfig{});
+  opt.reduce_grads(g);
+  int64_t expect_off = 0;
+  for (const auto& b : opt.buckets()) {
+    ASSERT_FALSE(b.params.empty());
+    EXPECT_EQ(b.g.size(), 0u);  // no copy
+    EXPECT_EQ(b.grad, g.data() + expect_off);  // the dense bucket first, then the experts
+    EXPECT_EQ(b.grad, g.get(g.table()[b.params.front()].name));
+    expect_off += b.size;
+  }
+  // against the rule on a parameter of each bucket, after one step: the gradient each element saw is its own
+  const std::vector<float> p0(m.params().data(), m.params().data() + m.params().size());
+  opt.step(m.params(), 0.01);
+  for (const char* name : {"model.layers.1.self_attn.kv_b_proj.weight", "model.layers.3.mlp.experts.up_proj.weight",
+                           "model.norm.weight"}) {
+    const int64_t off = m.params().offset(name), n = m.params().local_numel(m.params().spec(name));
+    const bool decay = m.params().spec(name).decay;
+    for (int64_t i = off; i < off + n; i += std::max<int64_t>(1, n / 7)) {
+      const double gi = g.get(name)[i - off];
+      double p = p0[i];
+      if (decay) p *= 1 - 0.01 * 0.1;
+      p -= 0.01 * (0.1 * gi / 0.1) / (std::sqrt(0.05 * gi * gi / 0.05) + 1e-8);
+      EXPECT_NEAR(m.params().data()[i], p, 1e-6) << name << " element " << i - off;
+    }
+  }
+}
+
 TEST(Clip, ScalesOnlyAboveTheMaximum) {
   ModelConfig c = model_config_from_file(std::string(DSV3_TEST_DIR) + "/golden/tiny/config.json");
   Params g(build_param_table(c));
