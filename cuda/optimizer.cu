@@ -20,12 +20,13 @@ namespace dsv3 {
 namespace {
 using cuda::kBlock;
 
-constexpr int kShardsPerLaunch = 16;  // 16 x 64-byte shards: well inside the 4 KiB of kernel arguments
+constexpr int kShardsPerLaunch = 16;  // 16 x 80-byte shards: well inside the 4 KiB of kernel arguments
 constexpr int64_t kChunk = 4096;      // sum_squares: the CPU backend's chunk (ops/cpu/optimizer_ops.cpp)
 
 struct ShardBatch {
   Backend::AdamWShard s[kShardsPerLaunch];
 };
+static_assert(sizeof(ShardBatch) <= 4096, "adamw_kernel's shard table must fit the kernel argument space");
 
 // __grid_constant__: the shard table is read in place from the argument space (indexed by blockIdx.y), not copied
 __global__ void adamw_kernel(const __grid_constant__ ShardBatch batch, const AdamWCoeffs c) {

@@ -241,6 +241,11 @@ class Backend {
     float* v = nullptr;              // (n) FP32 second moment
     uint16_t* m16 = nullptr;         // (n) BF16 first moment, or
     uint16_t* v16 = nullptr;         // (n) BF16 second moment
+    // (n) optional: the model's weights, written by the update itself -- the new master, rounded to BF16 (nearest
+    // even) when bf16_weights -- where they are this shard's elements contiguously (a group of one's bucket), so that
+    // no separate copy of the master into the model follows
+    float* weights = nullptr;
+    bool bf16_weights = false;
     int64_t n = 0;
   };
   struct AdamWHyper {

@@ -125,18 +125,18 @@ void AdamW::unpack(const Floats& flat, const Bucket& b, Params& dst) const {
   }
 }
 
-// The bucket's gradients where they lie when its parameters are contiguous in `grads` in the bucket's order (they
-// are: model/params.h stores by bucket), else null
-const float* AdamW::in_place(const Params& grads, const Bucket& b) const {
-  if (b.params.empty()) return nullptr;
-  const auto& table = grads.table();
-  const int64_t first = grads.offset(table[b.params.front()].name);
+// Where the bucket's parameters begin in `p` when they lie there contiguously in the bucket's order (they do:
+// model/params.h stores by bucket), else -1
+int64_t AdamW::contiguous_offset(const Params& p, const Bucket& b) const {
+  if (b.params.empty()) return -1;
+  const auto& table = p.table();
+  const int64_t first = p.offset(table[b.params.front()].name);
   int64_t next = first;
   for (int i : b.params) {
-    if (grads.offset(table[i].name) != next) return nullptr;
-    next += grads.local_numel(table[i]);
+    if (p.offset(table[i].name) != next) return -1;
+    next += p.local_numel(table[i]);
   }
-  return grads.data() + first;
+  return first;
 }
 
 double AdamW::reduce_grads(const Params& grads) {
@@ -148,8 +148,8 @@ double AdamW::reduce_grads(const Params& grads) {
       if ((int64_t)b.g.size() != b.shard) b.g = Floats(b.shard);
       comm_->reduce_scatter((GroupKind)b.group, flat.data(), b.g.data(), b.shard);
       b.grad = b.g.data();
-    } else if (const float* g = in_place(grads, b)) {
-      b.grad = g;  // a group of one: the shard is the whole bucket (padded == size), read where it lies, no copy
+    } else if (const int64_t off = contiguous_offset(grads, b); off >= 0) {
+      b.grad = grads.data() + off;  // a group of one: the shard is the whole bucket (padded == size), read in place
     } else {
       pack(grads, b, b.g);
       b.grad = b.g.data();
@@ -175,8 +175,10 @@ void AdamW::step(Params& params, double lr, double grad_scale) {
   h.weight_decay = cfg_.weight_decay;
   h.grad_scale = grad_scale;
   h.t = t_;
-  // both buckets' shards in one multi-tensor update
+  // both buckets' shards in one multi-tensor update; a group of one's bucket also writes the model's weights (the
+  // shard is the whole bucket, contiguous in `params`), the others are gathered below
   std::vector<Backend::AdamWShard> shards;
+  std::vector<bool> written;
   for (Bucket& b : buckets_) {
     DSV3_CHECK(b.grad || b.shard == 0, "AdamW::step before reduce_grads");
     Backend::AdamWShard s;
@@ -191,11 +193,19 @@ void AdamW::step(Params& params, double lr, double grad_scale) {
       s.v = b.v.data();
     }
     s.n = b.shard;
+    const int64_t off = comm_ && comm_->group_size((GroupKind)b.group) > 1 ? -1 : contiguous_offset(params, b);
+    if (off >= 0) {
+      s.weights = params.data() + off;
+      s.bf16_weights = cfg_.bf16_params;
+    }
+    written.push_back(off >= 0);
     shards.push_back(s);
   }
   be_->adamw_update(shards.data(), (int)shards.size(), h);
   Buffer<uint16_t> bf16;
-  for (Bucket& b : buckets_) {
+  for (size_t bi = 0; bi < buckets_.size(); ++bi) {
+    Bucket& b = buckets_[bi];
+    if (written[bi]) continue;
     // the updated shards of every rank back into the (replicated) model weights
     const Floats* mine = &b.master;
     Floats rounded;

@@ -91,7 +91,7 @@ class AdamW {
  private:
   void pack(const Params& src, const Bucket& b, Floats& flat) const;
   void unpack(const Floats& flat, const Bucket& b, Params& dst) const;
-  const float* in_place(const Params& grads, const Bucket& b) const;
+  int64_t contiguous_offset(const Params& p, const Bucket& b) const;
   AdamWConfig cfg_;
   const Comm* comm_;
   std::unique_ptr<Backend> own_be_;  // the CPU backend when none was given

@@ -68,7 +68,8 @@ DSV3_HD inline void adamw_element(const AdamWCoeffs& c, float g, bool decay, flo
 }
 
 // Element i of a shard: its moments loaded (FP32, or BF16 widened), adamw_element, stored back (BF16 rounded to
-// nearest even). The one loop body of both backends' adamw_update.
+// nearest even), and the new weight into the model's copy when the shard has one. The one loop body of both
+// backends' adamw_update.
 DSV3_HD inline void adamw_shard_element(const AdamWCoeffs& c, const Backend::AdamWShard& sh, int64_t i) {
   const bool m16 = sh.m16 != nullptr;
   float m = m16 ? bf16_bits_to_f32(sh.m16[i]) : sh.m[i];
@@ -76,6 +77,7 @@ DSV3_HD inline void adamw_shard_element(const AdamWCoeffs& c, const Backend::Ada
   float p = sh.master[i];
   adamw_element(c, sh.grad[i], sh.decay[i] != 0, m, v, p);
   sh.master[i] = p;
+  if (sh.weights) sh.weights[i] = sh.bf16_weights ? bf16_bits_to_f32(f32_to_bf16_bits(p)) : p;
   if (m16) {
     sh.m16[i] = f32_to_bf16_bits(m);
     sh.v16[i] = f32_to_bf16_bits(v);

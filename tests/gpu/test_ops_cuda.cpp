@@ -942,7 +942,8 @@ struct OptShard {  // one shard's AdamW state on the host
   std::vector<float> master, g, m, v;
   std::vector<uint16_t> m16, v16;
   std::vector<uint8_t> decay;
-  bool bf16 = false;
+  std::vector<float> weights;  // the model's weights, written by the update (empty: none)
+  bool bf16 = false, bf16_weights = false;
   int64_t n() const { return (int64_t)master.size(); }
 };
 
@@ -967,6 +968,10 @@ OptShard opt_shard(int64_t n, bool bf16, uint64_t seed) {
     s.m = m;
     s.v = v;
   }
+  if (seed % 3 != 0) {  // two shards in three carry the model's weights: FP32 or BF16-rounded
+    s.weights.assign(n, -5.0f);
+    s.bf16_weights = seed % 3 == 2;
+  }
   return s;
 }
 
@@ -982,16 +987,20 @@ Backend::AdamWShard host_view(OptShard& s) {
     o.m = s.m.data();
     o.v = s.v.data();
   }
+  if (!s.weights.empty()) {
+    o.weights = s.weights.data();
+    o.bf16_weights = s.bf16_weights;
+  }
   o.n = s.n();
   return o;
 }
 
 struct DevShard {  // the same on the device
-  DeviceBuffer<float> master, g, m, v;
+  DeviceBuffer<float> master, g, m, v, weights;
   DeviceBuffer<uint16_t> m16, v16;
   DeviceBuffer<uint8_t> decay;
   explicit DevShard(const OptShard& s)
-      : master(s.master), g(s.g), m(s.m), v(s.v), m16(s.m16), v16(s.v16), decay(s.decay) {}
+      : master(s.master), g(s.g), m(s.m), v(s.v), weights(s.weights), m16(s.m16), v16(s.v16), decay(s.decay) {}
   Backend::AdamWShard view(const OptShard& s) {
     Backend::AdamWShard o;
     o.master = master.get();
@@ -1004,11 +1013,16 @@ struct DevShard {  // the same on the device
       o.m = m.get();
       o.v = v.get();
     }
+    if (!s.weights.empty()) {
+      o.weights = weights.get();
+      o.bf16_weights = s.bf16_weights;
+    }
     o.n = s.n();
     return o;
   }
   void expect_equal(const OptShard& s, const std::string& what) const {
     EXPECT_EQ(bit_diffs(s.master, master.to_host()), 0) << what << " master";
+    EXPECT_EQ(bit_diffs(s.weights, weights.to_host()), 0) << what << " weights";
     EXPECT_EQ(bit_diffs(s.m, m.to_host()), 0) << what << " m";
     EXPECT_EQ(bit_diffs(s.v, v.to_host()), 0) << what << " v";
     EXPECT_EQ(bit_diffs(s.m16, m16.to_host()), 0) << what << " m16";
@@ -1051,7 +1065,7 @@ TEST_F(CudaOps, AdamwUpdate) {
       devs[k]->expect_equal(host[k], "adamw_update step " + std::to_string(t) + " shard " + std::to_string(k) +
                                          (host[k].bf16 ? " bf16" : " fp32") + " n " + std::to_string(host[k].n()));
   }
-  std::printf("  [ exact    ] adamw_update: 20 shards x 3 steps, FP32 and BF16 moments\n");
+  std::printf("  [ exact    ] adamw_update: 20 shards x 3 steps, FP32 and BF16 moments, model weights FP32/BF16/none\n");
 }
 
 TEST_F(CudaOps, SumSquares) {

@@ -220,6 +220,37 @@ TEST(OptimOps, AdamwUpdateManyShardsInOneCall) {
   }
 }
 
+// A shard with the model's weights attached (a group of one's bucket): the update writes them -- the new master, or
+// its BF16 rounding -- and everything else is as without them
+TEST(OptimOps, AdamwUpdateWritesTheModelsWeights) {
+  CpuBackend cpu;
+  Hyper cfg;
+  for (const bool bf16_weights : {false, true})
+    for (const bool bf16_moments : {false, true}) {
+      Shard plain = random_shard(10007, bf16_moments, 77), with = plain;
+      std::vector<float> weights(10007, -5.0f);
+      for (int64_t t = 1; t <= 2; ++t) {
+        const Backend::AdamWShard a = as_op(plain);
+        cpu.adamw_update(&a, 1, hyper(cfg, t, 1e-3, 0.5));
+        Backend::AdamWShard b = as_op(with);
+        b.weights = weights.data();
+        b.bf16_weights = bf16_weights;
+        cpu.adamw_update(&b, 1, hyper(cfg, t, 1e-3, 0.5));
+        const std::string what = std::string(bf16_weights ? "bf16" : "fp32") + " weights, " +
+                                 (bf16_moments ? "bf16" : "fp32") + " moments, step " + std::to_string(t);
+        expect_same_state(plain, with, what);
+        std::vector<float> want(plain.master);
+        if (bf16_weights) {
+          std::vector<uint16_t> h(want.size());
+          cpu.to_bf16(want.data(), (int64_t)want.size(), h.data());
+          cpu.from_bf16(h.data(), (int64_t)h.size(), want.data());
+          EXPECT_GT(count_bit_diffs(want, plain.master), 10007 / 2) << what << ": the rounding is not a no-op";
+        }
+        EXPECT_EQ(count_bit_diffs(want, weights), 0) << what;
+      }
+    }
+}
+
 TEST(OptimOps, AdamwUpdateRejectsAmbiguousMoments) {
   CpuBackend cpu;
   Shard s = random_shard(10, false, 1);
