@@ -25,6 +25,10 @@ namespace {
 ShardPlan plan_for(const ModelConfig& c, const std::vector<ParamSpec>& table, const ExpertGroup& ep,
                    const PipelineStage& st, const TensorGroup& tp) {
   ShardPlan plan{ep.size, ep.rank, {}, tp.size, tp.rank, ep.etp_size, ep.etp_rank};
+  if (ep.comm) {  // the optimizer's ZeRO-1 groups (optim/adamw.h): its buckets reduce-scatter and gather in place
+    plan.dense_align = ep.comm->group_size(GroupKind::dp);
+    plan.expert_align = ep.comm->group_size(GroupKind::edp);
+  }
   if (st.count == 1) return plan;
   std::vector<bool> has_layer(c.total_layers(), false);
   for (int l : st.layout.layers) has_layer[l] = true;

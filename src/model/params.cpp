@@ -174,9 +174,13 @@ Params::Params(std::vector<ParamSpec> table, ShardPlan plan) : table_(std::move(
   // storage by optimizer bucket (optim/adamw.h), each in table order: the dense trainable parameters this rank owns,
   // its routed experts, then the rest (not trainable, or a copy of another stage's parameter) -- so that a bucket's
   // gradients lie contiguous and the optimizer reads them in place
+  // (each bucket padded with zeros to its ZeRO-1 group's multiple)
+  DSV3_CHECK(plan_.dense_align >= 1 && plan_.expert_align >= 1,
+             "bad bucket alignment " << plan_.dense_align << " / " << plan_.expert_align);
   offset_.assign(table_.size(), 0);
   int64_t off = 0;
-  for (int bucket = 0; bucket < 3; ++bucket)
+  for (int bucket = 0; bucket < 3; ++bucket) {
+    const int64_t begin = off;
     for (size_t i = 0; i < table_.size(); ++i) {
       const ParamSpec& p = table_[i];
       const bool optimized = p.trainable && holding(p) == ShardPlan::kOwner;
@@ -184,6 +188,12 @@ Params::Params(std::vector<ParamSpec> table, ShardPlan plan) : table_(std::move(
       offset_[i] = off;
       off += local_numel(p);
     }
+    if (bucket < 2) {
+      const int64_t align = bucket == 0 ? plan_.dense_align : plan_.expert_align;
+      off = begin + (off - begin + align - 1) / align * align;  // the region's length a multiple of its group
+      bucket_region_[bucket] = {begin, off};
+    }
+  }
   data_ = Floats((size_t)off);  // zeroed, in the run's memory (core/memory.h)
 }
 

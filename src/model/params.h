@@ -58,6 +58,10 @@ struct ShardPlan {
   std::vector<uint8_t> held;
   int tp_size = 1, tp_rank = 0;
   int etp_size = 1, etp_rank = 0;
+  // the optimizer buckets' storage regions (Params) padded to a multiple of their ZeRO-1 group sizes (dense: dp,
+  // routed experts: edp), so that AdamW reduce-scatters a bucket straight from the gradients and gathers the updated
+  // weights straight into the parameters
+  int dense_align = 1, expert_align = 1;
   static constexpr uint8_t kNotHeld = 0, kOwner = 1, kCopy = 2;
 };
 
@@ -107,6 +111,9 @@ class Params {
   int64_t size() const { return (int64_t)data_.size(); }
   void zero() { data_.zero(); }  // every element 0 (on the device under run.device = cuda)
   int64_t offset(const std::string& name) const;
+  // [begin, end) of optimizer bucket k's storage (0: the dense trainable parameters this rank owns, 1: its routed
+  // experts), the zero padding up to the plan's alignment included
+  std::pair<int64_t, int64_t> bucket_region(int k) const { return bucket_region_[k]; }
 
  private:
   uint8_t holding(const ParamSpec& p) const;
@@ -114,6 +121,7 @@ class Params {
   ShardPlan plan_;
   std::unordered_map<std::string, size_t> index_;
   std::vector<int64_t> offset_;
+  std::pair<int64_t, int64_t> bucket_region_[2] = {};
   Floats data_;  // in the run's memory: host, or the GPU's (core/memory.h)
 };
 

@@ -125,8 +125,9 @@ void AdamW::unpack(const Floats& flat, const Bucket& b, Params& dst) const {
   }
 }
 
-// Where the bucket's parameters begin in `p` when they lie there contiguously in the bucket's order (they do:
-// model/params.h stores by bucket), else -1
+// Where the bucket's padded elements begin in `p` when they lie there as the bucket's flat form: its parameters
+// contiguous in the bucket's order, then zero padding up to b.padded (model/params.h stores by bucket, padded to the
+// ZeRO-1 group); else -1
 int64_t AdamW::contiguous_offset(const Params& p, const Bucket& b) const {
   if (b.params.empty()) return -1;
   const auto& table = p.table();
@@ -136,19 +137,25 @@ int64_t AdamW::contiguous_offset(const Params& p, const Bucket& b) const {
     if (p.offset(table[i].name) != next) return -1;
     next += p.local_numel(table[i]);
   }
-  return first;
+  const auto [begin, end] = p.bucket_region(&b == &buckets_[0] ? 0 : 1);
+  return first == begin && end - begin >= b.padded ? first : -1;
 }
 
 double AdamW::reduce_grads(const Params& grads) {
   double ss = 0;
   Floats flat;
   for (Bucket& b : buckets_) {
+    const int64_t off = contiguous_offset(grads, b);  // >= 0: the flat bucket is the gradients' own storage
     if (comm_ && comm_->group_size((GroupKind)b.group) > 1) {
-      pack(grads, b, flat);
+      const float* in = grads.data() + off;
+      if (off < 0) {
+        pack(grads, b, flat);
+        in = flat.data();
+      }
       if ((int64_t)b.g.size() != b.shard) b.g = Floats(b.shard);
-      comm_->reduce_scatter((GroupKind)b.group, flat.data(), b.g.data(), b.shard);
+      comm_->reduce_scatter((GroupKind)b.group, in, b.g.data(), b.shard);
       b.grad = b.g.data();
-    } else if (const int64_t off = contiguous_offset(grads, b); off >= 0) {
+    } else if (off >= 0) {
       b.grad = grads.data() + off;  // a group of one: the shard is the whole bucket (padded == size), read in place
     } else {
       pack(grads, b, b.g);
@@ -217,6 +224,10 @@ void AdamW::step(Params& params, double lr, double grad_scale) {
       mine = &rounded;
     }
     if (comm_ && comm_->group_size((GroupKind)b.group) > 1) {
+      if (const int64_t off = contiguous_offset(params, b); off >= 0) {  // straight into the weights (and padding)
+        comm_->allgather((GroupKind)b.group, mine->data(), params.data() + off, b.shard);
+        continue;
+      }
       Floats flat(b.padded);
       comm_->allgather((GroupKind)b.group, mine->data(), flat.data(), b.shard);
       unpack(flat, b, params);

@@ -264,6 +264,7 @@ PlanSettings plan_settings_from_deck(const Deck& d, const ModelConfig& cfg, int 
   s.weight_bytes = gpu ? bytes("optim.param_dtype") : 4;
   s.grad_bytes = gpu ? bytes("optim.grad_dtype") : 4;
   s.moment_bytes = bytes("optim.moment_dtype");
+  s.bf16_params = d.get<std::string>("optim.param_dtype") == "bf16";
   s.act_bytes = gpu ? bytes("optim.param_dtype") : 4;
   const std::string rc =
       d.get<std::string>("plan.recompute").empty() ? d.get<std::string>("train.recompute") : d.get<std::string>("plan.recompute");
@@ -337,9 +338,10 @@ Plan make_plan(const ModelConfig& c, const PlanSettings& s) {
     // + the reduced gradient of a shard of a group of more than one (a group of one reads the gradients in place)
     mem.optimizer = (sp.dense_shard + sp.expert_shard) * per_elem + (z.dp > 1 ? sp.dense_shard * 4 : 0) +
                     (z.edp() > 1 ? sp.expert_shard * 4 : 0);
-    // ZeRO staging: the padded FP32 bucket (reduce-scatter input / all-gather output) and the updated shard
-    mem.comm_zero = std::max(sp.dense_shard * z.dp, sp.expert_shard * z.edp()) * 4 +
-                    std::max(sp.dense_shard, sp.expert_shard) * 4;
+    // ZeRO staging: with BF16 weights the updated shard of a bucket over more than one rank, rounded (FP32 and BF16
+    // copies) before its all-gather. The reduce-scatter reads the gradients' own storage and the all-gather writes the
+    // weights' (model/params.h pads the buckets to the group); a group of one's update writes the weights itself
+    mem.comm_zero = s.bf16_params ? std::max(z.dp > 1 ? sp.dense_shard : 0, z.edp() > 1 ? sp.expert_shard : 0) * 6 : 0;
     sp.inflight = (int)std::min<int64_t>(z.pp - si, m);
     const StageActs a = stage_acts(c, s, si, b);
     sp.act_per_microbatch = (int64_t)a.stored;

@@ -25,7 +25,9 @@
 //                                         rebuilt at a time in the backward pass (counted in the workspace)
 // workspace   the largest set of temporaries alive inside one micro-batch's backward pass (gradient of the
 //             logits, of the residual stream, one layer's backward buffers)
-// comm        ZeRO-1 staging (the padded FP32 bucket + the updated shard, optimizer phase only), pipeline
+// comm        ZeRO-1 staging (with BF16 weights the rounded shard of a bucket over more than one rank, FP32 +
+//             BF16, optimizer phase only; the buckets reduce-scatter from the gradients and gather into the
+//             weights in place, a group of one's update writes the weights itself), pipeline
 //             receive/send buffers (one (tokens, D) buffer each way), expert all-to-all staging (ep > 1)
 // other       the RoPE cos/sin table, the rank's token and label batch
 // total       weights + gradients + optimizer + other + max(activations + workspace + pipeline/expert buffers,
@@ -77,6 +79,7 @@ struct PlanSettings {
   int64_t global_batch = 1;          // sequences per optimizer step (the final one of a batch ramp)
   std::string device = "cpu";        // cpu | cuda
   int weight_bytes = 4, grad_bytes = 4, moment_bytes = 4, act_bytes = 4;  // storage per element (see above)
+  bool bf16_params = false;  // optim.param_dtype = bf16: the updated shard is rounded before its all-gather
   Recompute recompute = Recompute::None;
   bool flash_attention = false;      // run.attention = flash: attention keeps its (B,H,S) log-sum-exp, not (B,H,S,S)
   double device_tflops = 989;        // peak per rank (TFLOP/s) of the step-time estimate and the MFU

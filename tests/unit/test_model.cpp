@@ -115,6 +115,37 @@ TEST(ParamTable, TraitsForOptimizerAndSharding) {
   }
 }
 
+// Storage by optimizer bucket: the dense trainable parameters, then the routed experts, each padded with zeros to its
+// ZeRO-1 group's multiple, then the rest (the non-trainable biases); every parameter in its own place
+TEST(Params, StoredByOptimizerBucketPaddedToTheGroup) {
+  const auto table = build_param_table(tiny());
+  ShardPlan plan;
+  plan.dense_align = 9;
+  plan.expert_align = 5;
+  Params p(table, plan);
+  int64_t dense = 0, experts = 0, rest = 0;
+  for (const auto& q : table) (!q.trainable ? rest : q.expert_stack ? experts : dense) += q.numel();
+  const auto [d0, d1] = p.bucket_region(0);
+  const auto [e0, e1] = p.bucket_region(1);
+  EXPECT_EQ(d0, 0);
+  EXPECT_EQ(d1, (dense + 8) / 9 * 9);
+  EXPECT_EQ(e0, d1);
+  EXPECT_EQ(e1 - e0, (experts + 4) / 5 * 5);
+  EXPECT_GT(d1 - d0, dense);  // the tiny model needs padding at these alignments
+  EXPECT_EQ(p.size(), e1 + rest);
+  std::vector<std::pair<int64_t, int64_t>> spans;  // [offset, end) of each parameter: disjoint, in its region
+  for (const auto& q : table) {
+    const int64_t o = p.offset(q.name);
+    spans.push_back({o, o + q.numel()});
+    if (!q.trainable) EXPECT_GE(o, e1) << q.name;
+    else if (q.expert_stack) EXPECT_TRUE(o >= e0 && o + q.numel() <= e0 + experts) << q.name;
+    else EXPECT_TRUE(o >= d0 && o + q.numel() <= dense) << q.name;
+  }
+  std::sort(spans.begin(), spans.end());
+  for (size_t i = 1; i < spans.size(); ++i) EXPECT_LE(spans[i - 1].second, spans[i].first);
+  for (int64_t i = dense; i < d1; ++i) EXPECT_EQ(p.data()[i], 0.0f);  // the padding is zero
+}
+
 TEST(Yarn, TinyFrequenciesAndScaleAsTheGoldenReadme) {
   const ModelConfig c = tiny();
   const auto f = yarn_inv_freq(c);
