@@ -322,11 +322,12 @@ class HostStagedCudaBackend final : public Backend {
         r.push_back(contiguous(sh.m, sh.n, kInOut));
         r.push_back(contiguous(sh.v, sh.n, kInOut));
       }
+      r.push_back(contiguous(sh.weights, sh.n, kOut));  // the model's weights, when the shard writes them (else null)
     }
     run(r, __func__, [&] {
       std::vector<AdamWShard> dev(count);
       for (int s = 0; s < count; ++s) {
-        const Region* q = &r[5 * (size_t)s];
+        const Region* q = &r[6 * (size_t)s];
         dev[s].n = shards[s].n;
         dev[s].master = f(q[0]);
         dev[s].grad = f(q[1]);
@@ -338,6 +339,8 @@ class HostStagedCudaBackend final : public Backend {
           dev[s].m = f(q[3]);
           dev[s].v = f(q[4]);
         }
+        dev[s].weights = shards[s].weights ? f(q[5]) : nullptr;
+        dev[s].bf16_weights = shards[s].bf16_weights;
       }
       be_.adamw_update(dev.data(), count, h);
     });

@@ -1146,6 +1146,7 @@ TEST_F(CudaOps, HostStagedOptimizerOps) {
     EXPECT_EQ(bit_diffs(a[k].master, b[k].master), 0) << k;
     EXPECT_EQ(bit_diffs(a[k].m, b[k].m) + bit_diffs(a[k].v, b[k].v), 0) << k;
     EXPECT_EQ(bit_diffs(a[k].m16, b[k].m16) + bit_diffs(a[k].v16, b[k].v16), 0) << k;
+    EXPECT_EQ(bit_diffs(a[k].weights, b[k].weights), 0) << k << ": the model's weights (seeds 3310, 3320 carry them)";
   }
   EXPECT_EQ(staged->sum_squares(a[0].g.data(), a[0].n()), cpu.sum_squares(a[0].g.data(), a[0].n()));
   std::vector<uint16_t> h1(a[0].n()), h2(a[0].n());
