@@ -147,8 +147,10 @@ double AdamW::reduce_grads(const Params& grads) {
   for (Bucket& b : buckets_) {
     const int64_t off = contiguous_offset(grads, b);  // >= 0: the flat bucket is the gradients' own storage
     if (comm_ && comm_->group_size((GroupKind)b.group) > 1) {
-      const float* in = grads.data() + off;
-      if (off < 0) {
+      const float* in = nullptr;
+      if (off >= 0) {
+        in = grads.data() + off;
+      } else {  // not laid out as the bucket (a Params without the plan's alignment): a packed copy
         pack(grads, b, flat);
         in = flat.data();
       }
