@@ -125,10 +125,13 @@ void AdamW::unpack(const Floats& flat, const Bucket& b, Params& dst) const {
   }
 }
 
+bool AdamW::gathered(const Bucket& b) const { return comm_ && comm_->group_size((GroupKind)b.group) > 1; }
+
 // Where the bucket's padded elements begin in `p` when they lie there as the bucket's flat form: its parameters
 // contiguous in the bucket's order, then zero padding up to b.padded (model/params.h stores by bucket, padded to the
 // ZeRO-1 group); else -1
-int64_t AdamW::contiguous_offset(const Params& p, const Bucket& b) const {
+int64_t AdamW::contiguous_offset(const Params& p, size_t k) const {
+  const Bucket& b = buckets_[k];
   if (b.params.empty()) return -1;
   const auto& table = p.table();
   const int64_t first = p.offset(table[b.params.front()].name);
@@ -137,16 +140,17 @@ int64_t AdamW::contiguous_offset(const Params& p, const Bucket& b) const {
     if (p.offset(table[i].name) != next) return -1;
     next += p.local_numel(table[i]);
   }
-  const auto [begin, end] = p.bucket_region(&b == &buckets_[0] ? 0 : 1);
+  const auto [begin, end] = p.bucket_region((int)k);
   return first == begin && end - begin >= b.padded ? first : -1;
 }
 
 double AdamW::reduce_grads(const Params& grads) {
   double ss = 0;
   Floats flat;
-  for (Bucket& b : buckets_) {
-    const int64_t off = contiguous_offset(grads, b);  // >= 0: the flat bucket is the gradients' own storage
-    if (comm_ && comm_->group_size((GroupKind)b.group) > 1) {
+  for (size_t k = 0; k < buckets_.size(); ++k) {
+    Bucket& b = buckets_[k];
+    const int64_t off = contiguous_offset(grads, k);  // >= 0: the flat bucket is the gradients' own storage
+    if (gathered(b)) {
       const float* in = nullptr;
       if (off >= 0) {
         in = grads.data() + off;
@@ -187,8 +191,10 @@ void AdamW::step(Params& params, double lr, double grad_scale) {
   // both buckets' shards in one multi-tensor update; a group of one's bucket also writes the model's weights (the
   // shard is the whole bucket, contiguous in `params`), the others are gathered below
   std::vector<Backend::AdamWShard> shards;
-  std::vector<bool> written;
-  for (Bucket& b : buckets_) {
+  std::vector<int64_t> at(buckets_.size());  // where each bucket's flat form lies in `params` (-1: elsewhere)
+  for (size_t k = 0; k < buckets_.size(); ++k) {
+    Bucket& b = buckets_[k];
+    at[k] = contiguous_offset(params, k);
     DSV3_CHECK(b.grad || b.shard == 0, "AdamW::step before reduce_grads");
     Backend::AdamWShard s;
     s.master = b.master.data();
@@ -202,19 +208,17 @@ void AdamW::step(Params& params, double lr, double grad_scale) {
       s.v = b.v.data();
     }
     s.n = b.shard;
-    const int64_t off = comm_ && comm_->group_size((GroupKind)b.group) > 1 ? -1 : contiguous_offset(params, b);
-    if (off >= 0) {
-      s.weights = params.data() + off;
+    if (!gathered(b) && at[k] >= 0) {
+      s.weights = params.data() + at[k];
       s.bf16_weights = cfg_.bf16_params;
     }
-    written.push_back(off >= 0);
     shards.push_back(s);
   }
   be_->adamw_update(shards.data(), (int)shards.size(), h);
   Buffer<uint16_t> bf16;
-  for (size_t bi = 0; bi < buckets_.size(); ++bi) {
-    Bucket& b = buckets_[bi];
-    if (written[bi]) continue;
+  for (size_t k = 0; k < buckets_.size(); ++k) {
+    Bucket& b = buckets_[k];
+    if (!gathered(b) && at[k] >= 0) continue;  // written by the update
     // the updated shards of every rank back into the (replicated) model weights
     const Floats* mine = &b.master;
     Floats rounded;
@@ -225,9 +229,9 @@ void AdamW::step(Params& params, double lr, double grad_scale) {
       be_->from_bf16(bf16.data(), b.shard, rounded.data());
       mine = &rounded;
     }
-    if (comm_ && comm_->group_size((GroupKind)b.group) > 1) {
-      if (const int64_t off = contiguous_offset(params, b); off >= 0) {  // straight into the weights (and padding)
-        comm_->allgather((GroupKind)b.group, mine->data(), params.data() + off, b.shard);
+    if (gathered(b)) {
+      if (at[k] >= 0) {  // straight into the weights (and padding)
+        comm_->allgather((GroupKind)b.group, mine->data(), params.data() + at[k], b.shard);
         continue;
       }
       Floats flat(b.padded);

@@ -91,7 +91,9 @@ class AdamW {
  private:
   void pack(const Params& src, const Bucket& b, Floats& flat) const;
   void unpack(const Floats& flat, const Bucket& b, Params& dst) const;
-  int64_t contiguous_offset(const Params& p, const Bucket& b) const;
+  int64_t contiguous_offset(const Params& p, size_t k) const;  // bucket k's flat form in p, or -1
+  // true: the bucket's group has more than one rank (its gradients reduce-scattered, its weights all-gathered)
+  bool gathered(const Bucket& b) const;
   AdamWConfig cfg_;
   const Comm* comm_;
   std::unique_ptr<Backend> own_be_;  // the CPU backend when none was given
